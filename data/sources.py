@@ -1,0 +1,142 @@
+"""Random-access document sources (`len(src)`, `src[i] -> str`); usable directly as grain sources.
+
+Source strings (the `data.source` config flag):
+  'stdlib'                the embedded default corpus: the .py files of the Python standard library
+  'glob:PATTERN'          text files matching PATTERN ('**' allowed)
+  'tfds:NAME[:FEATURE]'   a prepared tfds dataset (ArrayRecord), read with download=False
+('synthetic:TASK' sources yield token arrays, not text; see data/synthetic.py and data/pipeline.py.)
+
+Splits for file sources are 'train' and 'eval', held out by file: a file is in 'eval' when a stable
+hash (sha1) of its path relative to the corpus root falls in the lowest EVAL_PERCENT percent.
+"""
+
+import glob
+import hashlib
+import os
+import sysconfig
+
+EVAL_PERCENT = 3
+_SITE_DIRS = ("site-packages", "dist-packages")
+
+
+class FileDocuments:
+  """Text files read on access (UTF-8, errors='replace')."""
+
+  def __init__(self, paths: list[str]):
+    self.paths = list(paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> str:
+    with open(self.paths[index], encoding="utf-8", errors="replace") as f:
+      return f.read()
+
+
+class TfdsDocuments:
+  """One text feature of a tfds random-access data source."""
+
+  def __init__(self, data_source, feature: str):
+    self.data_source = data_source
+    self.feature = feature
+
+  def __len__(self) -> int:
+    return len(self.data_source)
+
+  def __getitem__(self, index: int) -> str:
+    value = self.data_source[index][self.feature]
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _hash_percent(relpath: str) -> int:
+  return int(hashlib.sha1(relpath.encode("utf-8")).hexdigest()[:8], 16) % 100
+
+
+def split_files(root: str, paths: list[str], split: str) -> list[str]:
+  """The sorted files of `split`; if hashing leaves 'eval' empty, the file of lowest hash goes there."""
+  if split not in ("train", "eval"):
+    raise ValueError(f"data.source: split must be 'train' or 'eval', got {split!r}")
+  rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for p in paths}
+  is_eval = {p: _hash_percent(r) < EVAL_PERCENT for p, r in rel.items()}
+  if len(paths) >= 2 and not any(is_eval.values()):
+    is_eval[min(paths, key=lambda p: hashlib.sha1(rel[p].encode("utf-8")).hexdigest())] = True
+  return sorted(p for p in paths if is_eval[p] == (split == "eval"))
+
+
+def stdlib_documents(split: str) -> FileDocuments:
+  """The .py files of the running interpreter's standard library (site/dist-packages excluded)."""
+  root = sysconfig.get_paths()["stdlib"]
+  paths = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _SITE_DIRS and d != "__pycache__")
+    paths += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+  return FileDocuments(split_files(root, paths, split))
+
+
+def glob_documents(pattern: str, split: str) -> FileDocuments:
+  """Text files matching `pattern` (recursive '**' allowed), split by hashed relative path."""
+  paths = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
+  if not paths:
+    raise ValueError(f"data.source: glob {pattern!r} matched no files")
+  root = _glob_root(pattern)
+  docs = FileDocuments(split_files(root, paths, split))
+  if not len(docs):
+    raise ValueError(f"data.source: glob {pattern!r} has no files in split {split!r} "
+                     f"({len(paths)} file(s) in all; 'eval' needs at least 2)")
+  return docs
+
+
+def _glob_root(pattern: str) -> str:
+  """The directory part of `pattern` before its first wildcard."""
+  parts = os.path.expanduser(pattern).split(os.sep)
+  fixed = []
+  for part in parts[:-1]:
+    if glob.has_magic(part):
+      break
+    fixed.append(part)
+  return os.sep.join(fixed) or "."
+
+
+def tfds_documents(name: str, split: str, data_dir: str | None = None,
+                   feature: str = "text") -> TfdsDocuments:
+  """A prepared tfds dataset, read via `tfds.data_source(..., download=False)` (no TensorFlow).
+
+  `name` may carry a config/version ('wiki40b/en:1.3.0'). split='eval' resolves to the first of
+  'eval', 'validation', 'test' that the dataset has; other split strings go to tfds unchanged.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tensorflow_datasets.core import constants  # pylint: disable=g-import-not-at-top
+
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or constants.DATA_DIR
+  dataset_dir = epath.Path(data_dir).expanduser() / name.split(":")[0]
+  if not any(dataset_dir.glob("*/dataset_info.json")) and not any(  # version or config/version
+      dataset_dir.glob("*/*/dataset_info.json")):
+    raise FileNotFoundError(
+        f"data.source: tfds dataset {name!r} is not prepared in data_dir {data_dir!r} "
+        f"(no {dataset_dir}/[CONFIG/]VERSION/dataset_info.json). No download is attempted: prepare it first "
+        "in ArrayRecord format (e.g. `tfds build NAME --file_format=array_record "
+        "--data_dir=DIR`, or data/tfds_writer.py for your own text), then pass its data_dir.")
+  builder = tfds.builder(name, data_dir=data_dir)
+  if split == "eval":
+    split = next((s for s in ("eval", "validation", "test") if s in builder.info.splits), split)
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  return TfdsDocuments(source, feature)
+
+
+def get_documents(source: str, split: str, tfds_data_dir: str | None = None):
+  """Dispatches a `data.source` string: 'stdlib', 'glob:PATTERN', 'tfds:NAME[:FEATURE]'."""
+  if source == "stdlib":
+    return stdlib_documents(split)
+  if source.startswith("glob:"):
+    return glob_documents(source[len("glob:"):], split)
+  if source.startswith("tfds:"):
+    name, _, feature = source[len("tfds:"):].partition(":")
+    if feature and feature[0].isdigit():  # 'tfds:NAME:1.0.0' is a version, not a feature
+      name, feature = f"{name}:{feature}", ""
+    return tfds_documents(name, split, tfds_data_dir, feature or "text")
+  if source.startswith("synthetic:"):
+    raise ValueError(f"data.source: {source!r} yields token arrays, not text: use "
+                     "data.synthetic.synthetic_documents or data.pipeline")
+  raise ValueError(f"data.source: unknown source {source!r}; expected 'stdlib', 'glob:PATTERN', "
+                   "'tfds:NAME[:FEATURE]' or 'synthetic:TASK'")

@@ -1,0 +1,79 @@
+"""Small building blocks: parameters with logical axes, RMSNorm, SwiGLU MLP, RoPE."""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import PartitionSpec as P
+
+# Sharding is applied by the trainer (jit out_shardings from these annotations), not at
+# variable creation, so models build the same way with or without a mesh.
+nnx.use_eager_sharding(False)
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def param(rngs, shape, axes, *, scale=None, init='normal', dtype=jnp.float32):
+  """A Param annotated with logical axis names (one per dim). Normal init, std = scale."""
+  assert len(shape) == len(axes), (shape, axes)
+  if init == 'ones':
+    value = jnp.ones(shape, dtype)
+  elif init == 'zeros':
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = scale * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=tuple(axes))
+
+
+def constrain(x, axes):
+  """Sharding constraint on an activation by logical axis names.
+
+  A no-op unless a mesh is set (`jax.set_mesh`) and logical axis rules are active
+  (`nnx.logical_axis_rules`), so the same model code runs on one CPU or a pod.
+  """
+  rules = core_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  table = dict(rules)
+  return jax.lax.with_sharding_constraint(x, P(*(table.get(a) for a in axes)))
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim, *, eps=1e-6, rngs):
+    self.eps = eps
+    self.scale = param(rngs, (dim,), ('norm',), init='ones')
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...]).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, d_model, mlp_dim, *, rngs, dtype=jnp.float32):
+    self.dtype = dtype
+    s_in, s_out = d_model ** -0.5, mlp_dim ** -0.5
+    self.w_gate = param(rngs, (d_model, mlp_dim), ('embed', 'mlp'), scale=s_in)
+    self.w_up = param(rngs, (d_model, mlp_dim), ('embed', 'mlp'), scale=s_in)
+    self.w_down = param(rngs, (mlp_dim, d_model), ('mlp', 'embed'), scale=s_out)
+
+  def __call__(self, x_BxTxD):
+    dt = self.dtype
+    x = x_BxTxD.astype(dt)
+    g_BxTxF = jax.nn.silu(x @ self.w_gate[...].astype(dt))
+    u_BxTxF = x @ self.w_up[...].astype(dt)
+    return (g_BxTxF * u_BxTxF) @ self.w_down[...].astype(dt)
+
+
+def rope(x_BxTxNxH, pos_BxT, theta=10000.0):
+  """Rotary embedding, Llama 'rotate_half' convention, absolute integer positions."""
+  h = x_BxTxNxH.shape[-1]
+  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq_F
+  ang_BxTx1xH = jnp.concatenate([ang_BxTxF, ang_BxTxF], -1)[:, :, None, :]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], -1)
+  y = x * jnp.cos(ang_BxTx1xH) + rotated * jnp.sin(ang_BxTx1xH)
+  return y.astype(x_BxTxNxH.dtype)

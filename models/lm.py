@@ -1,0 +1,125 @@
+"""Decoder-only LM: embed -> blocks (norm, mixer, norm, SwiGLU) -> norm -> head.
+
+Each layer's sequence mixer is chosen by config (`model.mixer`: one name, or a
+comma-separated pattern cycled over the layers). Every mixer follows one contract:
+
+    mixer(x_BxTxD, state, pos_BxT, policy=None) -> (y_BxTxD, state)
+    mixer.init_state(batch, capacity) -> state
+
+where `state` is the layer's recurrent memory (a KV cache for attention). Long inputs
+are processed segment by segment (`model.segment_len`) by `lax.scan`, carrying states.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.attention import Attention
+from models.layers import DTYPES, RMSNorm, SwiGLU, constrain, param
+
+MIXERS = {
+    'attention': lambda cfg, rngs: Attention(cfg, rngs=rngs),
+    'sliding': lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
+}
+
+
+def register_mixer(name, ctor):
+  """ctor(model_cfg, rngs) -> mixer module. Used by the memory methods' modules."""
+  MIXERS[name] = ctor
+
+
+def layer_mixers(cfg):
+  pattern = [m.strip() for m in cfg.mixer.split(',')]
+  return [pattern[i % len(pattern)] for i in range(cfg.n_layers)]
+
+
+def padded_vocab(cfg):
+  return -(-cfg.vocab_size // 128) * 128
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, mixer, *, rngs):
+    self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.mixer = MIXERS[mixer](cfg, rngs)
+    self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs, dtype=DTYPES[cfg.dtype])
+
+  def __call__(self, x_BxTxD, state, pos_BxT, policy=None):
+    h_BxTxD, state = self.mixer(self.norm1(x_BxTxD), state, pos_BxT, policy=policy)
+    x_BxTxD = x_BxTxD + h_BxTxD
+    x_BxTxD = x_BxTxD + self.mlp(self.norm2(x_BxTxD))
+    return constrain(x_BxTxD, ('batch', 'seq', 'embed')), state
+
+
+class LM(nnx.Module):
+
+  def __init__(self, cfg, *, rngs):
+    self.cfg = cfg
+    V, D = padded_vocab(cfg), cfg.d_model
+    self.dtype = DTYPES[cfg.dtype]
+    self.embed = param(rngs, (V, D), ('vocab', 'embed'), scale=D ** -0.5)
+    self.blocks = nnx.List([Block(cfg, m, rngs=rngs) for m in layer_mixers(cfg)])
+    self.norm = RMSNorm(D, eps=cfg.norm_eps, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, (D, V), ('embed', 'vocab'), scale=D ** -0.5)
+
+  def init_state(self, batch, capacity):
+    """Per-layer mixer states for `capacity` tokens of context before the next chunk."""
+    return [blk.mixer.init_state(batch, capacity) for blk in self.blocks]
+
+  def _chunk(self, tokens_BxT, state, pos_BxT, policy):
+    """One chunk through the whole stack: logits_BxTxV (fp32), new state."""
+    cfg = self.cfg
+    x = self.embed[...][tokens_BxT].astype(self.dtype)
+    if cfg.scale_embeddings:
+      x = x * jnp.asarray(cfg.d_model ** 0.5, self.dtype)
+    x = constrain(x, ('batch', 'seq', 'embed'))
+    new_state = []
+    for blk, s in zip(self.blocks, state):
+      if cfg.remat == 'block':   # functional (split/merge) so it nests inside lax.scan
+        gdef, params = nnx.split(blk)
+        run = lambda params, x, s, p: nnx.merge(gdef, params)(x, s, p, policy)
+        x, s = jax.checkpoint(run)(params, x, s, pos_BxT)
+      else:
+        x, s = blk(x, s, pos_BxT, policy)
+      new_state.append(s)
+    x = self.norm(x)
+    w_DxV = self.embed[...].T if cfg.tie_embeddings else self.head[...]
+    logits = jnp.einsum('btd,dv->btv', x, w_DxV.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = constrain(logits, ('batch', 'seq', 'vocab'))[..., :cfg.vocab_size]
+    return logits, new_state
+
+  def __call__(self, tokens_BxT, state=None, pos_BxT=None, *, policy=None):
+    """Logits for every position. Without `state`, a fresh one (training / scoring).
+
+    The input is cut into segments of `segment_len` scanned in order (the last one may
+    be shorter); `pos_BxT` are absolute positions (default 0..T-1).
+    """
+    B, T = tokens_BxT.shape
+    C = min(self.cfg.segment_len or T, T)
+    if pos_BxT is None:
+      pos_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if state is None:
+      state = self.init_state(B, T - C)
+    if C == T:
+      return self._chunk(tokens_BxT, state, pos_BxT, policy)
+    return self._segments(tokens_BxT, state, pos_BxT, policy, C)
+
+  def _segments(self, tokens_BxT, state, pos_BxT, policy, C):
+    B, T = tokens_BxT.shape
+    n = T // C
+    split = lambda a: a[:, :n * C].reshape(B, n, C).swapaxes(0, 1)
+
+    def body(state, xs):
+      logits, state = self._chunk(xs[0], state, xs[1], policy)
+      return state, logits
+
+    if self.cfg.remat == 'segment':
+      body = jax.checkpoint(body)
+    state, logits_NxBxCxV = jax.lax.scan(body, state, (split(tokens_BxT), split(pos_BxT)))
+    logits = logits_NxBxCxV.swapaxes(0, 1).reshape(B, n * C, -1)
+    if n * C < T:
+      tail, state = self._chunk(tokens_BxT[:, n * C:], state, pos_BxT[:, n * C:], policy)
+      logits = jnp.concatenate([logits, tail], 1)
+    return logits, state

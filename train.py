@@ -1,0 +1,43 @@
+"""Train (or resume) a mnemax model.
+
+  python train.py --config=configs/transformer.py:tiny --workdir=/tmp/tiny
+  python train.py --config=configs/transformer.py:tiny --workdir=W --config.train.steps=500
+
+Re-running the same command resumes from the latest complete checkpoint in WORKDIR.
+Multi-host / multi-process: --config.distributed=True (jax.distributed.initialize reads
+the coordinator from the environment, or pass --coordinator/--num_processes/--process_id).
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from training.config import ConfigError, resolve, validate
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, TensorBoard).')
+_COORD = flags.DEFINE_string('coordinator', None, 'host:port of process 0 (with distributed).')
+_NPROC = flags.DEFINE_integer('num_processes', None, 'Number of processes (with distributed).')
+_PID = flags.DEFINE_integer('process_id', None, 'This process (with distributed).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  del argv
+  import jax
+  try:
+    cfg = resolve(_CONFIG.value)
+    validate(cfg, 0, check_mesh=False)               # all but the mesh, before jax starts
+    if cfg.distributed:
+      jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
+                                 initialization_timeout=300)
+    validate(cfg, jax.device_count())
+  except ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
+  from training.loop import train
+  from training.metrics import quiet_libraries
+  quiet_libraries()
+  train(cfg, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  logging.set_verbosity(logging.INFO)
+  app.run(main)

@@ -1,0 +1,1 @@
+"""The training machinery: mesh & sharding, optimizer & steps, checkpoints, metrics."""

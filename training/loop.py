@@ -1,0 +1,140 @@
+"""The training loop: build, restore, step, log, evaluate, checkpoint. train.py calls it."""
+import json
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from data import pipeline
+from models.lm import LM
+from training import flops, mesh as meshlib
+from training.checkpoint import Checkpointer
+from training.metrics import MetricWriter, Progress
+from training.step import make_eval_step, make_optimizer, make_train_step
+
+
+def model_ctor(cfg):
+  return lambda: LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
+
+
+def global_batch(local_np, sharding):
+  """This process's rows -> one global array sharded over the batch axes."""
+  return jax.make_array_from_process_local_data(sharding, local_np)
+
+
+def init_model_from(cfg, mesh, rules, model_state, model_shardings):
+  """Replaces fresh weights by those of a checkpoint (continued training from `init_from`)."""
+  graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, rules)
+  ckpt = Checkpointer.open(cfg.train.init_from)
+  step, restored = ckpt.restore(model=abs_state)
+  logging.info('initialised the model from %s (step %d)', cfg.train.init_from, step)
+  return restored.model
+
+
+def train(cfg, workdir):
+  """Trains (or resumes) the run in `workdir`. Returns the last logged metrics."""
+  workdir = os.path.abspath(workdir)
+  t = cfg.train
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  logging.info('mesh %s on %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+
+  # --- Model + optimizer, created sharded -----------------------------------------------
+  tx, schedule = make_optimizer(t)
+
+  def ctor():
+    model = model_ctor(cfg)()
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, state, shardings = meshlib.sharded_init(ctor, mesh, rules)
+  model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)[0])
+  n_params = flops.param_count(state[0])
+  logging.info('model: %.2fM parameters', n_params / 1e6)
+
+  # --- Data -------------------------------------------------------------------------------
+  d = cfg.data
+  data_iter = pipeline.make_train_iterator(
+      d.source, 'train', d.seq_len, t.batch_size, cfg.seed, jax.process_index(),
+      jax.process_count(), d.tfds_data_dir or None)
+  eval_batches = pipeline.make_eval_batches(
+      d.source, d.seq_len, t.batch_size, d.eval_batches, process_index=jax.process_index(),
+      process_count=jax.process_count(), tfds_data_dir=d.tfds_data_dir or None)
+  batch_sh = meshlib.batch_sharding(mesh)
+
+  # --- Restore or initialise ----------------------------------------------------------------
+  ckpt = Checkpointer.for_workdir(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
+  start = ckpt.latest_step() or 0
+  if start:
+    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             state, shardings)
+    _, r = ckpt.restore(model=abs_state[0], opt=abs_state[1], data_iter=data_iter)
+    state = nnx.State({0: r.model, 1: r.opt}) if isinstance(state, nnx.State) else (r.model, r.opt)
+    logging.info('resumed from %s at step %d', ckpt.directory, start)
+  elif t.init_from:
+    state = (init_model_from(cfg, mesh, rules, state[0], shardings[0]), state[1])
+
+  train_step = make_train_step(graphdef, schedule, shardings, batch_sh)
+  eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh)
+
+  def evaluate(model_state):
+    tot = [eval_step(model_state, global_batch(b, batch_sh)) for b in eval_batches]
+    return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
+
+  # --- Loop -------------------------------------------------------------------------------
+  flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state)[0], d.seq_len)
+  peak = t.peak_flops or flops.measure_peak_flops()
+  tokens_per_step = t.batch_size * d.seq_len
+  progress = Progress(start, t.steps, tokens_per_step, flops_tok * tokens_per_step,
+                      peak * jax.device_count())
+  writer = MetricWriter(workdir)
+  logging.info('%.3g train FLOPs/token; matmul peak %.3g FLOP/s/device', flops_tok, peak)
+  if start == 0 and jax.process_index() == 0 and not d.source.startswith('synthetic:'):
+    writer.write(0, dict(unigram_loss=pipeline.unigram_entropy(d.source, 'eval',
+                                                                d.tfds_data_dir or None)))
+  metrics = {}
+  pending = None                              # step t's metrics are read after t+1 dispatch
+  last_saved = start
+  for step in range(start + 1, t.steps + 1):
+    tokens = global_batch(next(data_iter)['tokens'], batch_sh)
+    state, m = train_step(state, tokens)
+    if pending is not None:
+      metrics = _finish(pending, ckpt, last_saved)
+    pending = (step, m)
+    if step % t.log_every == 0 or step == t.steps:
+      metrics = _finish(pending, ckpt, last_saved)
+      pending = None
+      metrics = progress.update(step, metrics)
+      if step % t.eval_every == 0 or step == t.steps:
+        metrics['eval_loss'] = evaluate(state[0])
+        logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
+      writer.write(step, metrics)
+    if step % t.ckpt_every == 0 or step == t.steps:
+      if pending is not None:
+        _finish(pending, ckpt, last_saved)
+        pending = None
+      ckpt.save(step, model=state[0], opt=state[1], data_iter=data_iter,
+                config=json.loads(cfg.to_json_best_effort()))
+      last_saved = step
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return metrics
+
+
+def _finish(pending, ckpt, last_saved):
+  """Fetches a step's metrics; stops the run (saving nothing more) if it was not finite."""
+  step, m = pending
+  m = jax.device_get(m)
+  if not m['finite']:
+    ckpt.wait()
+    raise FloatingPointError(
+        f'step {step}: loss={m["loss"]} grad_norm={m["grad_norm"]} is not finite. The update was '
+        f'discarded and no checkpoint was written after step {last_saved} (kept). Lower '
+        f'train.lr or check the data.')
+  return {k: float(np.asarray(v)) for k, v in m.items() if k != 'finite'}
