@@ -1,0 +1,60 @@
+"""Decoding: prefill a prompt into the fixed-capacity per-layer state, then step.
+
+State = the LM's per-layer mixer states (KV caches for attention layers), created with
+`capacity` slots; an eviction policy (models/eviction.py) may free slots as it goes.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def init_state(model, batch, capacity, policy=None):
+  state = model.init_state(batch, capacity)
+  if policy is not None:
+    state = [policy.init(s) if hasattr(s, 'valid_BxKxS') else s for s in state]
+  return state
+
+
+def prefill(model, prompt_BxP, state, policy=None):
+  """Runs the prompt (positions 0..P-1). Returns logits of the last position, state."""
+  logits_BxPxV, state = model(prompt_BxP, state, policy=policy)
+  return logits_BxPxV[:, -1], state
+
+
+def step(model, token_B, pos_B, state, policy=None):
+  """One token at absolute position pos_B. Returns its logits [B, V], state."""
+  logits_Bx1xV, state = model(token_B[:, None], state, pos_B[:, None], policy=policy)
+  return logits_Bx1xV[:, 0], state
+
+
+def sample(logits_BxV, key, temperature=0.0, top_p=1.0):
+  """Greedy (temperature 0) or temperature / nucleus sampling."""
+  if temperature <= 0:
+    return logits_BxV.argmax(-1).astype(jnp.int32)
+  logits = logits_BxV / temperature
+  if top_p < 1.0:
+    sorted_BxV = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, -1), -1)
+    cutoff_B = jnp.take_along_axis(sorted_BxV, (cum_BxV < top_p).sum(-1, keepdims=True), -1)
+    logits = jnp.where(logits < cutoff_B, -jnp.inf, logits)
+  return jax.random.categorical(key, logits).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('n_new', 'capacity', 'temperature', 'top_p', 'policy'))
+def generate(model, prompt_BxP, key, *, n_new, capacity=0, temperature=0.0, top_p=1.0,
+             policy=None):
+  """Prompt + n_new sampled tokens [B, P + n_new]; also returns the final state."""
+  B, P = prompt_BxP.shape
+  state = init_state(model, B, capacity or P + n_new, policy)
+  logits_BxV, state = prefill(model, prompt_BxP, state, policy)
+
+  def body(carry, i):
+    logits_BxV, state, key = carry
+    key, sub = jax.random.split(key)
+    tok_B = sample(logits_BxV, sub, temperature, top_p)
+    logits_BxV, state = step(model, tok_B, jnp.full((B,), P + i, jnp.int32), state, policy)
+    return (logits_BxV, state, key), tok_B
+
+  (_, state, _), new_NxB = jax.lax.scan(body, (logits_BxV, state, key), jnp.arange(n_new))
+  return jnp.concatenate([prompt_BxP, new_NxB.T], 1), state

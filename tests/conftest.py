@@ -1,0 +1,58 @@
+"""Shared fixtures. The pytest process uses one CPU device; multi-device and
+multi-process checks run train.py in subprocesses with forced host devices."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def tiny_config(**overrides):
+  """A seconds-scale config: {'model.d_model': 64, ...} overrides by dotted key."""
+  from configs.transformer import get_config
+  from training.config import resolve
+  cfg = get_config('tiny')
+  base = {'model.d_model': 64, 'model.n_layers': 2, 'data.seq_len': 64, 'data.eval_batches': 2,
+          'train.batch_size': 8, 'train.steps': 6, 'train.warmup_steps': 2, 'train.log_every': 1,
+          'train.eval_every': 3, 'train.ckpt_every': 3, 'train.peak_flops': 1e9,
+          'train.async_ckpt': False}
+  for key, value in {**base, **overrides}.items():
+    section, name = key.split('.')
+    cfg[section][name] = value
+  return resolve(cfg)
+
+
+def cli_overrides(cfg):
+  """--config.x.y=v flags reproducing tiny_config's values (for train.py subprocesses)."""
+  flat = []
+  for section in ('model', 'data', 'train', 'mesh'):
+    for k, v in cfg[section].items():
+      flat.append(f'--config.{section}.{k}={v}')
+  return flat
+
+
+def run_train(workdir, cfg, *extra, devices=1, env=None, check=True, timeout=300):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}', **(env or {})}
+  cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--config',
+         os.path.join(ROOT, 'configs/transformer.py') + ':tiny', f'--workdir={workdir}',
+         *cli_overrides(cfg), *extra]
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def losses(workdir):
+  from training.metrics import read_metrics
+  rows = read_metrics(workdir)
+  return {s: r['loss'] for s, r in rows.items() if 'loss' in r}
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config

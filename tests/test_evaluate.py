@@ -1,0 +1,152 @@
+"""evaluate.py / training/evaluation.py on a tiny model trained once in-process (CPU)."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs.transformer import get_config
+from models.eviction import KeepAll
+from training import evaluation
+from training import mesh as meshlib
+from training.checkpoint import Checkpointer, CheckpointError
+from training.config import ConfigError, resolve
+from training.step import token_nll
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN = 64
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  from training.loop import train
+  cfg = get_config('tiny')
+  cfg.model.update(d_model=64, n_layers=1, n_heads=4, n_kv_heads=2)
+  cfg.data.update(seq_len=SEQ_LEN, eval_batches=2)
+  cfg.train.update(batch_size=8, steps=6, ckpt_every=3, eval_every=3, log_every=3,
+                   peak_flops=1e9, async_ckpt=False)
+  cfg.eval.update(tasks=('passkey', 'mqar'), lengths=(96,), depths=(0.25, 0.75), examples=4,
+                  buckets=4)
+  cfg.decode.max_new_tokens = 8
+  path = str(tmp_path_factory.mktemp('run'))
+  train(resolve(cfg), path)
+  return path
+
+
+@pytest.fixture(scope='module')
+def report(workdir, tmp_path_factory):
+  return evaluation.run(workdir, output=str(tmp_path_factory.mktemp('eval')), sample='x = ')
+
+
+def _restored(workdir):
+  ckpt = Checkpointer.open(workdir)
+  cfg = evaluation.build_config(ckpt.read_config())
+  mesh = meshlib.make_mesh(cfg)
+  graphdef, state = evaluation.restore_model(cfg, ckpt, ckpt.latest_step(), mesh)
+  return cfg, mesh, graphdef, state
+
+
+def test_report_json_and_png(report):
+  with open(report['json']) as f:
+    saved = json.load(f)
+  for key in ('step', 'loss', 'tasks', 'kv_cache', 'config', 'sample'):
+    assert key in saved, key
+  assert saved['step'] == 6
+  assert os.path.getsize(report['png']) > 1000
+  assert isinstance(report['sample']['continuation'], str)
+  text = evaluation.format_report(report)
+  assert 'held-out loss' in text and 'passkey' in text
+
+
+def test_loss_matches_direct_token_nll(workdir, report):
+  cfg, _, graphdef, state = _restored(workdir)
+  from flax import nnx
+  model = nnx.merge(graphdef, state)
+  total, count = 0.0, 0
+  for tokens in evaluation.eval_batches(cfg):
+    nll, mask = token_nll(model, jax.numpy.asarray(tokens))
+    total += float((nll * mask).sum())
+    count += int(mask.sum())
+  loss = report['loss']
+  assert np.isfinite(loss['loss'])
+  assert abs(loss['loss'] - total / count) < 1e-4
+  assert abs(loss['perplexity'] - np.exp(loss['loss'])) < 1e-3
+  assert [(b['start'], b['end']) for b in loss['buckets']] == [(0, 16), (16, 32), (32, 48),
+                                                               (48, 64)]
+  assert abs(np.mean([b['loss'] for b in loss['buckets']]) - loss['loss']) < 1e-4  # no PAD
+
+
+def test_task_cells(report):
+  cells = [(c['task'], c['length'], c['depth']) for c in report['tasks']]
+  assert cells == [('passkey', 96, 0.25), ('passkey', 96, 0.75), ('mqar', 96, None)]
+  passkey = [c for c in report['tasks'] if c['task'] == 'passkey']
+  assert all(0.0 <= c['accuracy'] <= 1.0 and c['examples'] == 4 for c in passkey)
+  mqar = report['tasks'][-1]                   # 96 tokens cannot hold the MQAR prompt
+  assert mqar['accuracy'] is None and 'too short' in mqar['skipped']
+
+
+def test_cache_full_without_eviction(report):
+  kv = report['kv_cache']
+  assert kv['tokens_per_layer'] == SEQ_LEN and kv['capacity'] == SEQ_LEN
+  # 1 layer x 2 kv heads x head_dim 16 x (k, v) x fp32
+  assert kv['bytes_per_sequence'] == SEQ_LEN * 2 * 16 * 2 * 4
+
+
+def test_decode_path_keep_all_matches_teacher_forcing(workdir):
+  cfg, mesh, graphdef, state = _restored(workdir)
+  batch = evaluation.synthetic.make_task_batch('passkey', 4, 96, 0.5)
+  tokens, mask = batch['tokens_BxL'], batch['answer_mask_BxL'][:, :-1]
+  forced = evaluation.task_predictions(graphdef, state, cfg, mesh, tokens, batch['prompt_len_B'],
+                                       None)
+  decoded = evaluation.task_predictions(graphdef, state, cfg, mesh, tokens,
+                                        batch['prompt_len_B'], KeepAll())
+  np.testing.assert_array_equal(decoded[mask], forced[mask])
+
+
+def test_recency_policy(workdir, tmp_path):
+  r = evaluation.run(workdir, output=str(tmp_path),
+                     overrides={'decode.policy': 'recency', 'decode.window': 16,
+                                'decode.capacity': 32})
+  assert r['task_path'] == 'decode'
+  assert r['kv_cache']['tokens_per_layer'] == 16 and r['kv_cache']['capacity'] == 32
+  assert all(0.0 <= c['accuracy'] <= 1.0 for c in r['tasks'] if c['accuracy'] is not None)
+  keep_all = evaluation.run(workdir, output=str(tmp_path), overrides={'decode.policy': 'keep_all'})
+  assert keep_all['kv_cache']['tokens_per_layer'] == SEQ_LEN
+
+
+def test_config_errors(workdir, tmp_path):
+  with pytest.raises(CheckpointError, match=str(tmp_path)):
+    evaluation.run(str(tmp_path))
+  with pytest.raises(CheckpointError, match='no step 4 '):
+    evaluation.run(workdir, step=4)
+  with pytest.raises(ConfigError, match='model.d_model'):
+    evaluation.run(workdir, overrides={'model.d_model': 128})
+  with pytest.raises(ConfigError, match='decode.policy'):
+    evaluation.run(workdir, overrides={'decode.policy': 'lru'})
+
+
+def _cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_end_to_end(workdir, tmp_path):
+  out = _cli(f'--workdir={workdir}', f'--output={tmp_path}', '--step=3',
+             '--config.decode.policy=recency', '--config.decode.window=16',
+             '--config.decode.capacity=32', '--sample=def ')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'held-out loss' in out.stdout and 'sample:' in out.stdout
+  with open(tmp_path / 'eval_step3.json') as f:
+    r = json.load(f)
+  assert r['decode_policy'] == 'recency' and r['kv_cache']['tokens_per_layer'] == 16
+  assert (tmp_path / 'tasks_step3.png').exists()
+
+
+def test_cli_missing_checkpoint(tmp_path):
+  out = _cli(f'--workdir={tmp_path}/nothing')
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines() == [f'error: no checkpoint directory at {tmp_path}/nothing']
