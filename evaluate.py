@@ -49,5 +49,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  logging.set_verbosity(logging.WARNING)
+  logging.set_verbosity(logging.ERROR)   # orbax warns about read-only mode
   app.run(main)

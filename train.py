@@ -27,6 +27,7 @@ def main(argv):
     cfg = resolve(_CONFIG.value)
     validate(cfg, 0, check_mesh=False)               # all but the mesh, before jax starts
     if cfg.distributed:
+      jax.config.update('jax_cpu_collectives_implementation', 'gloo')   # CPU-only processes
       jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
                                  initialization_timeout=300)
     validate(cfg, jax.device_count())

@@ -19,12 +19,12 @@ import json
 import math
 import os
 import time
+import types
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -36,6 +36,7 @@ from models.eviction import make_policy
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError, resolve, validate
+from training.loop import model_ctor
 from training.step import token_nll
 
 # Model keys that change parameter shapes: they must equal the checkpoint's.
@@ -73,7 +74,10 @@ def build_config(saved, config=None, overrides=None):
       node = node[p]
     if leaf not in node:
       raise ConfigError(f'config.{key}: unknown key')
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f'config.{key}: {e}') from None
   cfg = resolve(cfg)
   trained = resolve(saved_config(saved)).model
   for key in SHAPE_KEYS:
@@ -99,90 +103,156 @@ def checkpoint_step(ckpt, step=None):
 
 def restore_model(cfg, ckpt, step, mesh):
   """The checkpoint's model, sharded on `mesh` by cfg.axis_rules."""
-  from training.loop import model_ctor
   graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))
   _, restored = ckpt.restore(model=abs_state, step=step)
   return graphdef, restored.model
 
 
-def _put(x_Bx_, mesh):
-  """A global host array onto the mesh: split over the batch axes when they divide B."""
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
-  sharding = meshlib.batch_sharding(mesh) if x_Bx_.shape[0] % shards == 0 else (
-      meshlib.replicated(mesh))
-  return jax.make_array_from_callback(x_Bx_.shape, sharding, lambda index: x_Bx_[index])
+# --- Jitted programs (closing over the graphdef; policy and sizes are static) --------------
+
+def make_programs(graphdef):
+  """The jitted pieces for one model structure, taking its state as the first argument."""
+
+  @jax.jit
+  def position_nll(state, tokens_BxL1):
+    """Sum of nll and count of real targets per position: ([L], [L])."""
+    nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, state), tokens_BxL1)
+    return (nll_BxL * mask_BxL).sum(0), mask_BxL.sum(0)
+
+  @jax.jit
+  def forward_predictions(state, tokens_BxL):
+    """Teacher forcing: argmax prediction of tokens[:, t + 1] for every t, [B, L-1]."""
+    logits_BxLxV, _ = nnx.merge(graphdef, state)(tokens_BxL[:, :-1])
+    return logits_BxLxV.argmax(-1).astype(jnp.int32)
+
+  @functools.partial(jax.jit, static_argnums=(2, 3, 4))
+  def decode_predictions(state, tokens_BxL, start, capacity, policy):
+    """Decode path: prefill tokens[:, :start], then step tokens start..L-2 one at a time.
+
+    Returns the argmax prediction of tokens[:, t + 1] at each stepped t, [B, L-1]
+    (-1 for t < start, which are not predicted).
+    """
+    model = nnx.merge(graphdef, state)
+    B, L = tokens_BxL.shape
+    cache = decode.init_state(model, B, capacity, policy)
+    _, cache = decode.prefill(model, tokens_BxL[:, :start], cache, policy)
+
+    def body(cache, t):
+      logits_BxV, cache = decode.step(model, tokens_BxL[:, t], jnp.full((B,), t, jnp.int32),
+                                      cache, policy)
+      return cache, logits_BxV.argmax(-1).astype(jnp.int32)
+
+    _, pred_NxB = jax.lax.scan(body, cache, jnp.arange(start, L - 1))
+    return jnp.concatenate([jnp.full((B, start), -1, jnp.int32), pred_NxB.T], 1)
+
+  @functools.partial(jax.jit, static_argnums=(2, 3))
+  def prefill_state(state, prompt_BxP, capacity, policy):
+    model = nnx.merge(graphdef, state)
+    cache = decode.init_state(model, prompt_BxP.shape[0], capacity, policy)
+    return decode.prefill(model, prompt_BxP, cache, policy)[1]
+
+  return types.SimpleNamespace(position_nll=position_nll,
+                               forward_predictions=forward_predictions,
+                               decode_predictions=decode_predictions,
+                               prefill_state=prefill_state)
+
+
+class Evaluator:
+  """A restored model on a mesh, with the jitted programs that evaluate it."""
+
+  def __init__(self, cfg, graphdef, state, mesh):
+    self.cfg, self.graphdef, self.state, self.mesh = cfg, graphdef, state, mesh
+    self.policy = make_policy(cfg.decode)
+    self.programs = make_programs(graphdef)
+
+  def put(self, x_Bx_):
+    """A global host array onto the mesh: split over the batch axes when they divide B."""
+    mesh = self.mesh
+    shards = mesh.shape['data'] * mesh.shape['fsdp']
+    sharding = meshlib.batch_sharding(mesh) if x_Bx_.shape[0] % shards == 0 else (
+        meshlib.replicated(mesh))
+    return jax.make_array_from_callback(x_Bx_.shape, sharding, lambda index: x_Bx_[index])
+
+  def eval_batches(self):
+    """The held-out batches training evaluates on: global [batch, seq_len + 1] arrays."""
+    d = self.cfg.data
+    return pipeline.make_eval_batches(d.source, d.seq_len, self.cfg.train.batch_size,
+                                      d.eval_batches, tfds_data_dir=d.tfds_data_dir or None)
+
+  def loss(self):
+    """Per-token loss, perplexity and loss by equal position buckets on the held-out split."""
+    nll_L, count_L = 0.0, 0.0
+    for tokens_BxL1 in self.eval_batches():
+      s_L, n_L = self.programs.position_nll(self.state, self.put(tokens_BxL1))
+      nll_L, count_L = nll_L + _fetch(s_L).astype(np.float64), count_L + _fetch(n_L)
+    loss = float(nll_L.sum() / max(count_L.sum(), 1))
+    edges = np.linspace(0, len(nll_L), self.cfg.eval.buckets + 1).round().astype(int)
+    buckets = [dict(start=int(a), end=int(b),
+                    loss=float(nll_L[a:b].sum() / max(count_L[a:b].sum(), 1)))
+               for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return dict(loss=loss, perplexity=math.exp(min(loss, 700.0)),
+                bits_per_token=loss / math.log(2), tokens=int(count_L.sum()), buckets=buckets)
+
+  def predictions(self, tokens_BxL, prompt_len_B, policy):
+    """[B, L-1] argmax predictions of the next token: teacher forcing (policy None) or the
+    decode path under `policy` with decode.capacity slots (0: the whole example)."""
+    if policy is None:
+      return _fetch(self.programs.forward_predictions(self.state, self.put(tokens_BxL)))
+    start = int(prompt_len_B.min()) - 1
+    capacity = self.cfg.decode.capacity or tokens_BxL.shape[1]
+    return _fetch(self.programs.decode_predictions(self.state, self.put(tokens_BxL), start,
+                                                   capacity, policy))
+
+  def tasks(self):
+    """Exact-match accuracy per (task, length, depth) cell on held-out examples."""
+    cfg, cells = self.cfg, []
+    for task, length, depth in _cells(cfg):
+      cell = dict(task=task, length=length, depth=depth)
+      try:
+        batch = synthetic.make_task_batch(task, cfg.eval.examples, length, depth, seed=cfg.seed,
+                                          split='eval')
+      except ValueError as e:                   # length too short for this task
+        cells.append(dict(cell, accuracy=None, skipped=str(e)))
+        continue
+      tokens_BxL, mask_BxL = batch['tokens_BxL'], batch['answer_mask_BxL'][:, :-1]
+      pred_BxL = self.predictions(tokens_BxL, batch['prompt_len_B'], self.policy)
+      correct_B = ((pred_BxL == tokens_BxL[:, 1:]) | ~mask_BxL).all(-1)
+      cells.append(dict(cell, accuracy=float(correct_B.mean()), examples=len(correct_B)))
+    return cells
+
+  def cache(self):
+    """Decode state after prefilling one held-out batch of seq_len tokens under the policy."""
+    cfg = self.cfg
+    prompt_BxP = self.eval_batches()[0][:, :cfg.data.seq_len]
+    capacity = cfg.decode.capacity or cfg.data.seq_len
+    layers = self.programs.prefill_state(self.state, self.put(prompt_BxP), capacity, self.policy)
+    kv = [s for s in layers if hasattr(s, 'valid_BxKxS')]
+    tokens = [float(_fetch(s.size_BxK()).mean()) for s in kv]
+    # bytes per cached token of one layer: (k, v) x kv_heads x head_dim x itemsize
+    token_bytes = [2 * math.prod(s.k_BxKxSxH.shape[1::2]) * s.k_BxKxSxH.dtype.itemsize
+                   for s in kv]
+    other = [x for s in layers if not hasattr(s, 'valid_BxKxS') for x in jax.tree.leaves(s)]
+    return dict(
+        prompt_len=cfg.data.seq_len, capacity=capacity, policy=cfg.decode.policy,
+        kv_layers=len(kv), tokens_per_layer=float(np.mean(tokens)) if kv else 0.0,
+        tokens_by_layer=tokens,
+        bytes_per_sequence=float(sum(t * b for t, b in zip(tokens, token_bytes))),
+        capacity_bytes_per_sequence=int(sum(s.capacity * b for s, b in zip(kv, token_bytes))),
+        other_state_bytes_per_sequence=int(sum(x.nbytes for x in other) // len(prompt_BxP)))
+
+  def sample(self, prompt, seed=0):
+    """A continuation of `prompt` (decode.generate with the decode config)."""
+    d = self.cfg.decode
+    prompt_1xP = jnp.asarray(_TOK.encode(prompt, bos=True))[None]
+    tokens, _ = decode.generate(nnx.merge(self.graphdef, self.state), prompt_1xP,
+                                jax.random.key(seed), n_new=d.max_new_tokens,
+                                capacity=d.capacity, temperature=d.temperature,
+                                policy=self.policy)
+    return _TOK.decode(np.asarray(tokens[0, prompt_1xP.shape[1]:]))
 
 
 def _fetch(x):
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-# --- Jitted pieces (graphdef, policy and sizes are static) ----------------------------------
-
-@functools.partial(jax.jit, static_argnums=0)
-def _position_nll(graphdef, state, tokens_BxL1):
-  """Sum of nll and count of real targets per position: ([L], [L])."""
-  nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, state), tokens_BxL1)
-  return (nll_BxL * mask_BxL).sum(0), mask_BxL.sum(0)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _forward_predictions(graphdef, state, tokens_BxL):
-  """Teacher forcing: argmax prediction of tokens[:, t + 1] for every t, [B, L-1]."""
-  logits_BxLxV, _ = nnx.merge(graphdef, state)(tokens_BxL[:, :-1])
-  return logits_BxLxV.argmax(-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _decode_predictions(graphdef, state, tokens_BxL, start, capacity, policy):
-  """Decode path: prefill tokens[:, :start], then step tokens start..L-2 one at a time.
-
-  Returns the argmax prediction of tokens[:, t + 1] at each stepped t, [B, L-1]
-  (-1 for t < start, which are not predicted).
-  """
-  model = nnx.merge(graphdef, state)
-  B, L = tokens_BxL.shape
-  cache = decode.init_state(model, B, capacity, policy)
-  _, cache = decode.prefill(model, tokens_BxL[:, :start], cache, policy)
-
-  def body(cache, t):
-    logits_BxV, cache = decode.step(model, tokens_BxL[:, t], jnp.full((B,), t, jnp.int32),
-                                    cache, policy)
-    return cache, logits_BxV.argmax(-1).astype(jnp.int32)
-
-  _, pred_NxB = jax.lax.scan(body, cache, jnp.arange(start, L - 1))
-  return jnp.concatenate([jnp.full((B, start), -1, jnp.int32), pred_NxB.T], 1)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _prefill_state(graphdef, state, prompt_BxP, capacity, policy):
-  model = nnx.merge(graphdef, state)
-  cache = decode.init_state(model, prompt_BxP.shape[0], capacity, policy)
-  return decode.prefill(model, prompt_BxP, cache, policy)[1]
-
-
-# --- Metrics ---------------------------------------------------------------------------------
-
-def eval_batches(cfg):
-  """The held-out batches training evaluates on: global [batch, seq_len + 1] arrays."""
-  d = cfg.data
-  return pipeline.make_eval_batches(d.source, d.seq_len, cfg.train.batch_size, d.eval_batches,
-                                    tfds_data_dir=d.tfds_data_dir or None)
-
-
-def loss_report(graphdef, state, cfg, mesh):
-  """Per-token loss, perplexity and loss by equal position buckets on the held-out split."""
-  nll_L, count_L = 0.0, 0.0
-  for tokens_BxL1 in eval_batches(cfg):
-    s_L, n_L = _position_nll(graphdef, state, _put(tokens_BxL1, mesh))
-    nll_L, count_L = nll_L + _fetch(s_L).astype(np.float64), count_L + _fetch(n_L)
-  loss = float(nll_L.sum() / max(count_L.sum(), 1))
-  edges = np.linspace(0, len(nll_L), cfg.eval.buckets + 1).round().astype(int)
-  buckets = [dict(start=int(a), end=int(b),
-                  loss=float(nll_L[a:b].sum() / max(count_L[a:b].sum(), 1)))
-             for a, b in zip(edges[:-1], edges[1:]) if b > a]
-  return dict(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_token=loss / math.log(2),
-              tokens=int(count_L.sum()), buckets=buckets)
 
 
 def _cells(cfg):
@@ -193,75 +263,16 @@ def _cells(cfg):
         yield task, int(length), depth
 
 
-def task_predictions(graphdef, state, cfg, mesh, tokens_BxL, prompt_len_B, policy):
-  """[B, L-1] argmax predictions of the next token, by teacher forcing or the decode path."""
-  if policy is None:
-    return _fetch(_forward_predictions(graphdef, state, _put(tokens_BxL, mesh)))
-  start = int(prompt_len_B.min()) - 1
-  capacity = cfg.decode.capacity or tokens_BxL.shape[1]
-  return _fetch(_decode_predictions(graphdef, state, _put(tokens_BxL, mesh), start, capacity,
-                                    policy))
-
-
-def task_report(graphdef, state, cfg, mesh, policy):
-  """Exact-match accuracy per (task, length, depth) cell on held-out examples."""
-  cells = []
-  for task, length, depth in _cells(cfg):
-    cell = dict(task=task, length=length, depth=depth)
-    try:
-      batch = synthetic.make_task_batch(task, cfg.eval.examples, length, depth, seed=cfg.seed,
-                                        split='eval')
-    except ValueError as e:                     # length too short for this task
-      logging.warning('skipping %s at length %d: %s', task, length, e)
-      cells.append(dict(cell, accuracy=None, skipped=str(e)))
-      continue
-    tokens_BxL, mask_BxL = batch['tokens_BxL'], batch['answer_mask_BxL'][:, :-1]
-    pred_BxL = task_predictions(graphdef, state, cfg, mesh, tokens_BxL, batch['prompt_len_B'],
-                                policy)
-    correct_B = ((pred_BxL == tokens_BxL[:, 1:]) | ~mask_BxL).all(-1)
-    cells.append(dict(cell, accuracy=float(correct_B.mean()), examples=len(correct_B)))
-  return cells
-
-
-def cache_report(graphdef, state, cfg, mesh, policy):
-  """Decode state after prefilling one held-out batch of seq_len tokens under the policy."""
-  prompt_BxP = eval_batches(cfg)[0][:, :cfg.data.seq_len]
-  capacity = cfg.decode.capacity or cfg.data.seq_len
-  layers = _prefill_state(graphdef, state, _put(prompt_BxP, mesh), capacity, policy)
-  kv = [s for s in layers if hasattr(s, 'valid_BxKxS')]
-  tokens = [float(_fetch(s.size_BxK()).mean()) for s in kv]
-  slot_bytes = [2 * s.k_BxKxSxH.shape[-1] * s.k_BxKxSxH.dtype.itemsize for s in kv]
-  other = [x for s in layers if not hasattr(s, 'valid_BxKxS') for x in jax.tree.leaves(s)]
-  B = prompt_BxP.shape[0]
-  return dict(
-      prompt_len=cfg.data.seq_len, capacity=capacity, policy=cfg.decode.policy,
-      kv_layers=len(kv), tokens_per_layer=float(np.mean(tokens)) if kv else 0.0,
-      tokens_by_layer=tokens,
-      bytes_per_sequence=float(sum(t * s.k_BxKxSxH.shape[1] * b
-                                   for t, s, b in zip(tokens, kv, slot_bytes))),
-      capacity_bytes_per_sequence=int(sum(s.capacity * s.k_BxKxSxH.shape[1] * b
-                                          for s, b in zip(kv, slot_bytes))),
-      other_state_bytes_per_sequence=int(sum(x.nbytes for x in other) // B))
-
-
-def sample_text(graphdef, state, cfg, prompt, seed=0):
-  """A continuation of `prompt` (decode.generate with the decode config)."""
-  d = cfg.decode
-  prompt_1xP = jnp.asarray(_TOK.encode(prompt, bos=True))[None]
-  tokens, _ = decode.generate(nnx.merge(graphdef, state), prompt_1xP, jax.random.key(seed),
-                              n_new=d.max_new_tokens, capacity=d.capacity,
-                              temperature=d.temperature, policy=make_policy(d))
-  return _TOK.decode(np.asarray(tokens[0, prompt_1xP.shape[1]:]))
-
-
 # --- Output ----------------------------------------------------------------------------------
 
-def plot_tasks(cells, path):
+def plot_tasks(cells, path, title=''):
   """Accuracy heatmap over (length x depth), one panel per task."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   tasks = list(dict.fromkeys(c['task'] for c in cells))
+  cmap = plt.get_cmap('viridis').copy()
+  cmap.set_bad('lightgray')                     # skipped cells
   fig, axes = plt.subplots(1, len(tasks), figsize=(3.5 * len(tasks), 3), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     mine = [c for c in cells if c['task'] == task]
@@ -271,13 +282,14 @@ def plot_tasks(cells, path):
     for c in mine:
       if c['accuracy'] is not None:
         acc_LxD[lengths.index(c['length']), depths.index(c['depth'])] = c['accuracy']
-    ax.imshow(acc_LxD, vmin=0, vmax=1, cmap='viridis', aspect='auto')
+    ax.imshow(acc_LxD, vmin=0, vmax=1, cmap=cmap, aspect='auto')
     for (i, j), a in np.ndenumerate(acc_LxD):
-      ax.text(j, i, '-' if np.isnan(a) else f'{a:.2f}', ha='center', va='center',
-              color='white' if np.isnan(a) or a < 0.5 else 'black')
+      ax.text(j, i, 'skipped' if np.isnan(a) else f'{a:.2f}', ha='center', va='center',
+              color='white' if a < 0.5 else 'black')
     ax.set_xticks(range(len(depths)), ['-' if d is None else f'{d:g}' for d in depths])
     ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set(title=task, xlabel='depth', ylabel='length')
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
@@ -297,6 +309,8 @@ def format_report(r):
     depth = '-' if cell['depth'] is None else f"{cell['depth']:g}"
     acc = 'skipped' if cell['accuracy'] is None else f"{cell['accuracy']:.3f}"
     lines.append(f"{cell['task']:<10}{cell['length']:>8}{depth:>8}{acc:>10}")
+  skipped = {(c['task'], c['length']): c['skipped'] for c in r['tasks'] if 'skipped' in c}
+  lines += [f'  skipped {task} at length {n}: {why}' for (task, n), why in skipped.items()]
   lines.append(f"KV cache after a {c['prompt_len']}-token prefill: {c['tokens_per_layer']:.1f} "
                f"tokens/layer of {c['capacity']} slots ({c['kv_layers']} layers), "
                f"{c['bytes_per_sequence'] / 2**20:.3f} MiB/sequence "
@@ -308,6 +322,20 @@ def format_report(r):
 
 # --- Everything ------------------------------------------------------------------------------
 
+def load(workdir, *, step=None, config=None, overrides=None):
+  """An Evaluator for a checkpoint of `workdir` (config: see `build_config`), its step."""
+  ckpt = Checkpointer.open(workdir)
+  try:
+    step = checkpoint_step(ckpt, step)
+    cfg = build_config(ckpt.read_config(step), config, overrides)
+    validate(cfg, jax.device_count())
+    mesh = meshlib.make_mesh(cfg)
+    graphdef, state = restore_model(cfg, ckpt, step, mesh)
+  finally:
+    ckpt.close()
+  return Evaluator(cfg, graphdef, state, mesh), step
+
+
 def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=None):
   """Evaluates a checkpoint of `workdir`; writes OUTPUT/eval_step{N}.json and
   OUTPUT/tasks_step{N}.png (OUTPUT default workdir/eval). Returns the report dict.
@@ -315,23 +343,14 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
   config / overrides: see `build_config`. Raises CheckpointError / ConfigError.
   """
   t0 = time.time()
-  ckpt = Checkpointer.open(workdir)
-  step = checkpoint_step(ckpt, step)
-  cfg = build_config(ckpt.read_config(step), config, overrides)
-  validate(cfg, jax.device_count())
-  mesh = meshlib.make_mesh(cfg)
-  graphdef, state = restore_model(cfg, ckpt, step, mesh)
-  ckpt.close()
-  policy = make_policy(cfg.decode)
-
-  report = dict(step=int(step), workdir=os.path.abspath(workdir), mesh=dict(mesh.shape),
+  ev, step = load(workdir, step=step, config=config, overrides=overrides)
+  cfg = ev.cfg
+  report = dict(step=int(step), workdir=os.path.abspath(workdir), mesh=dict(ev.mesh.shape),
                 decode_policy=cfg.decode.policy,
-                task_path='teacher forcing' if policy is None else 'decode',
-                loss=loss_report(graphdef, state, cfg, mesh),
-                tasks=task_report(graphdef, state, cfg, mesh, policy),
-                kv_cache=cache_report(graphdef, state, cfg, mesh, policy))
+                task_path='teacher forcing' if ev.policy is None else 'decode',
+                loss=ev.loss(), tasks=ev.tasks(), kv_cache=ev.cache())
   if sample is not None:
-    report['sample'] = dict(prompt=sample, continuation=sample_text(graphdef, state, cfg, sample))
+    report['sample'] = dict(prompt=sample, continuation=ev.sample(sample))
   report['seconds'] = time.time() - t0
   report['config'] = json.loads(cfg.to_json_best_effort())
 
@@ -342,5 +361,7 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
     os.makedirs(output, exist_ok=True)
     with open(report['json'], 'w') as f:
       json.dump(report, f, indent=2)
-    plot_tasks(report['tasks'], report['png'])
+    plot_tasks(report['tasks'], report['png'],
+               f"exact-match accuracy, step {step} ({report['task_path']}, policy "
+               f"{cfg.decode.policy})")
   return report

@@ -24,7 +24,7 @@ def global_batch(local_np, sharding):
   return jax.make_array_from_process_local_data(sharding, local_np)
 
 
-def init_model_from(cfg, mesh, rules, model_state, model_shardings):
+def init_model_from(cfg, mesh, rules):
   """Replaces fresh weights by those of a checkpoint (continued training from `init_from`)."""
   graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, rules)
   ckpt = Checkpointer.open(cfg.train.init_from)
@@ -74,10 +74,11 @@ def train(cfg, workdir):
     abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              state, shardings)
     _, r = ckpt.restore(model=abs_state[0], opt=abs_state[1], data_iter=data_iter)
-    state = nnx.State({0: r.model, 1: r.opt}) if isinstance(state, nnx.State) else (r.model, r.opt)
+    state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((r.model, r.opt)))
     logging.info('resumed from %s at step %d', ckpt.directory, start)
   elif t.init_from:
-    state = (init_model_from(cfg, mesh, rules, state[0], shardings[0]), state[1])
+    model_state = init_model_from(cfg, mesh, rules)
+    state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((model_state, state[1])))
 
   train_step = make_train_step(graphdef, schedule, shardings, batch_sh)
   eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh)

@@ -45,7 +45,7 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding):
   def train_step(state, tokens_BxL1):
     model, opt = nnx.merge(graphdef, state)
     loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = opt.step[...]
     opt.update(model, grads)

@@ -1,0 +1,64 @@
+"""The training loop in-process: learns, resumes, refuses to save a non-finite state."""
+import os
+
+import numpy as np
+import pytest
+
+from conftest import losses, tiny_config
+from data import pipeline
+from training.checkpoint import Checkpointer
+from training.loop import train
+from training.metrics import read_metrics
+
+
+def test_loss_falls_well_below_unigram(tmp_path):
+  cfg = tiny_config(**{'model.d_model': 128, 'data.seq_len': 128, 'train.batch_size': 16,
+                       'train.steps': 100, 'train.warmup_steps': 10, 'train.log_every': 50,
+                       'train.eval_every': 100, 'train.ckpt_every': 100, 'data.eval_batches': 4})
+  metrics = train(cfg, tmp_path)
+  unigram = pipeline.unigram_entropy('stdlib')
+  assert read_metrics(tmp_path)[0]['unigram_loss'] == pytest.approx(unigram)
+  assert metrics['eval_loss'] < 0.75 * unigram, (metrics['eval_loss'], unigram)
+  assert os.path.exists(tmp_path / 'tb') and os.path.exists(tmp_path / 'config.json')
+
+
+def test_rerun_resumes_and_matches_uninterrupted(tmp_path):
+  full = tiny_config(**{'train.steps': 6})
+  train(full, tmp_path / 'full')
+  part = tiny_config(**{'train.steps': 3})
+  train(part, tmp_path / 'resumed')
+  assert Checkpointer.open(tmp_path / 'resumed').latest_step() == 3
+  train(full, tmp_path / 'resumed')                       # same workdir: resumes at 3
+  a, b = losses(tmp_path / 'full'), losses(tmp_path / 'resumed')
+  assert sorted(b) == list(range(1, 7))
+  np.testing.assert_allclose([b[s] for s in range(4, 7)], [a[s] for s in range(4, 7)], rtol=1e-6)
+
+
+def test_non_finite_loss_stops_without_saving(tmp_path):
+  train(tiny_config(**{'train.steps': 3}), tmp_path)
+  bad = tiny_config(**{'train.steps': 9, 'train.lr': 1e30, 'train.warmup_steps': 0})
+  with pytest.raises(FloatingPointError, match='not finite.*no checkpoint was written after step'):
+    train(bad, tmp_path)
+  ckpt = Checkpointer.open(tmp_path)
+  latest = ckpt.latest_step()
+  assert latest >= 3
+  # Whatever was saved holds finite weights only.
+  from flax import nnx
+  import jax
+  from training import mesh as meshlib
+  from training.loop import model_ctor
+  cfg = tiny_config()
+  mesh = meshlib.make_mesh(cfg)
+  _, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))
+  _, r = ckpt.restore(model=abs_state)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(r.model))
+
+
+def test_trains_from_an_offline_tfds_dataset(tmp_path):
+  from data.tfds_writer import write_text_dataset
+  docs = [f'def f{i}(x):\n    return x * {i}  # line {i}\n' * 20 for i in range(40)]
+  write_text_dataset('mnemax_tiny_text', str(tmp_path / 'tfds'), {'train': docs, 'eval': docs[:4]})
+  cfg = tiny_config(**{'data.source': 'tfds:mnemax_tiny_text',
+                       'data.tfds_data_dir': str(tmp_path / 'tfds'), 'train.steps': 3})
+  metrics = train(cfg, tmp_path / 'run')
+  assert np.isfinite(metrics['eval_loss'])
