@@ -5,7 +5,15 @@ import os
 import subprocess
 import sys
 
+import tempfile
+
 import pytest
+
+# One persistent XLA compilation cache for this test session, shared by in-process tests
+# and train.py subprocesses (the same tiny shapes compile many times otherwise).
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='mnemax-jcc-'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -271,8 +271,7 @@ def plot_tasks(cells, path, title=''):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   tasks = list(dict.fromkeys(c['task'] for c in cells))
-  cmap = plt.get_cmap('viridis').copy()
-  cmap.set_bad('lightgray')                     # skipped cells
+  cmap = plt.get_cmap('viridis').with_extremes(bad='lightgray')   # skipped cells
   fig, axes = plt.subplots(1, len(tasks), figsize=(3.5 * len(tasks), 3), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     mine = [c for c in cells if c['task'] == task]

@@ -1,0 +1,70 @@
+"""Bad input fails early with a message naming the key; nothing saved is lost."""
+import os
+import shutil
+
+import pytest
+
+from conftest import run_train, tiny_config
+from training.checkpoint import CheckpointError, Checkpointer
+from training.config import ConfigError, validate
+from training.loop import train
+
+
+@pytest.mark.parametrize('overrides,devices,message', [
+    ({'model.n_heads': 3}, 1, r'config.model.n_heads: n_heads=3 does not divide d_model=64'),
+    ({'model.n_kv_heads': 3}, 1, r'config.model.n_kv_heads'),
+    ({'model.segment_len': 24}, 1, r'config.data.seq_len: seq_len=64 is not divisible by '
+                                   r'model.segment_len=24'),
+    ({'model.mixer': 'attention,titanz'}, 1, r"config.model.mixer: unknown mixer 'titanz'"),
+    ({'mesh.data': 2}, 1, r'config.mesh: data\*fsdp\*tensor = 2 .* does not match the 1 '),
+    ({'mesh.tensor': 3, 'mesh.data': -1}, 6, r'config.mesh.tensor: tensor=3 does not divide'),
+    ({'train.batch_size': 6}, 4, r'config.train.batch_size: batch_size=6 is not divisible'),
+    ({'decode.policy': 'oracle'}, 1, r"config.decode.policy: unknown policy 'oracle'"),
+])
+def test_invalid_values_name_the_key(overrides, devices, message):
+  with pytest.raises(ConfigError, match=message):
+    validate(tiny_config(**overrides), devices)
+
+
+def test_unknown_key_in_a_config_file_is_named():
+  cfg = tiny_config()
+  with cfg.unlocked():
+    cfg.train.learning_rate = 1.0
+  with pytest.raises(ConfigError, match=r'config.train.learning_rate: unknown key'):
+    validate(cfg, 1)
+
+
+def test_cli_errors_before_compiling(tmp_path):
+  cfg = tiny_config()
+  proc = run_train(tmp_path, cfg, '--config.model.n_headz=2', check=False)
+  assert proc.returncode != 0 and 'n_headz' in proc.stderr
+  proc = run_train(tmp_path, cfg, '--config.mesh.data=2', check=False)
+  assert proc.returncode != 0 and 'error: config.mesh' in proc.stderr
+  assert 'Traceback' not in proc.stderr and not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_missing_tfds_dataset_and_empty_glob(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no_such_set'):
+    train(tiny_config(**{'data.source': 'tfds:no_such_set', 'data.tfds_data_dir': str(tmp_path)}),
+          tmp_path / 'a')
+  with pytest.raises(ValueError, match=r"glob '.*\*.nothing' matched no files"):
+    train(tiny_config(**{'data.source': f'glob:{tmp_path}/*.nothing'}), tmp_path / 'b')
+
+
+def test_partial_and_corrupt_checkpoints(tmp_path):
+  cfg = tiny_config(**{'train.steps': 6})
+  train(cfg, tmp_path)
+  ckpts = tmp_path / 'checkpoints'
+  # A save killed half-way leaves a tmp folder: ignored, the run resumes from step 6.
+  partial = ckpts / '9.orbax-checkpoint-tmp-1234'
+  os.makedirs(partial / 'model')
+  assert Checkpointer.open(tmp_path).latest_step() == 6
+  # A damaged finished step: a clear error naming it, and every saved step stays.
+  for f in (ckpts / '6' / 'model').rglob('*'):
+    if f.is_file() and f.stat().st_size > 0 and 'manifest' in f.name or f.suffix == '.zarray':
+      f.write_bytes(b'garbage')
+  shutil.rmtree(ckpts / '6' / 'opt')
+  before = sorted(os.listdir(ckpts))
+  with pytest.raises(CheckpointError, match=r'checkpoint step 6 in .*checkpoints is unreadable'):
+    train(tiny_config(**{'train.steps': 9}), tmp_path)
+  assert sorted(os.listdir(ckpts)) == before
