@@ -3,7 +3,7 @@ accuracy (passkey / S-NIAH / MQAR over length x depth), decode KV-cache size.
 
   python evaluate.py --workdir=/tmp/tiny
   python evaluate.py --workdir=W --step=200 --config.decode.policy=recency --config.decode.window=64
-  python evaluate.py --workdir=W --config=configs/transformer.py:tiny --config.eval.lengths='(512,)'
+  python evaluate.py --workdir=W --config=configs/transformer.py:tiny --config.eval.lengths='(256,512)'
   python evaluate.py --workdir=W --sample="def fib(n):"
 
 Config: the one saved with the checkpoint (mesh reset to data=-1, i.e. all devices here);
@@ -18,8 +18,7 @@ from ml_collections import config_flags
 
 # Without --config, this file only types the --config.x=y overrides; they are applied to
 # the checkpoint's saved config (every config shares the keys of configs/base.py).
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs',
-                               'transformer.py')
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'base.py')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', _DEFAULT_CONFIG, 'Config file[:preset] replacing the checkpoint\'s saved config '
     '(default: the saved config; --config.x=y overrides apply either way).', lock_config=True)

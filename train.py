@@ -17,6 +17,9 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, met
 _COORD = flags.DEFINE_string('coordinator', None, 'host:port of process 0 (with distributed).')
 _NPROC = flags.DEFINE_integer('num_processes', None, 'Number of processes (with distributed).')
 _PID = flags.DEFINE_integer('process_id', None, 'This process (with distributed).')
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Lower + compile the train step with abstract shapes, print its '
+    'parameter count, FLOPs and per-device memory, and exit (paper-size configs on CPU).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -33,10 +36,13 @@ def main(argv):
     validate(cfg, jax.device_count())
   except ConfigError as e:
     raise SystemExit(f'error: {e}') from None
-  from training.loop import train
+  from training.loop import compile_only, train
   from training.metrics import quiet_libraries
   quiet_libraries()
-  train(cfg, _WORKDIR.value)
+  if _COMPILE_ONLY.value:
+    compile_only(cfg)
+  else:
+    train(cfg, _WORKDIR.value)
 
 
 if __name__ == '__main__':

@@ -66,12 +66,13 @@ def get_base_config():
   de.policy = 'none'            # none | keep_all | recency (eviction policy)
   de.window = 256               # recency window
   de.capacity = 0               # KV slots per layer; 0: prompt + new tokens
+  de.prefill_chunk = 0          # read the prompt in pieces (policy acts on each); 0: at once
   de.max_new_tokens = 64
   de.temperature = 0.0          # 0: greedy
 
   c.eval = e = ml_collections.ConfigDict()
   e.tasks = ('passkey', 'niah', 'mqar')
-  e.lengths = (256,)
+  e.lengths = (512,)
   e.depths = (0.1, 0.5, 0.9)
   e.examples = 8                # per (task, length, depth) cell
   e.buckets = 4                 # loss by position bucket
@@ -86,3 +87,9 @@ def apply_preset(config, presets, arg):
   for section, values in presets[arg].items():
     config[section].update(values)
   return config
+
+
+def get_config(arg=None):
+  """The defaults alone (used to type `--config.x=y` overrides, e.g. by evaluate.py)."""
+  del arg
+  return get_base_config()

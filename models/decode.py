@@ -16,10 +16,19 @@ def init_state(model, batch, capacity, policy=None):
   return state
 
 
-def prefill(model, prompt_BxP, state, policy=None):
-  """Runs the prompt (positions 0..P-1). Returns logits of the last position, state."""
-  logits_BxPxV, state = model(prompt_BxP, state, policy=policy)
-  return logits_BxPxV[:, -1], state
+def prefill(model, prompt_BxP, state, policy=None, chunk=0):
+  """Runs the prompt (positions 0..P-1). Returns logits of the last position, state.
+
+  With `chunk`, the prompt goes in pieces of that many tokens, so an eviction policy acts
+  while the prompt is read (every piece) rather than once after all of it.
+  """
+  B, P = prompt_BxP.shape
+  chunk = chunk or P
+  for start in range(0, P, chunk):
+    pos_BxC = jnp.broadcast_to(jnp.arange(start, min(start + chunk, P), dtype=jnp.int32),
+                               (B, min(chunk, P - start)))
+    logits_BxCxV, state = model(prompt_BxP[:, start:start + chunk], state, pos_BxC, policy=policy)
+  return logits_BxCxV[:, -1], state
 
 
 def step(model, token_B, pos_B, state, policy=None):
@@ -41,13 +50,14 @@ def sample(logits_BxV, key, temperature=0.0, top_p=1.0):
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('n_new', 'capacity', 'temperature', 'top_p', 'policy'))
+@functools.partial(jax.jit, static_argnames=('n_new', 'capacity', 'temperature', 'top_p', 'policy',
+                                             'prefill_chunk'))
 def generate(model, prompt_BxP, key, *, n_new, capacity=0, temperature=0.0, top_p=1.0,
-             policy=None):
+             policy=None, prefill_chunk=0):
   """Prompt + n_new sampled tokens [B, P + n_new]; also returns the final state."""
   B, P = prompt_BxP.shape
   state = init_state(model, B, capacity or P + n_new, policy)
-  logits_BxV, state = prefill(model, prompt_BxP, state, policy)
+  logits_BxV, state = prefill(model, prompt_BxP, state, policy, prefill_chunk)
 
   def body(carry, i):
     logits_BxV, state, key = carry

@@ -6,12 +6,14 @@ the new queries over the cache slots (averaged per KV group), it returns which s
 keep (and may update its own per-slot state in `cache.token_state`). `init(cache)`
 adds that state when the cache is created. Attention applies `valid &= keep`.
 """
+import dataclasses
+
 import jax.numpy as jnp
 
 
+@dataclasses.dataclass(frozen=True)      # hashable by value: a static jit argument
 class KeepAll:
   """Keeps every token: decoding with it equals the full forward."""
-  needs_probs = False
 
   def init(self, cache):
     return cache
@@ -20,11 +22,10 @@ class KeepAll:
     return jnp.ones_like(cache.valid_BxKxS), cache
 
 
+@dataclasses.dataclass(frozen=True)
 class Recency(KeepAll):
   """Keeps the `window` most recent positions (a sliding window over the cache)."""
-
-  def __init__(self, window):
-    self.window = int(window)
+  window: int = 256
 
   def keep(self, cache, probs_BxKxTxS, pos_BxT):
     newest_Bx1x1 = pos_BxT.max(-1)[:, None, None]
@@ -32,7 +33,7 @@ class Recency(KeepAll):
 
 
 POLICIES = {'none': lambda cfg: None, 'keep_all': lambda cfg: KeepAll(),
-            'recency': lambda cfg: Recency(cfg.window)}
+            'recency': lambda cfg: Recency(int(cfg.window))}
 
 
 def make_policy(cfg):

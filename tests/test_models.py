@@ -133,3 +133,16 @@ def test_gradients_reach_every_parameter():
   grads = nnx.grad(loss_fn)(model, tokens(T=49))
   norms = jax.tree.leaves(jax.tree.map(lambda g: float(jnp.linalg.norm(g)), grads))
   assert all(np.isfinite(n) and n > 0 for n in norms)
+
+
+def test_chunked_prefill_evicts_while_reading_the_prompt():
+  model, _ = build()
+  x = tokens(T=32)
+  full, _ = model(x)
+  state = decode.init_state(model, 2, 40)
+  last, _ = decode.prefill(model, x, state, chunk=5)            # no policy: exact
+  assert max_diff(last, full[:, -1]) < 1e-4
+  policy = eviction.Recency(6)
+  state = decode.init_state(model, 2, 12, policy)               # 12 slots < 32 prompt tokens
+  _, state = decode.prefill(model, x, state, policy, chunk=4)
+  assert all(int(s.size_BxK().max()) == 6 for s in state)

@@ -110,7 +110,7 @@ def restore_model(cfg, ckpt, step, mesh):
 
 # --- Jitted programs (closing over the graphdef; policy and sizes are static) --------------
 
-def make_programs(graphdef):
+def make_programs(graphdef, prefill_chunk=0):
   """The jitted pieces for one model structure, taking its state as the first argument."""
 
   @jax.jit
@@ -135,7 +135,7 @@ def make_programs(graphdef):
     model = nnx.merge(graphdef, state)
     B, L = tokens_BxL.shape
     cache = decode.init_state(model, B, capacity, policy)
-    _, cache = decode.prefill(model, tokens_BxL[:, :start], cache, policy)
+    _, cache = decode.prefill(model, tokens_BxL[:, :start], cache, policy, prefill_chunk)
 
     def body(cache, t):
       logits_BxV, cache = decode.step(model, tokens_BxL[:, t], jnp.full((B,), t, jnp.int32),
@@ -149,7 +149,7 @@ def make_programs(graphdef):
   def prefill_state(state, prompt_BxP, capacity, policy):
     model = nnx.merge(graphdef, state)
     cache = decode.init_state(model, prompt_BxP.shape[0], capacity, policy)
-    return decode.prefill(model, prompt_BxP, cache, policy)[1]
+    return decode.prefill(model, prompt_BxP, cache, policy, prefill_chunk)[1]
 
   return types.SimpleNamespace(position_nll=position_nll,
                                forward_predictions=forward_predictions,
@@ -163,7 +163,7 @@ class Evaluator:
   def __init__(self, cfg, graphdef, state, mesh):
     self.cfg, self.graphdef, self.state, self.mesh = cfg, graphdef, state, mesh
     self.policy = make_policy(cfg.decode)
-    self.programs = make_programs(graphdef)
+    self.programs = make_programs(graphdef, cfg.decode.prefill_chunk)
 
   def put(self, x_Bx_):
     """A global host array onto the mesh: split over the batch axes when they divide B."""
@@ -247,7 +247,7 @@ class Evaluator:
     tokens, _ = decode.generate(nnx.merge(self.graphdef, self.state), prompt_1xP,
                                 jax.random.key(seed), n_new=d.max_new_tokens,
                                 capacity=d.capacity, temperature=d.temperature,
-                                policy=self.policy)
+                                policy=self.policy, prefill_chunk=d.prefill_chunk)
     return _TOK.decode(np.asarray(tokens[0, prompt_1xP.shape[1]:]))
 
 

@@ -19,6 +19,16 @@ def model_ctor(cfg):
   return lambda: LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
 
 
+def train_ctor(cfg, tx):
+  """() -> (model, optimizer): what a training run holds and checkpoints."""
+
+  def ctor():
+    model = model_ctor(cfg)()
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  return ctor
+
+
 def global_batch(local_np, sharding):
   """This process's rows -> one global array sharded over the batch axes."""
   return jax.make_array_from_process_local_data(sharding, local_np)
@@ -47,12 +57,7 @@ def train(cfg, workdir):
 
   # --- Model + optimizer, created sharded -----------------------------------------------
   tx, schedule = make_optimizer(t)
-
-  def ctor():
-    model = model_ctor(cfg)()
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  graphdef, state, shardings = meshlib.sharded_init(ctor, mesh, rules)
+  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
   model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)[0])
   n_params = flops.param_count(state[0])
   logging.info('model: %.2fM parameters', n_params / 1e6)
@@ -139,3 +144,25 @@ def _finish(pending, ckpt, last_saved):
         f'discarded and no checkpoint was written after step {last_saved} (kept). Lower '
         f'train.lr or check the data.')
   return {k: float(np.asarray(v)) for k, v in m.items() if k != 'finite'}
+
+
+def compile_only(cfg):
+  """Lowers and compiles the train step on the current devices without allocating the
+  model (abstract shapes only): checks a paper-size config's sharding and memory on CPU."""
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  tx, schedule = make_optimizer(cfg.train)
+  graphdef, abs_state, shardings = meshlib.abstract_state(train_ctor(cfg, tx), mesh, rules)
+  batch_sh = meshlib.batch_sharding(mesh)
+  tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jax.numpy.int32,
+                                sharding=batch_sh)
+  step = make_train_step(graphdef, schedule, shardings, batch_sh)
+  compiled = step.lower(abs_state, tokens).compile()
+  mem = compiled.memory_analysis()
+  flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)
+  report = dict(
+      mesh=dict(mesh.shape), params=flops.param_count(abs_state[0]),
+      model_flops_per_step=flops_tok * cfg.train.batch_size * cfg.data.seq_len,
+      per_device_bytes=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+                            temp=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes))
+  logging.info('compiled train step: %s', json.dumps(report))
+  return report
