@@ -28,6 +28,10 @@ def get_base_config():
   m.scale_embeddings = True     # multiply embeddings by sqrt(d_model)
   m.remat = 'block'             # none | block | segment
   m.attention_impl = 'xla'      # xla: jax.nn.dot_product_attention | masked: einsum + mask
+  # Method sections: each memory method's keys, documented in its models/ module.
+  m.titans = ml_collections.ConfigDict()     # models/titans.py
+  m.infini = ml_collections.ConfigDict()     # models/infini.py
+  m.anchor = ml_collections.ConfigDict()     # models/anchor.py
 
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'           # stdlib | glob:PATTERN | tfds:NAME[:FEATURE] | synthetic:TASK
@@ -69,6 +73,9 @@ def get_base_config():
   de.prefill_chunk = 0          # read the prompt in pieces (policy acts on each); 0: at once
   de.max_new_tokens = 64
   de.temperature = 0.0          # 0: greedy
+
+  c.namm = ml_collections.ConfigDict()       # models/namm.py (eviction network)
+  c.evolve = ml_collections.ConfigDict()     # evolve.py (NAMM search)
 
   c.eval = e = ml_collections.ConfigDict()
   e.tasks = ('passkey', 'niah', 'mqar')

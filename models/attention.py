@@ -135,7 +135,7 @@ class Attention(nnx.Module):
   def out(self, o_BxTxNxH):
     return jnp.einsum('btnh,nhd->btd', o_BxTxNxH, self.wo[...].astype(o_BxTxNxH.dtype))
 
-  def __call__(self, x_BxTxD, cache: KVCache, pos_BxT, *, policy=None):
+  def __call__(self, x_BxTxD, cache: KVCache, pos_BxT, *, policy=None, tokens_BxT=None):
     q, k, v = self.qkv(x_BxTxD, pos_BxT)
     if cache.capacity == 0 and policy is None and self.impl == 'xla':
       # Fast path (training, one chunk): positions are contiguous inside the chunk.

@@ -7,6 +7,7 @@ keep (and may update its own per-slot state in `cache.token_state`). `init(cache
 adds that state when the cache is created. Attention applies `valid &= keep`.
 """
 import dataclasses
+import importlib
 
 import jax.numpy as jnp
 
@@ -32,12 +33,19 @@ class Recency(KeepAll):
     return cache.pos_BxKxS > newest_Bx1x1 - self.window, cache
 
 
+# name -> make(decode_cfg) -> policy, or 'module:attribute' imported on first use.
 POLICIES = {'none': lambda cfg: None, 'keep_all': lambda cfg: KeepAll(),
-            'recency': lambda cfg: Recency(int(cfg.window))}
+            'recency': lambda cfg: Recency(int(cfg.window)),
+            'h2o': 'models.namm:make_h2o', 'l2': 'models.namm:make_l2',
+            'namm': 'models.namm:make_namm', 'anchor': 'models.anchor:make_anchor_policy'}
 
 
 def make_policy(cfg):
-  """cfg: a ConfigDict with `policy` (a name in POLICIES) and the policy's options."""
+  """cfg: the `decode` ConfigDict: `policy` (a name in POLICIES) and the policy's options."""
   if cfg.policy not in POLICIES:
     raise ValueError(f'decode.policy: unknown policy {cfg.policy!r}; one of {sorted(POLICIES)}')
-  return POLICIES[cfg.policy](cfg)
+  make = POLICIES[cfg.policy]
+  if isinstance(make, str):
+    module, attr = make.split(':')
+    make = getattr(importlib.import_module(module), attr)
+  return make(cfg)

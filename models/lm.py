@@ -3,12 +3,16 @@
 Each layer's sequence mixer is chosen by config (`model.mixer`: one name, or a
 comma-separated pattern cycled over the layers). Every mixer follows one contract:
 
-    mixer(x_BxTxD, state, pos_BxT, policy=None) -> (y_BxTxD, state)
+    mixer(x_BxTxD, state, pos_BxT, policy=None, tokens_BxT=None) -> (y_BxTxD, state)
     mixer.init_state(batch, capacity) -> state
+  mixer.flops_per_token(seq_len) -> forward FLOPs per token beyond its parameter matmuls
 
-where `state` is the layer's recurrent memory (a KV cache for attention). Long inputs
+where `state` is the layer's recurrent memory (a KV cache for attention); `tokens_BxT`
+are the chunk's token ids (for token-dependent masks such as AnSAN anchors). Long inputs
 are processed segment by segment (`model.segment_len`) by `lax.scan`, carrying states.
 """
+import importlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,15 +20,26 @@ from flax import nnx
 from models.attention import Attention
 from models.layers import DTYPES, RMSNorm, SwiGLU, constrain, param
 
+# name -> ctor(model_cfg, rngs) -> mixer, or 'module:attribute' imported on first use
+# (so a method's module is only loaded by the configs that use it).
 MIXERS = {
-    'attention': lambda cfg, rngs: Attention(cfg, rngs=rngs),
+    'attention': Attention,
     'sliding': lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
+    'titans_mac': 'models.titans:MAC',
+    'titans_mag': 'models.titans:MAG',
+    'titans_mal': 'models.titans:MAL',
+    'titans_lmm': 'models.titans:LMM',
+    'infini': 'models.infini:InfiniAttention',
+    'anchor': 'models.anchor:AnchorAttention',
 }
 
 
-def register_mixer(name, ctor):
-  """ctor(model_cfg, rngs) -> mixer module. Used by the memory methods' modules."""
-  MIXERS[name] = ctor
+def make_mixer(name, cfg, rngs):
+  ctor = MIXERS[name]
+  if isinstance(ctor, str):
+    module, attr = ctor.split(':')
+    ctor = getattr(importlib.import_module(module), attr)
+  return ctor(cfg, rngs=rngs)
 
 
 def layer_mixers(cfg):
@@ -40,12 +55,13 @@ class Block(nnx.Module):
 
   def __init__(self, cfg, mixer, *, rngs):
     self.norm1 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-    self.mixer = MIXERS[mixer](cfg, rngs)
+    self.mixer = make_mixer(mixer, cfg, rngs)
     self.norm2 = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.mlp = SwiGLU(cfg.d_model, cfg.mlp_dim, rngs=rngs, dtype=DTYPES[cfg.dtype])
 
-  def __call__(self, x_BxTxD, state, pos_BxT, policy=None):
-    h_BxTxD, state = self.mixer(self.norm1(x_BxTxD), state, pos_BxT, policy=policy)
+  def __call__(self, x_BxTxD, state, pos_BxT, policy=None, tokens_BxT=None):
+    h_BxTxD, state = self.mixer(self.norm1(x_BxTxD), state, pos_BxT, policy=policy,
+                                tokens_BxT=tokens_BxT)
     x_BxTxD = x_BxTxD + h_BxTxD
     x_BxTxD = x_BxTxD + self.mlp(self.norm2(x_BxTxD))
     return constrain(x_BxTxD, ('batch', 'seq', 'embed')), state
@@ -78,10 +94,10 @@ class LM(nnx.Module):
     for blk, s in zip(self.blocks, state):
       if cfg.remat == 'block':   # functional (split/merge) so it nests inside lax.scan
         gdef, params = nnx.split(blk)
-        run = lambda params, x, s, p: nnx.merge(gdef, params)(x, s, p, policy)
-        x, s = jax.checkpoint(run)(params, x, s, pos_BxT)
+        run = lambda params, x, s, p, t: nnx.merge(gdef, params)(x, s, p, policy, t)
+        x, s = jax.checkpoint(run)(params, x, s, pos_BxT, tokens_BxT)
       else:
-        x, s = blk(x, s, pos_BxT, policy)
+        x, s = blk(x, s, pos_BxT, policy, tokens_BxT)
       new_state.append(s)
     x = self.norm(x)
     w_DxV = self.embed[...].T if cfg.tie_embeddings else self.head[...]

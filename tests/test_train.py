@@ -62,3 +62,22 @@ def test_trains_from_an_offline_tfds_dataset(tmp_path):
                        'data.tfds_data_dir': str(tmp_path / 'tfds'), 'train.steps': 3})
   metrics = train(cfg, tmp_path / 'run')
   assert np.isfinite(metrics['eval_loss'])
+
+
+def test_init_from_copies_matching_parameters_into_another_mixer(tmp_path):
+  import jax
+  from flax import nnx
+  from training import mesh as meshlib
+  from training.init_from import init_model_from, load_source
+  train(tiny_config(**{'train.steps': 3}), tmp_path / 'src')
+  cfg = tiny_config(**{'train.init_from': str(tmp_path / 'src'), 'model.mixer': 'sliding',
+                       'model.window': 16})
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  from training.loop import model_ctor
+  _, fresh, _ = meshlib.sharded_init(model_ctor(cfg), mesh, rules)
+  loaded = init_model_from(cfg, mesh, rules, fresh)
+  source = load_source(cfg, mesh, rules)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(source)):
+    np.testing.assert_array_equal(a, b)
+  metrics = train(cfg, tmp_path / 'dst')                        # and trains on from there
+  assert np.isfinite(metrics['loss'])

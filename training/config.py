@@ -24,6 +24,13 @@ def _unknown_keys(cfg, ref, prefix=''):
       yield from _unknown_keys(cfg[k], ref[k], prefix + k + '.')
 
 
+def saved_config(saved):
+  """A config dict saved with a checkpoint, over base defaults (typed like configs/base.py)."""
+  cfg = get_base_config()
+  cfg.update(saved)
+  return cfg
+
+
 def mesh_shape(mesh_cfg, n_devices):
   """(data, fsdp, tensor) with one -1 filled by the remaining devices."""
   sizes = {a: mesh_cfg[a] for a in ('data', 'fsdp', 'tensor')}

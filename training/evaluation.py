@@ -28,14 +28,13 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from configs.base import get_base_config
 from data import pipeline, synthetic
 from data.tokenizer import ByteTokenizer
 from models import decode
 from models.eviction import make_policy
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
-from training.config import ConfigError, resolve, validate
+from training.config import ConfigError, resolve, saved_config, validate
 from training.loop import model_ctor
 from training.step import token_nll
 
@@ -46,13 +45,6 @@ _TOK = ByteTokenizer()
 
 
 # --- Config --------------------------------------------------------------------------------
-
-def saved_config(saved):
-  """The checkpoint's config dict over base defaults (typed like configs/base.py)."""
-  cfg = get_base_config()
-  cfg.update(saved)
-  return cfg
-
 
 def build_config(saved, config=None, overrides=None):
   """Config for evaluating a checkpoint whose saved config (a dict) is `saved`.

@@ -11,6 +11,7 @@ from data import pipeline
 from models.lm import LM
 from training import flops, mesh as meshlib
 from training.checkpoint import Checkpointer
+from training.init_from import init_model_from
 from training.metrics import MetricWriter, Progress
 from training.step import make_eval_step, make_optimizer, make_train_step
 
@@ -32,15 +33,6 @@ def train_ctor(cfg, tx):
 def global_batch(local_np, sharding):
   """This process's rows -> one global array sharded over the batch axes."""
   return jax.make_array_from_process_local_data(sharding, local_np)
-
-
-def init_model_from(cfg, mesh, rules):
-  """Replaces fresh weights by those of a checkpoint (continued training from `init_from`)."""
-  graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, rules)
-  ckpt = Checkpointer.open(cfg.train.init_from)
-  step, restored = ckpt.restore(model=abs_state)
-  logging.info('initialised the model from %s (step %d)', cfg.train.init_from, step)
-  return restored.model
 
 
 def train(cfg, workdir):
@@ -82,7 +74,7 @@ def train(cfg, workdir):
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((r.model, r.opt)))
     logging.info('resumed from %s at step %d', ckpt.directory, start)
   elif t.init_from:
-    model_state = init_model_from(cfg, mesh, rules)
+    model_state = init_model_from(cfg, mesh, rules, state[0])
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((model_state, state[1])))
 
   train_step = make_train_step(graphdef, schedule, shardings, batch_sh)
