@@ -20,6 +20,11 @@ def tokens(B=2, T=48, seed=1):
   return jax.random.randint(jax.random.key(seed), (B, T), 0, 256)
 
 
+# Jitted decode entry points (eager per-token loops are slow to run, not to compile).
+step = jax.jit(decode.step, static_argnames=('policy',))
+prefill = jax.jit(decode.prefill, static_argnames=('policy', 'chunk'))
+
+
 def max_diff(a, b):
   return float(jnp.abs(a - b).max())
 
@@ -76,10 +81,10 @@ def test_prefill_and_steps_equal_full_forward(mixer, window, segment):
   x = tokens()
   full, _ = model(x)
   state = decode.init_state(model, 2, 64)
-  last, state = decode.prefill(model, x[:, :20], state)
+  last, state = prefill(model, x[:, :20], state)
   rows = [last]
   for t in range(20, 48):
-    logits, state = decode.step(model, x[:, t], jnp.full((2,), t), state)
+    logits, state = step(model, x[:, t], jnp.full((2,), t), state)
     rows.append(logits)
   assert max_diff(jnp.stack(rows, 1), full[:, 19:]) < 1e-4
 
@@ -96,9 +101,9 @@ def test_recency_policy_keeps_exactly_the_window():
   x = tokens(T=40)
   policy = eviction.Recency(6)
   state = decode.init_state(model, 2, 48, policy)
-  _, state = decode.prefill(model, x[:, :20], state, policy)
+  _, state = prefill(model, x[:, :20], state, policy=policy)
   for t in range(20, 40):
-    _, state = decode.step(model, x[:, t], jnp.full((2,), t), state, policy)
+    _, state = step(model, x[:, t], jnp.full((2,), t), state, policy=policy)
     for cache in state:
       kept = np.sort(np.asarray(cache.pos_BxKxS)[np.asarray(cache.valid_BxKxS)].reshape(2, 2, -1))
       np.testing.assert_array_equal(kept, np.broadcast_to(np.arange(t - 5, t + 1), kept.shape))
@@ -115,7 +120,7 @@ def test_recency_decode_equals_sliding_window_forward():
   state = decode.init_state(dense, 2, 40, policy)
   rows = []
   for t in range(32):
-    logits, state = decode.step(dense, x[:, t], jnp.full((2,), t), state, policy)
+    logits, state = step(dense, x[:, t], jnp.full((2,), t), state, policy=policy)
     rows.append(logits)
   assert max_diff(jnp.stack(rows, 1), full) < 1e-4
 
@@ -140,9 +145,9 @@ def test_chunked_prefill_evicts_while_reading_the_prompt():
   x = tokens(T=32)
   full, _ = model(x)
   state = decode.init_state(model, 2, 40)
-  last, _ = decode.prefill(model, x, state, chunk=5)            # no policy: exact
+  last, _ = prefill(model, x, state, chunk=5)            # no policy: exact
   assert max_diff(last, full[:, -1]) < 1e-4
   policy = eviction.Recency(6)
   state = decode.init_state(model, 2, 12, policy)               # 12 slots < 32 prompt tokens
-  _, state = decode.prefill(model, x, state, policy, chunk=4)
+  _, state = prefill(model, x, state, policy=policy, chunk=4)
   assert all(int(s.size_BxK().max()) == 6 for s in state)

@@ -56,6 +56,15 @@ def quiet_libraries():
   pylogging.getLogger('absl').addFilter(_QuietLibraries())
 
 
+def memory_gib():
+  """Peak device memory (GPU/TPU allocator) or, on CPU, the process's peak resident size."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'] / 2**30
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # KiB on Linux
+
+
 def _hms(seconds):
   seconds = int(seconds)
   return f'{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s'
@@ -73,9 +82,9 @@ class Progress:
     dt = max(now - self.t0, 1e-9) / max(step - self.s0, 1)
     self.t0, self.s0 = now, step
     metrics.update(tokens_per_s=self.tokens / dt, step_time_s=dt,
-                   mfu=self.flops / dt / self.peak if self.peak else 0.0)
+                   mfu=self.flops / dt / self.peak if self.peak else 0.0, memory_gib=memory_gib())
     eta = _hms(dt * (self.total - step))
-    logging.info('step %d/%d | loss %.4f | %.1fk tok/s | MFU %.2f%% | %.3fs/step | ETA %s',
+    logging.info('step %d/%d | loss %.4f | %.1fk tok/s | MFU %.2f%% | %.3fs/step | %.2f GiB | ETA %s',
                  step, self.total, metrics['loss'], metrics['tokens_per_s'] / 1e3,
-                 100 * metrics['mfu'], dt, eta)
+                 100 * metrics['mfu'], dt, metrics['memory_gib'], eta)
     return metrics
