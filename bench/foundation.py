@@ -1,0 +1,73 @@
+"""The default run, measured: train the tiny preset on the embedded corpus, evaluate it,
+and compile the paper-size preset on CPU. Writes bench/results/foundation.{md,json}.
+
+  python bench/foundation.py
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TRAIN = 'python train.py --config=configs/transformer.py:tiny --workdir={w}'
+EVAL = 'python evaluate.py --workdir={w}'
+COMPILE = ('XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py '
+           '--config=configs/transformer.py:1b --workdir={w} --compile_only '
+           '--config.mesh.data=1 --config.mesh.fsdp=8')
+
+
+def run(cmd):
+  t0 = time.time()
+  proc = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True)
+  if proc.returncode:
+    raise SystemExit(f'{cmd} failed:\n{proc.stderr[-3000:]}')
+  return time.time() - t0, proc.stdout + proc.stderr
+
+
+def main():
+  import jax
+  from training.metrics import read_metrics
+  work = tempfile.mkdtemp(prefix='mnemax-foundation-')
+  train_s, _ = run(TRAIN.format(w=work + '/tiny'))
+  rows = read_metrics(work + '/tiny')
+  last = rows[max(rows)]
+  eval_s, _ = run(EVAL.format(w=work + '/tiny'))
+  with open(f'{work}/tiny/eval/eval_step{max(rows)}.json') as f:
+    ev = json.load(f)
+  compile_s, log = run(COMPILE.format(w=work + '/c'))
+  report = json.loads(log.split('compiled train step: ')[1].splitlines()[0])
+  result = dict(machine=f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
+                jax=jax.__version__, seed=0, train_seconds=train_s, eval_seconds=eval_s,
+                unigram_loss=rows[0]['unigram_loss'], eval_loss=last['eval_loss'],
+                tokens_per_s=last['tokens_per_s'], mfu=last['mfu'], steps=max(rows),
+                eval=ev, compile_1b=report, compile_seconds=compile_s)
+  os.makedirs(os.path.join(ROOT, 'bench/results'), exist_ok=True)
+  with open(os.path.join(ROOT, 'bench/results/foundation.json'), 'w') as f:
+    json.dump(result, f, indent=1, default=str)
+  mem = report['per_device_bytes']
+  md = f"""### Foundation: the default run
+
+`python bench/foundation.py` ({result['machine']}, jax {result['jax']}, seed 0) runs:
+`{TRAIN.format(w='W')}`, then `{EVAL.format(w='W')}`.
+
+| steps | train wall time | held-out loss | unigram baseline | perplexity | tokens/s (last) | MFU (last) |
+|---|---|---|---|---|---|---|
+| {result['steps']} | {train_s:.0f} s | {result['eval_loss']:.3f} nats/byte | {result['unigram_loss']:.3f} nats/byte | {ev['loss']['perplexity']:.2f} | {result['tokens_per_s']:.0f} | {100 * result['mfu']:.1f}% |
+
+Paper-size preset compiled on CPU (`{COMPILE.format(w='W')}`): {report['params'] / 1e9:.2f}B
+parameters, {report['model_flops_per_step'] / 1e15:.1f} PFLOP per step, per-device buffers:
+arguments {mem['arguments'] / 2**30:.2f} GiB, temporaries {mem['temp'] / 2**30:.1f} GiB
+(compiled in {compile_s:.0f} s).
+"""
+  with open(os.path.join(ROOT, 'bench/results/foundation.md'), 'w') as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == '__main__':
+  main()
