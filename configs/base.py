@@ -19,6 +19,11 @@ def get_base_config():
   m.head_dim = 0                # 0: d_model // n_heads
   m.mlp_dim = 0                 # 0: 8/3 d_model rounded up to a multiple of 64
   m.rope_theta = 10000.0
+  # RoPE frequency scaling as in HF config.json: type none | linear (factor) | llama3 (Llama 3.1:
+  # all four keys). Filled from the checkpoint with train.init_from=hf:DIR (models/hf_llama.py).
+  m.rope_scaling = ml_collections.ConfigDict(dict(
+      type='none', factor=1.0, low_freq_factor=1.0, high_freq_factor=4.0,
+      original_max_position_embeddings=8192))
   m.norm_eps = 1e-6
   m.mixer = 'attention'         # name or comma pattern cycled over layers: 'sliding,attention'
   m.window = 0                  # sliding-window size (mixer 'sliding')
@@ -29,13 +34,35 @@ def get_base_config():
   m.remat = 'block'             # none | block | segment
   m.attention_impl = 'xla'      # xla: jax.nn.dot_product_attention | masked: einsum + mask
   # Method sections: each memory method's keys, documented in its models/ module.
-  m.titans = ml_collections.ConfigDict()     # models/titans.py
-  m.infini = ml_collections.ConfigDict()     # models/infini.py
-  m.anchor = ml_collections.ConfigDict()     # models/anchor.py
+  m.titans = ti = ml_collections.ConfigDict()   # models/titans.py (mixers titans_*)
+  ti.chunk = 16                 # b: tokens per memory chunk (gradients at the chunk start)
+  ti.depth = 2                  # L_M: memory MLP layers (1: linear memory)
+  ti.expansion = 4              # memory MLP hidden width = expansion * head_dim
+  ti.persistent = 16            # N_p learned persistent tokens (MAC/MAG/MAL)
+  ti.conv = 4                   # causal depthwise conv kernel on q, k, v (0: none)
+  ti.theta_max = 0.1            # cap of the inner learning rate theta
+  ti.grad_clip = 1.0            # soft cap of each token's inner gradient norm (0: off)
+  ti.momentum = True            # False: eta = 0 (ablation)
+  ti.forget = True              # False: alpha = 0 (ablation)
+  ti.chunk_form = 'closed'      # closed (chunk-end closed form) | scan (per-token + assoc. scan)
+  m.infini = inf = ml_collections.ConfigDict()   # models/infini.py (mixer 'infini')
+  inf.update_rule = 'linear'    # linear (Eq. 8) | delta (Eq. 9) memory update
+  inf.detach = False            # stop gradients into carried (M, z): truncated BPTT (ablation)
+  inf.gate_init = 0.0           # beta per head at init; sigmoid(0) = 0.5 mixes memory/local
+  inf.memory = True             # False: segment-local attention only (the baseline)
+  m.anchor = a = ml_collections.ConfigDict()  # models/anchor.py (mixer 'anchor': AnSAN)
+  a.mode = 'ep'                 # ep: existing end-of-sentence ids are anchors | ac: <AC> only
+  a.ep_ids = (46, 10)           # EP anchors: bytes of '.' and '\n' (Llama '.': 29889)
+  a.ac_id = 259                 # the <AC> id (byte tokenizer); AC data: data.source='ac:...'
+  a.ac_init_from = 46           # init_from into AC mode: <AC> embedding := this id's; -1: off
+  a.bos_id = 257                # a BOS starts a new document (packing): no attention across
+  a.pad_id = 256                # padding: masked as query and as key
 
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'           # stdlib | glob:PATTERN | tfds:NAME[:FEATURE] | synthetic:TASK
   d.tfds_data_dir = ''
+  d.tokenizer = 'auto'          # byte | hf:DIR (tokenizer.json / tokenizer.model) | auto: the
+                                # train.init_from=hf:DIR model's own, else byte
   d.seq_len = 256
   d.eval_batches = 8
 
@@ -56,26 +83,62 @@ def get_base_config():
   t.async_ckpt = True
   t.peak_flops = 0.0            # per device; 0: measured with a matmul at start-up
   t.init_from = ''              # checkpoint dir (or workdir) to initialise the model from
+  # Optimizer groups: ((path regex, lr multiplier, weight decay on/off), ...); the first
+  # regex found (re.search) in a parameter path like 'blocks/0/mixer/beta' picks its group.
+  t.param_groups = ()
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))   # -1: the rest
   # logical axis -> mesh axes. Models speak only the logical names.
   c.axis_rules = (
       ('batch', ('data', 'fsdp')), ('seq', None), ('embed', 'fsdp'), ('vocab', 'tensor'),
       ('heads', 'tensor'), ('kv_heads', 'tensor'), ('head_dim', None), ('mlp', 'tensor'),
-      ('norm', None),
+      ('norm', None), ('conv', None), ('gate', None), ('mem_in', None), ('mem_out', None),
+      ('persist', None),
   )
   c.distributed = False         # call jax.distributed.initialize() (multi-host / multi-process)
 
   c.decode = de = ml_collections.ConfigDict()
-  de.policy = 'none'            # none | keep_all | recency (eviction policy)
+  de.policy = 'none'            # none | keep_all | recency | h2o | l2 | namm (eviction policy)
   de.window = 256               # recency window
   de.capacity = 0               # KV slots per layer; 0: prompt + new tokens
   de.prefill_chunk = 0          # read the prompt in pieces (policy acts on each); 0: at once
   de.max_new_tokens = 64
   de.temperature = 0.0          # 0: greedy
+  de.top_p = 1.0                # nucleus sampling (with temperature > 0); 1: off
 
-  c.namm = ml_collections.ConfigDict()       # models/namm.py (eviction network)
-  c.evolve = ml_collections.ConfigDict()     # evolve.py (NAMM search)
+  # NAMM / baseline policy keys (models/namm.py): h2o and l2 keep `budget` tokens per head,
+  # `recent` of them the newest; namm loads an evolve.py run (its shipped mean or best).
+  de.budget = 256
+  de.recent = 32
+  de.namm_run = ''              # evolve.py workdir ('' : zero parameters = keep everything)
+  de.namm_which = 'mean'        # mean | best
+
+  c.namm = n = ml_collections.ConfigDict()   # models/namm.py (eviction network)
+  n.update_interval = 512       # new tokens between evictions (official 512; prefill_chunk too)
+  n.n_fft = 32                  # STFT window = n_fft (periodic Hann), no centring
+  n.hop = 16
+  n.gamma = 0.99                # EMA decay per token
+  n.rec_dim = 8                 # sinusoidal recency features
+  n.max_freq = 50000.0
+  n.hidden = 32                 # BAM width (4172 parameters with the defaults)
+
+  c.evolve = ev = ml_collections.ConfigDict()   # evolve.py (NAMM search; training/evolve.py)
+  ev.base = ''                  # train.py workdir of the frozen base LM
+  ev.strategy = 'cma_es'        # cma_es | sep_cma_es | snes | open_es
+  ev.population = 32
+  ev.sigma0 = 0.065
+  ev.lr = 0.01                  # open_es only (adam)
+  ev.stages = ('passkey', 'passkey,niah', 'passkey,niah,corpus')   # task curriculum
+  ev.generations = (100, 100, 100)   # per stage
+  ev.length = 512               # tokens per prompt (context + answer)
+  ev.prompts = 16               # per task per generation (sampled from the pool)
+  ev.pool = 64                  # training prompts per task (train split)
+  ev.eval_prompts = 32          # held-out prompts per task (eval split)
+  ev.eval_every = 10            # generations; evaluates the mean on held-out prompts
+  ev.ckpt_every = 10
+  ev.keep_ckpts = 3
+  ev.log_every = 1
+  ev.pop_devices = -1           # 'pop' mesh axis size (-1: all devices)
 
   c.eval = e = ml_collections.ConfigDict()
   e.tasks = ('passkey', 'niah', 'mqar')

@@ -4,7 +4,8 @@ Text sources are tokenized once per process into one flat token stream (each doc
 BOS ... EOS, concatenated in source order; cached in-process) and cut into consecutive windows of
 seq_len + 1 tokens (packing across documents, no PAD; the tail shorter than a window is dropped).
 Window i is a random-access `grain.MapDataset` element, so the iterator state is just a position:
-small, exact, checkpointable. The whole split is held in memory as uint16 (2 bytes per token), so
+small, exact, checkpointable. The whole split is held in memory as uint16 (2 bytes per token; int32
+for vocabularies over 65536 ids), so
 tfds sources are limited to datasets that fit in host memory (a few GB of text).
 'synthetic:TASK' sources yield one example (prompt + answer, random depth) per window.
 """
@@ -17,17 +18,22 @@ import numpy as np
 
 from data import sources
 from data import synthetic
-from data.tokenizer import ByteTokenizer
-
-_TOK = ByteTokenizer()
+from data.hf_tokenizer import get_tokenizer
 
 
 @functools.lru_cache(maxsize=4)
-def token_stream(source: str, split: str, tfds_data_dir: str | None = None) -> np.ndarray:
-  """All documents of `split` as one read-only uint16 stream: BOS doc EOS BOS doc EOS ..."""
+def token_stream(source: str, split: str, tfds_data_dir: str | None = None,
+                 tokenizer: str = "byte") -> np.ndarray:
+  """All documents of `split` as one read-only stream: BOS doc EOS BOS doc EOS ...
+
+  uint16, or int32 for vocabularies over 65536 ids (Llama 3); `tokenizer`: a resolved
+  data.tokenizer value (data/hf_tokenizer.py).
+  """
+  tok = get_tokenizer(tokenizer)
+  dtype = np.uint16 if tok.vocab_size <= 2**16 else np.int32
   docs = sources.get_documents(source, split, tfds_data_dir)
   stream = np.concatenate(
-      [_TOK.encode(docs[i], bos=True, eos=True).astype(np.uint16) for i in range(len(docs))])
+      [tok.encode(docs[i], bos=True, eos=True).astype(dtype) for i in range(len(docs))])
   stream.flags.writeable = False
   return stream
 
@@ -59,11 +65,12 @@ class _SyntheticWindows:
     return {"tokens": self.documents[index]}
 
 
-def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int = 0):
+def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int = 0,
+             tokenizer: str = "byte"):
   if source.startswith("synthetic:"):
     return _SyntheticWindows(
         synthetic.synthetic_documents(source[len("synthetic:"):], width, split, seed))
-  windows = _Windows(token_stream(source, split, tfds_data_dir), width)
+  windows = _Windows(token_stream(source, split, tfds_data_dir, tokenizer), width)
   if not len(windows):
     raise ValueError(f"data.source: {source!r} split {split!r} has fewer than {width} tokens")
   return windows
@@ -77,7 +84,8 @@ def _local_batch(batch: int, process_count: int) -> int:
 
 def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        tfds_data_dir: str | None = None) -> grain.DatasetIterator:
+                        tfds_data_dir: str | None = None,
+                        tokenizer: str = "byte") -> grain.DatasetIterator:
   """An endless, deterministic, checkpointable iterator of this process's batches.
 
   Yields {'tokens': int32 [global_batch // process_count, seq_len + 1]}; inputs = [:, :-1],
@@ -87,7 +95,7 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
   Save/restore with `it.get_state()` / `it.set_state(state)` or grain.checkpoint.CheckpointSave.
   """
   local_batch = _local_batch(global_batch, process_count)
-  windows = _windows(source, split, seq_len + 1, tfds_data_dir, seed)
+  windows = _windows(source, split, seq_len + 1, tfds_data_dir, seed, tokenizer)
   ds = grain.MapDataset.source(windows).shuffle(seed=seed % 2**32).repeat()
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   return iter(ds.to_iter_dataset())
@@ -95,7 +103,8 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
 
 def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
                       split: str = "eval", process_index: int = 0, process_count: int = 1,
-                      tfds_data_dir: str | None = None) -> list[np.ndarray]:
+                      tfds_data_dir: str | None = None,
+                      tokenizer: str = "byte") -> list[np.ndarray]:
   """`n_batches` fixed int32 arrays [batch // process_count, seq_len + 1] from the held-out split.
 
   Text sources: batch * n_batches windows evenly spaced over the split (in order; if the split has
@@ -108,7 +117,7 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
     tokens = synthetic.make_task_batch(source[len("synthetic:"):], total, seq_len + 1,
                                        split=split)["tokens_BxL"]
   else:
-    windows = _windows(source, split, seq_len + 1, tfds_data_dir)
+    windows = _windows(source, split, seq_len + 1, tfds_data_dir, tokenizer=tokenizer)
     n = len(windows)
     if total <= n:
       index = np.arange(total) * n // total
@@ -121,15 +130,17 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
   return [b[process_index::process_count] for b in tokens]
 
 
-def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None = None) -> float:
+def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None = None,
+                    tokenizer: str = "byte") -> float:
   """Cross-entropy (nats/token) of `split` under add-one-smoothed train-split token frequencies.
 
   The baseline a trained model must beat (about 3.28 nats for 'stdlib' on Python 3.11.7).
   """
   if source.startswith("synthetic:"):
     raise ValueError("unigram_entropy: not defined for synthetic sources")
-  counts = np.bincount(token_stream(source, "train", tfds_data_dir),
-                       minlength=_TOK.vocab_size).astype(np.float64) + 1.0
+  vocab = get_tokenizer(tokenizer).vocab_size
+  counts = np.bincount(token_stream(source, "train", tfds_data_dir, tokenizer),
+                       minlength=vocab).astype(np.float64) + 1.0
   log_p = np.log(counts / counts.sum())
-  eval_counts = np.bincount(token_stream(source, split, tfds_data_dir), minlength=_TOK.vocab_size)
+  eval_counts = np.bincount(token_stream(source, split, tfds_data_dir, tokenizer), minlength=vocab)
   return float(-(eval_counts * log_p).sum() / eval_counts.sum())

@@ -4,6 +4,7 @@ Source strings (the `data.source` config flag):
   'stdlib'                the embedded default corpus: the .py files of the Python standard library
   'glob:PATTERN'          text files matching PATTERN ('**' allowed)
   'tfds:NAME[:FEATURE]'   a prepared tfds dataset (ArrayRecord), read with download=False
+  'ac:SOURCE'             SOURCE with an <AC> anchor after every sentence end (data/ac.py)
 ('synthetic:TASK' sources yield token arrays, not text; see data/synthetic.py and data/pipeline.py.)
 
 Splits for file sources are 'train' and 'eval', held out by file: a file is in 'eval' when a stable
@@ -126,6 +127,9 @@ def tfds_documents(name: str, split: str, data_dir: str | None = None,
 
 def get_documents(source: str, split: str, tfds_data_dir: str | None = None):
   """Dispatches a `data.source` string: 'stdlib', 'glob:PATTERN', 'tfds:NAME[:FEATURE]'."""
+  if source.startswith("ac:"):  # AnLLM-AC: <AC> after every sentence end (data/ac.py)
+    from data.ac import ACDocuments  # pylint: disable=g-import-not-at-top
+    return ACDocuments(get_documents(source[len("ac:"):], split, tfds_data_dir))
   if source == "stdlib":
     return stdlib_documents(split)
   if source.startswith("glob:"):

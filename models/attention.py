@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from models.layers import constrain, param, rope
+from models.layers import constrain, param, rope, rope_scaling
 
 NEG_INF = -1e30
 
@@ -107,6 +107,7 @@ class Attention(nnx.Module):
     D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     self.n_heads, self.kv_heads, self.head_dim = N, K, H
     self.window, self.rope_theta = window, cfg.rope_theta
+    self.rope_scaling = rope_scaling(cfg)        # None or a hashable tuple (models/layers.py)
     self.impl = cfg.attention_impl
     self.wq = param(rngs, (D, N, H), ('embed', 'heads', 'head_dim'), scale=D ** -0.5)
     self.wk = param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), scale=D ** -0.5)
@@ -128,8 +129,10 @@ class Attention(nnx.Module):
     q = jnp.einsum('btd,dnh->btnh', x_BxTxD, self.wq[...].astype(dt))
     k = jnp.einsum('btd,dkh->btkh', x_BxTxD, self.wk[...].astype(dt))
     v = jnp.einsum('btd,dkh->btkh', x_BxTxD, self.wv[...].astype(dt))
-    q = constrain(rope(q, pos_BxT, self.rope_theta), ('batch', 'seq', 'heads', 'head_dim'))
-    k = constrain(rope(k, pos_BxT, self.rope_theta), ('batch', 'seq', 'kv_heads', 'head_dim'))
+    q = rope(q, pos_BxT, self.rope_theta, self.rope_scaling)
+    k = rope(k, pos_BxT, self.rope_theta, self.rope_scaling)
+    q = constrain(q, ('batch', 'seq', 'heads', 'head_dim'))
+    k = constrain(k, ('batch', 'seq', 'kv_heads', 'head_dim'))
     return q, k, v
 
   def out(self, o_BxTxNxH):

@@ -66,10 +66,33 @@ class SwiGLU(nnx.Module):
     return (g_BxTxF * u_BxTxF) @ self.w_down[...].astype(dt)
 
 
-def rope(x_BxTxNxH, pos_BxT, theta=10000.0):
+def rope_scaling(model_cfg):
+  """`model.rope_scaling` as the hashable tuple rope() takes (None for type 'none')."""
+  s = model_cfg.get('rope_scaling')
+  return None if not s or s.type == 'none' else tuple(sorted(s.items()))
+
+
+def rope_inv_freq(h, theta, scaling=None):
+  """Inverse frequencies [h/2]; `scaling` (see rope_scaling) as in HF 'linear' / 'llama3'."""
+  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  s = dict(scaling or ())
+  if s.get('type') == 'linear':
+    inv_freq_F = inv_freq_F / s['factor']
+  elif s.get('type') == 'llama3':   # Llama 3.1: stretch long wavelengths, keep short ones
+    old = s['original_max_position_embeddings']
+    lo, hi, factor = s['low_freq_factor'], s['high_freq_factor'], s['factor']
+    wavelen_F = 2 * jnp.pi / inv_freq_F
+    smooth_F = (old / wavelen_F - lo) / (hi - lo)
+    mid_F = (1 - smooth_F) * inv_freq_F / factor + smooth_F * inv_freq_F
+    inv_freq_F = jnp.where(wavelen_F > old / lo, inv_freq_F / factor,
+                           jnp.where(wavelen_F < old / hi, inv_freq_F, mid_F))
+  return inv_freq_F
+
+
+def rope(x_BxTxNxH, pos_BxT, theta=10000.0, scaling=None):
   """Rotary embedding, Llama 'rotate_half' convention, absolute integer positions."""
   h = x_BxTxNxH.shape[-1]
-  inv_freq_F = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  inv_freq_F = rope_inv_freq(h, theta, scaling)
   ang_BxTxF = pos_BxT.astype(jnp.float32)[..., None] * inv_freq_F
   ang_BxTx1xH = jnp.concatenate([ang_BxTxF, ang_BxTxF], -1)[:, :, None, :]
   x = x_BxTxNxH.astype(jnp.float32)

@@ -36,11 +36,16 @@ def tiny_config(**overrides):
 
 def cli_overrides(cfg):
   """--config.x.y=v flags reproducing tiny_config's values (for train.py subprocesses)."""
-  flat = []
-  for section in ('model', 'data', 'train', 'mesh'):
-    for k, v in cfg[section].items():
-      flat.append(f'--config.{section}.{k}={v}')
-  return flat
+  import ml_collections
+
+  def walk(prefix, node):
+    for k, v in node.items():
+      if isinstance(v, ml_collections.ConfigDict):   # nested: model.rope_scaling.type=...
+        yield from walk(f'{prefix}.{k}', v)
+      else:
+        yield f'--config.{prefix}.{k}={v}'
+
+  return [f for section in ('model', 'data', 'train', 'mesh') for f in walk(section, cfg[section])]
 
 
 def run_train(workdir, cfg, *extra, devices=1, env=None, check=True, timeout=300):

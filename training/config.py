@@ -50,14 +50,111 @@ def mesh_shape(mesh_cfg, n_devices):
 
 
 def resolve(cfg):
-  """Fills derived model sizes (head_dim, mlp_dim) in place; returns cfg."""
+  """Fills derived model sizes (head_dim, mlp_dim) in place; returns cfg.
+
+  With train.init_from=hf:DIR the architecture keys come from DIR/config.json (see
+  _fill_from_hf), and data.tokenizer 'auto' becomes hf:DIR ('byte' without an hf: source).
+  """
   m = cfg.model
   with cfg.unlocked():
+    init_from = cfg.get('train', {}).get('init_from', '')
+    if init_from.startswith('hf:'):
+      _fill_from_hf(cfg, init_from[len('hf:'):])
+    if 'data' in cfg and 'tokenizer' in cfg.data:
+      from data.hf_tokenizer import tokenizer_spec
+      cfg.data.tokenizer = tokenizer_spec(cfg.data.tokenizer, init_from)
     if not m.head_dim and m.n_heads and m.d_model % m.n_heads == 0:
       m.head_dim = m.d_model // m.n_heads
     if not m.mlp_dim:
       m.mlp_dim = -(-(8 * m.d_model // 3) // 64) * 64
   return cfg
+
+
+def _fill_from_hf(cfg, hf_dir):
+  """model.* from a Hugging Face Llama-family config.json (models/hf_llama.py): sizes, vocab,
+  rope_theta, rope_scaling, norm_eps, tie_embeddings, scale_embeddings=False. They replace the
+  config file's values (the weights fix them); the mixer and method keys stay yours. One
+  exception: a model.rope_scaling set here on a checkpoint without one is kept (context
+  extension by continued pretraining)."""
+  from models.hf_llama import model_config
+  try:
+    values = model_config(hf_dir)
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f'config.train.init_from: {e}') from None
+  m = cfg.model
+  for key, value in values.items():
+    if key != 'rope_scaling':
+      m[key] = value
+    elif value['type'] != 'none' or m.rope_scaling.type == 'none':
+      m.rope_scaling.update(value)
+
+
+def _validate_hf(cfg):
+  """model.rope_scaling, data.tokenizer (train.init_from=hf:DIR is checked by resolve)."""
+  import os
+  s, tok = cfg.model.rope_scaling, cfg.data.tokenizer
+  _check(s.type in ('none', 'linear', 'llama3'), 'model.rope_scaling.type',
+         f'{s.type!r} not none|linear|llama3')
+  if s.type != 'none':
+    _check(s.factor > 0, 'model.rope_scaling.factor', f'must be > 0, got {s.factor}')
+  if s.type == 'llama3':
+    _check(0 < s.low_freq_factor < s.high_freq_factor, 'model.rope_scaling.high_freq_factor',
+           f'need 0 < low_freq_factor < high_freq_factor, got {s.low_freq_factor}, '
+           f'{s.high_freq_factor}')
+    _check(s.original_max_position_embeddings >= 1,
+           'model.rope_scaling.original_max_position_embeddings', 'must be >= 1')
+  _check(tok in ('byte', 'auto') or tok.startswith('hf:'), 'data.tokenizer',
+         f"{tok!r} not byte | auto | hf:DIR")
+  if tok.startswith('hf:'):
+    d = tok[len('hf:'):]
+    _check(any(os.path.isfile(os.path.join(d, f)) for f in ('tokenizer.json', 'tokenizer.model')),
+           'data.tokenizer', f'{d!r} has neither tokenizer.json nor tokenizer.model')
+    from data.hf_tokenizer import get_tokenizer
+    n = get_tokenizer(tok).vocab_size
+    _check(n <= cfg.model.vocab_size, 'data.tokenizer',
+           f'{n} token ids do not fit model.vocab_size={cfg.model.vocab_size}')
+
+
+def _validate_anchor(cfg):
+  """model.anchor (mixer 'anchor', models/anchor.py)."""
+  a, v = cfg.model.anchor, cfg.model.vocab_size
+  _check(a.mode in ('ep', 'ac'), 'model.anchor.mode', f'{a.mode!r} not ep|ac')
+  if a.mode == 'ep':
+    _check(len(a.ep_ids) >= 1, 'model.anchor.ep_ids', 'EP mode needs at least one anchor id')
+  ids = {'ep_ids': tuple(a.ep_ids), 'ac_id': (a.ac_id,), 'bos_id': (a.bos_id,),
+         'pad_id': (a.pad_id,)}
+  for key, values in ids.items():
+    for i in values:
+      _check(0 <= i < v, f'model.anchor.{key}', f'id {i} outside the vocabulary [0, {v})')
+  _check(a.ac_init_from < v, 'model.anchor.ac_init_from', f'id {a.ac_init_from} >= vocab {v}')
+  src = cfg.data.source
+  if a.mode == 'ac':
+    _check(not (src == 'stdlib' or src.startswith('synthetic:')), 'data.source',
+           f'model.anchor.mode=ac needs <AC> tokens in the text: use data.source=ac:{src} '
+           '(inserts <AC> at sentence ends)')
+
+
+def _validate_infini(cfg):
+  """model.infini (mixer 'infini', models/infini.py) and train.param_groups."""
+  import re
+  m = cfg.model
+  for i, group in enumerate(cfg.train.param_groups):
+    _check(len(group) == 3, 'train.param_groups', f'entry {i} must be (regex, lr multiplier, '
+           f'weight decay bool), got {group!r}')
+    try:
+      re.compile(group[0])
+    except re.error as e:
+      raise ConfigError(f'config.train.param_groups: entry {i} regex {group[0]!r}: {e}') from None
+    _check(group[1] > 0, 'train.param_groups', f'entry {i} lr multiplier must be > 0')
+  if 'infini' not in m.mixer:
+    return
+  _check(m.infini.update_rule in ('linear', 'delta'), 'model.infini.update_rule',
+         f'{m.infini.update_rule!r} not linear|delta')
+  _check(m.segment_len >= 1, 'model.segment_len',
+         'mixer infini needs segments (memory is written per segment): set segment_len >= 1')
+  _check(cfg.decode.prefill_chunk % m.segment_len == 0, 'decode.prefill_chunk',
+         f'{cfg.decode.prefill_chunk} must be a multiple of model.segment_len={m.segment_len} '
+         '(infini chunks may not cross a segment boundary)')
 
 
 def validate(cfg, n_devices, *, check_mesh=True):
@@ -92,8 +189,14 @@ def validate(cfg, n_devices, *, check_mesh=True):
   _check(t.warmup_steps >= 0, 'train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
   for key in ('log_every', 'eval_every', 'ckpt_every', 'keep_ckpts', 'batch_size'):
     _check(t[key] >= 1, f'train.{key}', f'must be >= 1, got {t[key]}')
+  if 'anchor' in m.mixer:
+    _validate_anchor(cfg)
+  _validate_infini(cfg)
+  _validate_titans(cfg)
+  _validate_hf(cfg)
   _check(cfg.decode.policy in POLICIES, 'decode.policy',
          f'unknown policy {cfg.decode.policy!r}; one of {sorted(POLICIES)}')
+  _validate_namm(cfg)
   rules = dict(cfg.axis_rules)
   for axis in ('batch', 'embed', 'vocab', 'heads', 'kv_heads', 'head_dim', 'mlp', 'seq', 'norm'):
     _check(axis in rules, 'axis_rules', f'no rule for logical axis {axis!r}')
@@ -109,3 +212,70 @@ def validate(cfg, n_devices, *, check_mesh=True):
     _check(m.d_model % sizes['fsdp'] == 0, 'mesh.fsdp',
            f'fsdp={sizes["fsdp"]} does not divide model.d_model={m.d_model}')
   return cfg
+
+
+def _validate_titans(cfg):
+  """model.titans (mixers titans_mac / titans_mag / titans_mal / titans_lmm, models/titans.py)."""
+  m = cfg.model
+  ti = m.titans
+  if 'titans' not in m.mixer:
+    return
+  for key in ('chunk', 'depth', 'expansion'):
+    _check(ti[key] >= 1, f'model.titans.{key}', f'must be >= 1, got {ti[key]}')
+  for key in ('persistent', 'conv'):
+    _check(ti[key] >= 0, f'model.titans.{key}', f'must be >= 0, got {ti[key]}')
+  _check(ti.theta_max > 0, 'model.titans.theta_max', f'must be > 0, got {ti.theta_max}')
+  _check(ti.grad_clip >= 0, 'model.titans.grad_clip', f'must be >= 0, got {ti.grad_clip}')
+  _check(ti.chunk_form in ('closed', 'scan'), 'model.titans.chunk_form',
+         f'{ti.chunk_form!r} not closed|scan')
+  unit = ti.chunk
+  if 'titans_mac' in m.mixer:
+    _check(m.segment_len >= 1, 'model.segment_len', 'titans_mac needs segments (C): set >= 1')
+    _check(m.segment_len % ti.chunk == 0, 'model.titans.chunk',
+           f'chunk={ti.chunk} must divide model.segment_len={m.segment_len}')
+    unit = m.segment_len
+  elif m.segment_len:
+    _check(m.segment_len % ti.chunk == 0, 'model.titans.chunk',
+           f'chunk={ti.chunk} must divide model.segment_len={m.segment_len}')
+  if 'titans_mag' in m.mixer or 'titans_mal' in m.mixer:
+    _check(m.window >= 1, 'model.window', 'titans_mag / titans_mal need a sliding window >= 1')
+  _check(cfg.decode.prefill_chunk % unit == 0, 'decode.prefill_chunk',
+         f'titans memory is updated per {unit} tokens: prefill_chunk must be a multiple of it')
+
+
+def _validate_namm(cfg):
+  """decode budget keys, the `namm` and `evolve` sections (models/namm.py, evolve.py)."""
+  de, n, ev = cfg.decode, cfg.namm, cfg.evolve
+  if de.policy in ('h2o', 'l2'):
+    _check(de.budget >= 1, 'decode.budget', f'must be >= 1, got {de.budget}')
+    _check(0 <= de.recent <= de.budget, 'decode.recent',
+           f'must be in [0, decode.budget={de.budget}], got {de.recent}')
+  _check(de.namm_which in ('mean', 'best'), 'decode.namm_which', f'{de.namm_which!r} not mean|best')
+  _check(n.hop >= 1 and n.n_fft >= n.hop, 'namm.hop', f'need 1 <= hop <= n_fft, got hop={n.hop} '
+         f'n_fft={n.n_fft}')
+  _check(n.update_interval >= n.hop and n.update_interval % n.hop == 0, 'namm.update_interval',
+         f'must be a positive multiple of namm.hop={n.hop}, got {n.update_interval}')
+  _check(n.n_fft == 2 * n.hop, 'namm.n_fft',
+         f'the official framing pads one previous hop: n_fft must be 2*hop, got {n.n_fft}')
+  _check(0 < n.gamma <= 1, 'namm.gamma', f'must be in (0, 1], got {n.gamma}')
+  _check(n.rec_dim >= 2 and n.rec_dim % 2 == 0, 'namm.rec_dim', f'must be even >= 2, got {n.rec_dim}')
+  _check(n.hidden >= 1, 'namm.hidden', f'must be >= 1, got {n.hidden}')
+  _check(ev.strategy in ('cma_es', 'sep_cma_es', 'snes', 'open_es'), 'evolve.strategy',
+         f'{ev.strategy!r} not one of cma_es|sep_cma_es|snes|open_es')
+  _check(ev.population >= 2, 'evolve.population', f'must be >= 2, got {ev.population}')
+  if ev.strategy == 'open_es':
+    _check(ev.population % 2 == 0, 'evolve.population', 'open_es needs an even population')
+  _check(ev.sigma0 > 0, 'evolve.sigma0', f'must be > 0, got {ev.sigma0}')
+  _check(len(ev.stages) == len(ev.generations) and len(ev.stages) >= 1, 'evolve.generations',
+         f'one generation count per stage: {len(ev.stages)} stages, {len(ev.generations)} counts')
+  for stage in ev.stages:
+    for task in stage.split(','):
+      _check(task.strip() in ('passkey', 'niah', 'mqar', 'corpus'), 'evolve.stages',
+             f'unknown task {task.strip()!r} in stage {stage!r}; tasks: passkey|niah|mqar|corpus')
+  for key in ('length', 'prompts', 'pool', 'eval_prompts', 'eval_every', 'ckpt_every',
+              'keep_ckpts', 'log_every'):
+    _check(ev[key] >= 1, f'evolve.{key}', f'must be >= 1, got {ev[key]}')
+  _check(ev.prompts <= ev.pool, 'evolve.prompts', f'must be <= evolve.pool={ev.pool}')
+  for key in ('pool', 'eval_prompts'):
+    _check(ev[key] % ev.prompts == 0, f'evolve.{key}',
+           f'{ev[key]} must be a multiple of evolve.prompts={ev.prompts} (one compiled shape)')

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from data import pipeline, synthetic
+from data.hf_tokenizer import get_tokenizer
 from data.tokenizer import ByteTokenizer
 from models import decode
 from models.eviction import make_policy
@@ -41,7 +42,6 @@ from training.step import token_nll
 # Model keys that change parameter shapes: they must equal the checkpoint's.
 SHAPE_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
               'mlp_dim', 'mixer', 'tie_embeddings')
-_TOK = ByteTokenizer()
 
 
 # --- Config --------------------------------------------------------------------------------
@@ -102,13 +102,13 @@ def restore_model(cfg, ckpt, step, mesh):
 
 # --- Jitted programs (closing over the graphdef; policy and sizes are static) --------------
 
-def make_programs(graphdef, prefill_chunk=0):
+def make_programs(graphdef, prefill_chunk=0, pad_id=ByteTokenizer.PAD):
   """The jitted pieces for one model structure, taking its state as the first argument."""
 
   @jax.jit
   def position_nll(state, tokens_BxL1):
     """Sum of nll and count of real targets per position: ([L], [L])."""
-    nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, state), tokens_BxL1)
+    nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, state), tokens_BxL1, pad_id)
     return (nll_BxL * mask_BxL).sum(0), mask_BxL.sum(0)
 
   @jax.jit
@@ -155,7 +155,8 @@ class Evaluator:
   def __init__(self, cfg, graphdef, state, mesh):
     self.cfg, self.graphdef, self.state, self.mesh = cfg, graphdef, state, mesh
     self.policy = make_policy(cfg.decode)
-    self.programs = make_programs(graphdef, cfg.decode.prefill_chunk)
+    self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+    self.programs = make_programs(graphdef, cfg.decode.prefill_chunk, self.tokenizer.PAD)
 
   def put(self, x_Bx_):
     """A global host array onto the mesh: split over the batch axes when they divide B."""
@@ -169,7 +170,8 @@ class Evaluator:
     """The held-out batches training evaluates on: global [batch, seq_len + 1] arrays."""
     d = self.cfg.data
     return pipeline.make_eval_batches(d.source, d.seq_len, self.cfg.train.batch_size,
-                                      d.eval_batches, tfds_data_dir=d.tfds_data_dir or None)
+                                      d.eval_batches, tfds_data_dir=d.tfds_data_dir or None,
+                                      tokenizer=d.tokenizer)
 
   def loss(self):
     """Per-token loss, perplexity and loss by equal position buckets on the held-out split."""
@@ -235,12 +237,13 @@ class Evaluator:
   def sample(self, prompt, seed=0):
     """A continuation of `prompt` (decode.generate with the decode config)."""
     d = self.cfg.decode
-    prompt_1xP = jnp.asarray(_TOK.encode(prompt, bos=True))[None]
+    prompt_1xP = jnp.asarray(self.tokenizer.encode(prompt, bos=True))[None]
     tokens, _ = decode.generate(nnx.merge(self.graphdef, self.state), prompt_1xP,
                                 jax.random.key(seed), n_new=d.max_new_tokens,
                                 capacity=d.capacity, temperature=d.temperature,
-                                policy=self.policy, prefill_chunk=d.prefill_chunk)
-    return _TOK.decode(np.asarray(tokens[0, prompt_1xP.shape[1]:]))
+                                top_p=d.top_p, policy=self.policy,
+                                prefill_chunk=d.prefill_chunk)
+    return self.tokenizer.decode(np.asarray(tokens[0, prompt_1xP.shape[1]:]))
 
 
 def _fetch(x):

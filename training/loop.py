@@ -8,6 +8,7 @@ from absl import logging
 from flax import nnx
 
 from data import pipeline
+from data.hf_tokenizer import get_tokenizer
 from models.lm import LM
 from training import flops, mesh as meshlib
 from training.checkpoint import Checkpointer
@@ -58,10 +59,11 @@ def train(cfg, workdir):
   d = cfg.data
   data_iter = pipeline.make_train_iterator(
       d.source, 'train', d.seq_len, t.batch_size, cfg.seed, jax.process_index(),
-      jax.process_count(), d.tfds_data_dir or None)
+      jax.process_count(), d.tfds_data_dir or None, tokenizer=d.tokenizer)
   eval_batches = pipeline.make_eval_batches(
       d.source, d.seq_len, t.batch_size, d.eval_batches, process_index=jax.process_index(),
-      process_count=jax.process_count(), tfds_data_dir=d.tfds_data_dir or None)
+      process_count=jax.process_count(), tfds_data_dir=d.tfds_data_dir or None,
+      tokenizer=d.tokenizer)
   batch_sh = meshlib.batch_sharding(mesh)
 
   # --- Restore or initialise ----------------------------------------------------------------
@@ -77,8 +79,9 @@ def train(cfg, workdir):
     model_state = init_model_from(cfg, mesh, rules, state[0])
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((model_state, state[1])))
 
-  train_step = make_train_step(graphdef, schedule, shardings, batch_sh)
-  eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh)
+  pad_id = get_tokenizer(d.tokenizer).PAD
+  train_step = make_train_step(graphdef, schedule, shardings, batch_sh, pad_id)
+  eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh, pad_id)
 
   def evaluate(model_state):
     tot = [eval_step(model_state, global_batch(b, batch_sh)) for b in eval_batches]
@@ -94,7 +97,8 @@ def train(cfg, workdir):
   logging.info('%.3g train FLOPs/token; matmul peak %.3g FLOP/s/device', flops_tok, peak)
   if start == 0 and jax.process_index() == 0 and not d.source.startswith('synthetic:'):
     writer.write(0, dict(unigram_loss=pipeline.unigram_entropy(d.source, 'eval',
-                                                                d.tfds_data_dir or None)))
+                                                                d.tfds_data_dir or None,
+                                                                d.tokenizer)))
   metrics = {}
   pending = None                              # step t's metrics are read after t+1 dispatch
   last_saved = start

@@ -10,32 +10,59 @@ from data.tokenizer import ByteTokenizer
 
 
 def make_optimizer(t):
-  """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on vectors."""
+  """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on vectors.
+
+  `train.param_groups` ((path regex, lr multiplier, weight decay?), ...) give the matching
+  parameters their own learning rate (updates scaled) and weight decay switch."""
   warmup = min(t.warmup_steps, t.steps - 1)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, warmup, t.steps, end_value=t.lr * t.min_lr_ratio)
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  tx = optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                   optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
-                               mask=decay_mask))
-  return tx, schedule
+  parts = [optax.clip_by_global_norm(t.grad_clip)]
+  groups = tuple(tuple(g) for g in t.param_groups)
+  if groups:   # (path regex, lr multiplier, weight decay?) per group: e.g. Infini's gates
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and param_group(path, groups)[2], params)
+  parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                           mask=decay_mask))
+  if groups:
+    parts.append(optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+        lambda path, u: u * param_group(path, groups)[1], updates)))
+  return optax.chain(*parts), schedule
 
 
-def token_nll(model, tokens_BxL1):
-  """Per-token negative log-likelihood [B, L] and the mask of real (non-PAD) targets."""
+def param_path(path):
+  """'blocks/0/mixer/beta' for a jax key path into an nnx.State."""
+  names = [str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path]
+  return '/'.join(n for n in names if n != 'value')
+
+
+def param_group(path, groups):
+  """(regex, lr multiplier, weight decay?) of the first group whose regex is found in the
+  parameter's path; the default group (None, 1.0, True) if none."""
+  import re
+  p = param_path(path)
+  return next((g for g in groups if re.search(g[0], p)), (None, 1.0, True))
+
+
+def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
+  """Per-token negative log-likelihood [B, L] and the mask of real (non-PAD) targets.
+
+  pad_id: the tokenizer's PAD (data/hf_tokenizer.py; -1 when it has none)."""
   inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
   logits_BxLxV, _ = model(inputs_BxL)
   logp = jax.nn.log_softmax(logits_BxLxV, axis=-1)
   nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-  return nll_BxL, targets_BxL != ByteTokenizer.PAD
+  return nll_BxL, targets_BxL != pad_id
 
 
-def loss_fn(model, tokens_BxL1):
-  nll_BxL, mask_BxL = token_nll(model, tokens_BxL1)
+def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
+  nll_BxL, mask_BxL = token_nll(model, tokens_BxL1, pad_id)
   return (nll_BxL * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1)
 
 
-def make_train_step(graphdef, schedule, state_shardings, batch_sharding):
+def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
+                    pad_id=ByteTokenizer.PAD):
   """step(state, tokens) -> (state, metrics). A non-finite loss or gradient leaves the
   state untouched and reports finite=0, so a bad update never reaches a checkpoint."""
 
@@ -44,7 +71,7 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding):
                      out_shardings=(state_shardings, None))
   def train_step(state, tokens_BxL1):
     model, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1)
+    loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = opt.step[...]
@@ -57,12 +84,12 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding):
   return train_step
 
 
-def make_eval_step(graphdef, model_shardings, batch_sharding):
+def make_eval_step(graphdef, model_shardings, batch_sharding, pad_id=ByteTokenizer.PAD):
   """eval(model_state, tokens) -> (sum of nll, number of tokens)."""
 
   @functools.partial(jax.jit, in_shardings=(model_shardings, batch_sharding))
   def eval_step(model_state, tokens_BxL1):
-    nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, model_state), tokens_BxL1)
+    nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, model_state), tokens_BxL1, pad_id)
     return (nll_BxL * mask_BxL).sum(), mask_BxL.sum()
 
   return eval_step

@@ -1,0 +1,345 @@
+"""AnLLM / AnSAN reproduction at CPU scale (spec C2). Writes bench/results/anchor.{md,json,png}.
+
+  python bench/anchor.py [--work=/tmp/anchor_bench] [--base_steps=1000] [--cont_steps=200]
+
+1. A sentence-structured corpus with cross-sentence facts (bench/anchor_corpus.py).
+2. Base: a full-attention LM (configs/transformer.py:tiny sizes, seq_len 256) via train.py.
+3. Continued pretraining from the base via train.py --config.train.init_from, the same steps
+   for each: full attention (control), AnSAN-EP ('.' and '\\n' anchors), AnSAN-AC (<AC> after
+   every sentence end, its embedding initialised from '.').
+4. Held-out loss per original byte (<AC> targets excluded) under full attention and under the
+   anchor mask (the base model under the mask = zero-shot), KV cache kept after a prefill with
+   the anchor policy, the fact-recall probe (answer k+2 sentences back; chance 10%), decode
+   speed of the anchor model: pruned cache vs full cache vs no cache (full recompute).
+Re-running resumes: finished train.py runs return at once.
+"""
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'bench'))
+
+SEQ = 256
+COMMON = ('--config.data.seq_len={seq} --config.train.log_every=50 '
+          '--config.data.source={source}')
+BASE = ('python train.py --config=configs/transformer.py:tiny --workdir={w} '
+        '--config.train.steps={steps} --config.train.warmup_steps=50 '
+        '--config.train.eval_every=250 --config.train.ckpt_every=250 ' + COMMON)
+CONT = ('python train.py --config={config} --workdir={w} --config.train.init_from={base} '
+        '--config.train.steps={steps} --config.train.lr=1e-3 --config.train.warmup_steps=5 '
+        '--config.train.eval_every={steps} --config.train.ckpt_every={steps} ' + COMMON)
+RUNS = {'full': 'configs/transformer.py:tiny', 'ep': 'configs/anchor_ep.py:tiny',
+        'ac': 'configs/anchor_ac.py:tiny'}
+
+
+def sh(cmd, log):
+  t0 = time.time()
+  with open(log, 'a') as f:
+    proc = subprocess.run(cmd, shell=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+  if proc.returncode:
+    raise SystemExit(f'{cmd} failed; see {log}')
+  return time.time() - t0
+
+
+def model_cfg(mixer, mode='ep'):
+  from configs.transformer import get_config
+  from training.config import resolve
+  cfg = get_config('tiny')
+  cfg.model.mixer, cfg.model.anchor.mode, cfg.data.seq_len = mixer, mode, SEQ
+  return resolve(cfg)
+
+
+def restore(workdir, cfg):
+  """The checkpoint's parameters in a model built from `cfg` (any mixer with the same
+  parameters: attention <-> anchor)."""
+  from training import mesh as meshlib
+  from training.checkpoint import Checkpointer
+  from training.loop import model_ctor
+  from flax import nnx
+  mesh = meshlib.make_mesh(cfg)
+  graphdef, abs_state = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))[:2]
+  ckpt = Checkpointer.open(workdir)
+  _, r = ckpt.restore(model=abs_state)
+  ckpt.close()
+  return nnx.merge(graphdef, r.model)
+
+
+def held_out_loss(model, source, batches=8):
+  """Mean nll per held-out target that is not <AC> (so AC runs are scored per original byte)."""
+  import jax
+  import jax.numpy as jnp
+  from data import pipeline
+  from data.tokenizer import ByteTokenizer
+  from training.step import token_nll
+  fn = jax.jit(lambda x: token_nll(model, x))
+  tot = n = 0.0
+  for b in pipeline.make_eval_batches(source, SEQ, 16, batches):
+    nll, mask = fn(jnp.asarray(b))
+    mask = mask & (jnp.asarray(b)[:, 1:] != ByteTokenizer.AC)
+    tot += float((nll * mask).sum())
+    n += float(mask.sum())
+  return tot / n
+
+
+def probe_accuracy(model, ks, n=200, ac=False):
+  """Teacher-forced argmax == the fact's digit, per distance k (sentences of filler)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from anchor_corpus import probe
+  from data.ac import insert_ac
+  from data.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  fn = jax.jit(lambda x: model(x)[0])
+  out = {}
+  for k in ks:
+    pairs = probe(k, n)
+    ids = [tok.encode(insert_ac(p) if ac else p, bos=True) for p, _ in pairs]
+    L = max(len(i) for i in ids)
+    L = -(-L // 64) * 64
+    x = np.full((n, L), tok.PAD, np.int32)
+    for r, i in enumerate(ids):
+      x[r, :len(i)] = i
+    logits = np.asarray(fn(jnp.asarray(x)))
+    pred = logits[np.arange(n), [len(i) - 1 for i in ids]].argmax(-1)
+    gold = np.array([ord(a) for _, a in pairs])
+    out[k] = float((pred == gold).mean())
+  return out
+
+
+def kv_kept(model, source, policy_name='anchor'):
+  """Tokens kept per layer after prefilling held-out windows of SEQ tokens (chunks of 32)."""
+  import jax
+  import jax.numpy as jnp
+  from data import pipeline
+  from models import decode
+  from models.anchor import AnchorPolicy
+  b = jnp.asarray(pipeline.make_eval_batches(source, SEQ, 16, 1)[0][:, :SEQ])
+
+  @jax.jit
+  def run(x):
+    state = decode.init_state(model, x.shape[0], SEQ, AnchorPolicy())
+    _, state = decode.prefill(model, x, state, AnchorPolicy(), chunk=32)
+    return jnp.stack([s.size_BxK().astype(jnp.float32).mean() for s in state])
+
+  return float(run(b).mean())
+
+
+def decode_speed(model, source, n_new=128, B=4, reps=3):
+  """Tokens/s of greedy decoding after a SEQ-token prompt: pruned cache (capacity 128, prompt
+  read in chunks of 32), full cache (SEQ + n_new slots, masked), no cache (the full forward of
+  a SEQ + n_new buffer recomputed for every new token). Also: do pruned and full agree?"""
+  import jax
+  import jax.numpy as jnp
+  from data import pipeline
+  from models import decode
+  from models.anchor import AnchorPolicy
+  prompt = jnp.asarray(pipeline.make_eval_batches(source, SEQ, B, 1)[0][:, :SEQ])
+  pruned = functools.partial(decode.generate, model, n_new=n_new, capacity=128,
+                             policy=AnchorPolicy(), prefill_chunk=32)
+  full = functools.partial(decode.generate, model, n_new=n_new)
+
+  @jax.jit
+  def no_cache(prompt_BxP, key):
+    del key
+    buf = jnp.concatenate([prompt_BxP, jnp.zeros((B, n_new), jnp.int32)], 1)
+
+    def body(i, buf):
+      logits = model(buf)[0]
+      tok = jax.lax.dynamic_index_in_dim(logits, SEQ + i - 1, 1, keepdims=False).argmax(-1)
+      return jax.lax.dynamic_update_index_in_dim(buf, tok.astype(jnp.int32), SEQ + i, 1)
+
+    return jax.lax.fori_loop(0, n_new, body, buf), None
+
+  res, outs = {}, {}
+  for name, fn in (('pruned cache', pruned), ('full cache', full), ('no cache', no_cache)):
+    out = jax.block_until_ready(fn(prompt, jax.random.key(0))[0])      # compile
+    t0 = time.time()
+    for _ in range(reps):
+      jax.block_until_ready(fn(prompt, jax.random.key(0))[0])
+    res[name] = B * n_new * reps / (time.time() - t0)
+    outs[name] = out
+  same = bool((outs['pruned cache'] == outs['full cache']).all()
+              and (outs['no cache'] == outs['full cache']).all())
+  return res, same
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument('--work', default='/tmp/anchor_bench')
+  ap.add_argument('--base_steps', type=int, default=1000)
+  ap.add_argument('--cont_steps', type=int, default=200)
+  ap.add_argument('--skip_speed', action='store_true')
+  ap.add_argument('--long_ep_steps', type=int, default=0,
+                  help='also continue EP for this many steps (evaluated under the mask)')
+  ap.add_argument('--reuse', action='store_true',
+                  help='keep rows/speed of an existing bench/results/anchor.json; '
+                  'evaluate only what is missing')
+  args = ap.parse_args()
+  from anchor_corpus import write_corpus
+  W = args.work
+  os.makedirs(W, exist_ok=True)
+  pattern = os.path.join(W, 'corpus', '*.txt')
+  if not os.path.isdir(os.path.join(W, 'corpus')):
+    write_corpus(os.path.join(W, 'corpus'))
+  src = f'glob:{pattern}'
+  log = os.path.join(W, 'train.log')
+  cmds = {'base': BASE.format(w=f'{W}/base', steps=args.base_steps, seq=SEQ, source=f"'{src}'")}
+  for name, config in RUNS.items():
+    s = f"'ac:{src}'" if name == 'ac' else f"'{src}'"
+    cmds[name] = CONT.format(config=config, w=f'{W}/{name}', base=f'{W}/base',
+                             steps=args.cont_steps, seq=SEQ, source=s)
+  if args.long_ep_steps:
+    cmds[f'ep{args.long_ep_steps}'] = CONT.format(
+        config=RUNS['ep'], w=f'{W}/ep{args.long_ep_steps}', base=f'{W}/base',
+        steps=args.long_ep_steps, seq=SEQ, source=f"'{src}'")
+  secs = {name: sh(cmd, log) for name, cmd in cmds.items()}
+  old = {}
+  json_path = os.path.join(ROOT, 'bench', 'results', 'anchor.json')
+  if args.reuse and os.path.exists(json_path):
+    with open(json_path) as f:
+      old = json.load(f)
+
+  # --- Evaluation ---------------------------------------------------------------------------
+  import jax
+  from training.metrics import read_metrics
+  ks = (0, 2, 4, 8)
+  rows = []
+  views = [  # (run, evaluated as, mixer, anchor mode, data source)
+      ('base', 'full attention', 'attention', 'ep', src),
+      ('base', 'EP mask, zero-shot', 'anchor', 'ep', src),
+      ('base', 'AC mask, zero-shot', 'anchor', 'ac', 'ac:' + src),
+      ('full', 'full attention', 'attention', 'ep', src),
+      ('ep', 'EP mask', 'anchor', 'ep', src),
+      ('ep', 'full attention', 'attention', 'ep', src),
+      ('ac', 'AC mask', 'anchor', 'ac', 'ac:' + src),
+      ('ac', 'full attention', 'attention', 'ac', 'ac:' + src),
+  ]
+  if args.long_ep_steps:
+    views.append((f'ep{args.long_ep_steps}', 'EP mask', 'anchor', 'ep', src))
+  done = {(r['run'], r['view']): r for r in old.get('rows', [])}
+  from models.anchor import init_ac_embedding
+  from flax import nnx
+  for run, view, mixer, mode, source in views:
+    if (run, view) in done:
+      rows.append(done[(run, view)])
+      continue
+    cfg = model_cfg(mixer, mode)
+    model = restore(f'{W}/{run}', cfg)
+    if run == 'base' and mode == 'ac':      # the conversion train.init_from applies
+      nnx.update(model, init_ac_embedding(cfg.model, nnx.state(model, nnx.Param)))
+    row = dict(run=run, view=view, loss=held_out_loss(model, source),
+               probe=probe_accuracy(model, ks, ac=mode == 'ac' and mixer == 'anchor'
+                                    or run == 'ac'))
+    if mixer == 'anchor':
+      row['kv_kept'] = kv_kept(model, source)
+    rows.append(row)
+    print(row, flush=True)
+  speed = old.get('speed', {})
+  if not args.skip_speed and not speed:
+    model = restore(f'{W}/ep', model_cfg('anchor', 'ep'))
+    speed, same = decode_speed(model, src)
+    speed['outputs_identical'] = same
+    print(speed, flush=True)
+  steps = {n: max(read_metrics(f'{W}/{n}')) for n in cmds}
+  secs = {**old.get('train_seconds', {}), **{n: t for n, t in secs.items() if t > 60}}
+  command = 'python bench/anchor.py' + (f' --long_ep_steps={args.long_ep_steps}'
+                                        if args.long_ep_steps else '')
+  report = dict(rows=rows, speed=speed, commands=cmds, train_seconds=secs, steps=steps,
+                command=command,
+                seq_len=SEQ, probe_ks=ks, machine=platform.platform(),
+                cpu_count=os.cpu_count(), jax=jax.__version__)
+  write(report)
+
+
+def write(report):
+  out = os.path.join(ROOT, 'bench', 'results')
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, 'anchor.json'), 'w') as f:
+    json.dump(report, f, indent=1)
+  rows, ks = report['rows'], report['probe_ks']
+  ref = next(r['loss'] for r in rows if r['run'] == 'full')
+  lines = ['## AnSAN anchors (AnLLM-EP / AC), CPU scale', '',
+           f"Base: full-attention LM ({report['steps']['base']} steps); each continuation "
+           f"{report['steps']['full']} steps from it. Held-out loss in nats per original byte "
+           f"(<AC> targets excluded); Δ vs the full-attention continuation. KV kept: tokens per "
+           f"layer after a {report['seq_len']}-token prefill with `decode.policy=anchor`. "
+           f"Probe: a fact k+2 sentences back (two distractor facts), 200 held-out examples, "
+           f"chance 10%.", '',
+           '| run | evaluated as | loss | Δ vs full | KV kept / reduction | '
+           + ' | '.join(f'probe k={k}' for k in ks) + ' |',
+           '|---|---|---|---|---|' + '---|' * len(ks)]
+  for r in rows:
+    kv = (f"{r['kv_kept']:.1f} / {100 * (1 - r['kv_kept'] / report['seq_len']):.1f}%"
+          if 'kv_kept' in r else '-')
+    lines.append(f"| {r['run']} | {r['view']} | {r['loss']:.4f} | "
+                 f"{100 * (r['loss'] / ref - 1):+.1f}% | {kv} | "
+                 + ' | '.join(f"{100 * r['probe'][k if k in r['probe'] else str(k)]:.0f}%"
+                              for k in ks) + ' |')
+  loss = {(r['run'], r['view']): r['loss'] for r in rows}
+  zero, ep = loss[('base', 'EP mask, zero-shot')], loss[('ep', 'EP mask')]
+  base = loss[('base', 'full attention')]
+  lines += ['', f"Zero-shot, the base model under the EP mask is {100 * (zero / ref - 1):+.1f}% "
+            f"from the full-attention continuation; {report['steps']['ep']} steps of continued "
+            f"pretraining under the mask bring it to {100 * (ep / ref - 1):+.1f}% (closing "
+            f"{100 * (zero - ep) / (zero - base):.0f}% of the zero-shot gap to the base)."]
+  for r in rows:
+    if r['run'].startswith('ep') and r['run'] != 'ep':
+      lines[-1] += (f" A longer EP continuation ({report['steps'][r['run']]} steps, same lr) "
+                    f"reaches {100 * (r['loss'] / ref - 1):+.1f}% under the mask (vs the "
+                    f"{report['steps']['full']}-step full-attention continuation).")
+  best_full = max(report_probe(r, k) for r in rows if r['view'] == 'full attention' for k in ks)
+  if best_full < 0.2:
+    lines += ['', f"The fact-recall probe stays near chance for every model, full attention "
+              f"included (best {100 * best_full:.0f}%): at this size and step count the base "
+              f"never learned the recall, so the probe cannot separate AnSAN from full attention "
+              f"here."]
+  s = report['speed']
+  if s:
+    lines += ['', 'Greedy decode of the EP model, 4 x 128 new tokens after a 256-token prompt '
+              f"(tokens/s; outputs identical across the three: {s['outputs_identical']}):", '',
+              '| pruned cache (128 slots) | full cache (384 slots) | no cache (recompute) |',
+              '|---|---|---|',
+              f"| {s['pruned cache']:.0f} | {s['full cache']:.0f} | {s['no cache']:.0f} |"]
+    lines += ['', 'No cache recomputes the whole 384-token buffer per new token (causal, so '
+              'the unused tail does not change the result). On CPU the static capacity sets '
+              'the attention cost, so the pruned cache also beats the full one here (the paper '
+              'reports 1.03x vs a full cache on GPU, 3.5x vs no cache).']
+  lines += ['', f"Machine: {report['machine']}, {report['cpu_count']} CPUs (shared), "
+            f"jax {report['jax']}. Command: `{report.get('command', 'python bench/anchor.py')}`, "
+            "which runs (then evaluates in-process):", '']
+  lines += [f"    {c}" for c in report['commands'].values()]
+  with open(os.path.join(out, 'anchor.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  plot(report, os.path.join(out, 'anchor.png'))
+
+
+def plot(report, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  ks = report['probe_ks']
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  for r in report['rows']:
+    ax.plot(ks, [report_probe(r, k) for k in ks], marker='o', label=f"{r['run']}: {r['view']}")
+  ax.axhline(0.1, color='gray', ls=':', label='chance')
+  ax.set_xlabel('filler sentences between fact and question (k)')
+  ax.set_ylabel('probe accuracy')
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def report_probe(r, k):
+  return r['probe'][k] if k in r['probe'] else r['probe'][str(k)]
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,43 @@
+"""NAMM: evolve the eviction network of a frozen base LM (train.py run) with evosax.
+
+  python train.py --config=configs/namm.py:base_tiny --workdir=runs/base   # a base LM
+  python evolve.py --config=configs/namm.py:tiny --workdir=runs/namm --config.evolve.base=runs/base
+  python evaluate.py --workdir=runs/base --config.decode.policy=namm \
+      --config.decode.namm_run=runs/namm --config.decode.prefill_chunk=64
+
+Presets: tiny (CPU, minutes), small (one GPU), paper (official hyper-parameters: update
+interval 512, CMA-ES pop 32, sigma0 0.065; LongBench-scale prompts need a GPU host).
+base_tiny trains a small LM on passkey retrieval + text for the tiny evolution.
+"""
+from configs.base import apply_preset, get_base_config
+
+PRESETS = {
+    'tiny': dict(namm=dict(update_interval=64),
+                 evolve=dict(population=16, stages=('passkey', 'passkey,corpus'),
+                             generations=(20, 20), length=320, prompts=4, pool=16,
+                             eval_prompts=16, eval_every=10, ckpt_every=5, log_every=1)),
+    'small': dict(namm=dict(update_interval=128),
+                  evolve=dict(population=32, stages=('passkey', 'passkey,niah',
+                                                     'passkey,niah,corpus'),
+                              generations=(100, 100, 100), length=1024, prompts=16, pool=64,
+                              eval_prompts=64, eval_every=10, ckpt_every=10)),
+    'paper': dict(namm=dict(update_interval=512),
+                  evolve=dict(population=32, sigma0=0.065, stages=('passkey', 'passkey,niah',
+                                                                   'passkey,niah,corpus'),
+                              generations=(300, 300, 300), length=4096, prompts=64, pool=256,
+                              eval_prompts=64, eval_every=10, ckpt_every=10)),
+    # A base LM for the tiny evolution: 4 layers, GQA 4/2 heads, passkey retrieval at 320.
+    'base_tiny': dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
+                      data=dict(source='synthetic:passkey', seq_len=320),
+                      train=dict(batch_size=16, steps=600, lr=3e-3, warmup_steps=50,
+                                 log_every=50, eval_every=200, ckpt_every=200)),
+    # A second base LM (other depth and head count) for zero-shot transfer.
+    'base_tiny_b': dict(model=dict(d_model=128, n_layers=3, n_heads=8, n_kv_heads=4),
+                        data=dict(source='synthetic:passkey', seq_len=320),
+                        train=dict(batch_size=16, steps=400, lr=3e-3, warmup_steps=50,
+                                   log_every=50, eval_every=200, ckpt_every=200)),
+}
+
+
+def get_config(arg=None):
+  return apply_preset(get_base_config(), PRESETS, arg)

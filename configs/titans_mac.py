@@ -1,0 +1,35 @@
+"""Titans MAC (memory as a context, models/titans.py): segment attention over
+[persistent || retrieved memory || segment] with a deep neural memory written per segment.
+
+  python train.py --config=configs/titans_mac.py:tiny --workdir=/tmp/mac
+Presets: tiny (CPU, minutes), small (one GPU), 340m (paper Table 5 size: compile only on CPU).
+"""
+from configs.base import apply_preset, get_base_config
+
+PRESETS = {
+    'tiny': dict(model=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, segment_len=64,
+                            window=64, titans=dict(chunk=16, expansion=2, persistent=8)),
+                 data=dict(seq_len=256),
+                 train=dict(batch_size=8, steps=300, lr=3e-3, warmup_steps=30, log_every=10,
+                            eval_every=100, ckpt_every=100)),
+    'small': dict(model=dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, segment_len=256,
+                             window=256, titans=dict(chunk=16, expansion=4, persistent=32)),
+                  data=dict(seq_len=2048),
+                  train=dict(batch_size=32, steps=20000, lr=1e-3, warmup_steps=1000,
+                             eval_every=1000, ckpt_every=1000)),
+    # Paper 340M (NeurIPS Table 5): 24 blocks, 1024 wide, 16 heads, C = 512, N_p = 128,
+    # b = 16, L_M = 2, train length 4K, 0.5M-token batches, lr 1.5e-3.
+    '340m': dict(model=dict(d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, segment_len=512,
+                            window=2048, vocab_size=32000, dtype='bfloat16', remat='block',
+                            titans=dict(chunk=16, depth=2, expansion=4, persistent=128)),
+                 data=dict(seq_len=4096),
+                 train=dict(batch_size=128, steps=30000, lr=1.5e-3, warmup_steps=1000,
+                            eval_every=2000, ckpt_every=1000)),
+}
+MIXER = 'titans_mac'
+
+
+def get_config(arg=None, mixer=MIXER):
+  config = apply_preset(get_base_config(), PRESETS, arg)
+  config.model.mixer = mixer
+  return config

@@ -1,0 +1,333 @@
+"""NAMM (Sakana AI, arXiv 2410.13166): evolved KV-cache eviction from attention spectrograms,
+plus the H2O and L2-norm baselines, behind the models/eviction.py policy interface.
+
+Official semantics (SakanaAI/evo-memory @3a0a6bd; /work/shared/specs/namm.md section 1), per
+layer, every `update_interval` new tokens:
+  1. the new queries' attention rows (averaged per GQA group, fp32) are buffered per key:
+     A^T [N keys, n rows], left-padded with that key's previous-update last `hop` rows
+     (zeros for new tokens and on the first update);
+  2. STFT magnitudes: periodic Hann, n_fft 32, hop 16, no centring -> [N, n/16 frames, 17];
+  3. masked EMA (0.99 per token; g = 0.99^hop per frame):
+       E = 0.99^n E_prev + sum_t (1-g) g^(T-1-t) M[t,i] S_t[i],
+     M[t,i] = 1 for old tokens and, for a new token at offset j, iff j < hop (t+1);
+  4. normalise (E - mu) / max(sigma, 1e-7) with statistics gathered on the keep-all pass;
+  5. recency features [sin(age f_k), cos(age f_k)], f_k = max_freq^(-k/(dim/2));
+  6. BAM scorer: one attention head over the layer's tokens, a token attends to itself and
+     NEWER tokens (backward mask), residual + multiplicative output, linear score;
+  7. keep rule: K = max over heads of #(score >= 0); each head keeps its own top-K; the newest
+     token is always kept (+inf), empty slots never (-inf). Zero parameters keep everything.
+
+Parameters and statistics are traced data, not part of the (hashable, static) policy object:
+`NAMM.init(cache)` puts the policy's own `theta` / `mu` / `sigma` (baked-in constants, zeros
+and (0, 1) by default) into `cache.policy_state`, and `with_params(state, theta, mu, sigma)`
+replaces them in every layer's cache, so the evolution loop vmaps one compiled program over
+population members (training/evolve.py). Per-slot state (`cache.token_state`, zeroed when a
+slot is written): the EMA `ema` [.., F], the previous update's rows `prev` [.., hop] and the
+rows buffered since the last update `rows` [.., n]. `policy_state['stats']` accumulates
+[count, sum, sum of squares] of E over valid tokens at every update (pooled per layer; the
+evolution loop sums over layers and prompts of its keep-all pass and freezes mu, sigma).
+
+Deviation (documented): K is the max over heads per batch row, not over the batch too (the
+official B = 1 makes them equal; this keeps prompts of one batch independent).
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INF = 1e30
+
+
+# --- Hashable frozen arrays (policy constants) -------------------------------------------
+
+class FrozenArray:
+  """A NumPy array hashable by value, so a policy holding one stays a static jit argument."""
+
+  def __init__(self, a):
+    self.a = np.asarray(a, np.float32)
+    self.a.setflags(write=False)
+    self._hash = hash((self.a.shape, self.a.tobytes()))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return isinstance(other, FrozenArray) and self.a.shape == other.a.shape and bool(
+        np.array_equal(self.a, other.a))
+
+  def __repr__(self):
+    return f'FrozenArray{self.a.shape}'
+
+
+# --- Scorer parameters -------------------------------------------------------------------
+
+def param_shapes(n_feat=17, rec_dim=8, hidden=32):
+  """Official row-major layout: qkv W (Z, 3h), b; out W (h, 2Z), b; final W (Z, 1), b."""
+  Z = n_feat + rec_dim
+  return (('w_qkv', (Z, 3 * hidden)), ('b_qkv', (3 * hidden,)), ('w_out', (hidden, 2 * Z)),
+          ('b_out', (2 * Z,)), ('w_score', (Z, 1)), ('b_score', (1,)))
+
+
+def n_params(n_feat=17, rec_dim=8, hidden=32):
+  return sum(int(np.prod(s)) for _, s in param_shapes(n_feat, rec_dim, hidden))
+
+
+def unflatten(theta_P, n_feat=17, rec_dim=8, hidden=32):
+  out, i = {}, 0
+  for name, shape in param_shapes(n_feat, rec_dim, hidden):
+    size = int(np.prod(shape))
+    out[name] = theta_P[i:i + size].reshape(shape)
+    i += size
+  return out
+
+
+# --- Features ----------------------------------------------------------------------------
+
+def hann_periodic(n):
+  return 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(n, dtype=jnp.float32) / n)
+
+
+def stft_magnitudes(x_Nx_L, n_fft=32, hop=16):
+  """|STFT| of each row, torch.stft(center=False, periodic Hann, onesided) semantics:
+  frame t = |rfft(hann * x[hop t : hop t + n_fft])|. [..., L] -> [..., T, n_fft//2 + 1], fp32."""
+  L = x_Nx_L.shape[-1]
+  T = (L - n_fft) // hop + 1
+  idx_TxW = hop * jnp.arange(T)[:, None] + jnp.arange(n_fft)[None]
+  frames = x_Nx_L.astype(jnp.float32)[..., idx_TxW] * hann_periodic(n_fft)
+  return jnp.abs(jnp.fft.rfft(frames, axis=-1)).astype(jnp.float32)
+
+
+def ema_update(ema_NxF, spec_NxTxF, offset_N, gamma=0.99, hop=16):
+  """Masked EMA over the T frames of one update (n = T hop new rows).
+
+  offset_N: each token's position minus the first new query's position (< 0: old token).
+  A new token at offset j contributes frame t only iff j < hop (t + 1)."""
+  T = spec_NxTxF.shape[-2]
+  g = gamma ** hop
+  t_T = jnp.arange(T)
+  w_T = (1 - g) * g ** (T - 1 - t_T).astype(jnp.float32)
+  m_NxT = (offset_N[..., None] < hop * (t_T + 1)).astype(jnp.float32)
+  return gamma ** (T * hop) * ema_NxF + jnp.einsum('...t,...tf->...f', w_T * m_NxT, spec_NxTxF)
+
+
+def recency_features(age_N, dim=8, max_freq=50000.0):
+  """[sin(age f_k) for k < dim/2, cos(age f_k) ...], f_k = max_freq^(-k / (dim/2))."""
+  half = dim // 2
+  f_K = max_freq ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  a = age_N.astype(jnp.float32)[..., None] * f_K
+  return jnp.concatenate([jnp.sin(a), jnp.cos(a)], -1)
+
+
+def bam_scores(z_NxZ, pos_N, valid_N, p, hidden=32):
+  """BAM scorer for one (batch row, head): token i attends to j iff pos_j >= pos_i (itself and
+  newer tokens: the backward mask) and j is valid. No nonlinearity. Returns scores [N]."""
+  qkv = z_NxZ @ p['w_qkv'] + p['b_qkv']
+  q, k, v = jnp.split(qkv, 3, -1)
+  logits_NxN = q @ k.T / jnp.sqrt(jnp.float32(hidden))
+  mask_NxN = (pos_N[None, :] >= pos_N[:, None]) & valid_N[None, :]
+  logits_NxN = jnp.where(mask_NxN, logits_NxN, -INF)
+  attn = jax.nn.softmax(logits_NxN, -1) * mask_NxN
+  u = (attn @ v) @ p['w_out'] + p['b_out']
+  res, mult = jnp.split(u, 2, -1)
+  z2 = z_NxZ * (1 + mult) + res
+  return (z2 @ p['w_score'] + p['b_score'])[..., 0]
+
+
+def keep_rule(score_BxKxS, valid_BxKxS, pos_BxKxS):
+  """Official binary selection: the newest valid token +inf, empty slots -inf;
+  K = max over heads of #(score >= 0); each head keeps its own top-K."""
+  newest_BxKx1 = jnp.where(valid_BxKxS, pos_BxKxS, -1).max(-1, keepdims=True)
+  s = jnp.where(valid_BxKxS, score_BxKxS, -INF)
+  s = jnp.where(valid_BxKxS & (pos_BxKxS == newest_BxKx1), INF, s)
+  k_BxK = ((s >= 0) & valid_BxKxS).sum(-1)
+  K_Bx1x1 = k_BxK.max(-1)[:, None, None]
+  rank_BxKxS = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
+  return (rank_BxKxS < K_Bx1x1) & valid_BxKxS
+
+
+# --- The NAMM policy ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class NAMM:
+  """Eviction by the evolved BAM scorer (see the module docstring). Static fields only;
+  `theta`, `mu`, `sigma` are optional baked-in constants (an evolve.py checkpoint)."""
+  update_interval: int = 512
+  n_fft: int = 32
+  hop: int = 16
+  gamma: float = 0.99
+  rec_dim: int = 8
+  max_freq: float = 50000.0
+  hidden: int = 32
+  theta: FrozenArray | None = None
+  mu: FrozenArray | None = None
+  sigma: FrozenArray | None = None
+
+  @property
+  def n_feat(self):
+    return self.n_fft // 2 + 1
+
+  @property
+  def n_params(self):
+    return n_params(self.n_feat, self.rec_dim, self.hidden)
+
+  def init(self, cache):
+    B, K, S = cache.valid_BxKxS.shape
+    F, n = self.n_feat, self.update_interval
+    const = lambda f, default: jnp.asarray(f.a) if f is not None else default
+    token_state = dict(ema=jnp.zeros((B, K, S, F)), prev=jnp.zeros((B, K, S, self.hop)),
+                       rows=jnp.zeros((B, K, S, n)))
+    policy_state = dict(theta=const(self.theta, jnp.zeros(self.n_params)),
+                        mu=const(self.mu, jnp.zeros(F)), sigma=const(self.sigma, jnp.ones(F)),
+                        count=jnp.zeros((), jnp.int32), start_B=jnp.zeros((B,), jnp.int32),
+                        stats=jnp.zeros((3, F)))
+    return cache.replace(token_state=token_state, policy_state=policy_state)
+
+  def features(self, cache, newest_B):
+    """Normalised z [B, K, S, R + F] and the updated EMA, from the buffered rows."""
+    ts, ps = cache.token_state, cache.policy_state
+    x_BxKxSxL = jnp.concatenate([ts['prev'], ts['rows']], -1)
+    spec = stft_magnitudes(x_BxKxSxL, self.n_fft, self.hop)
+    offset_BxKxS = cache.pos_BxKxS - ps['start_B'][:, None, None]
+    ema = ema_update(ts['ema'], spec, offset_BxKxS, self.gamma, self.hop)
+    e_hat = (ema - ps['mu']) / jnp.maximum(ps['sigma'], 1e-7)
+    age = newest_B[:, None, None] - cache.pos_BxKxS
+    z = jnp.concatenate([recency_features(age, self.rec_dim, self.max_freq), e_hat], -1)
+    return z, ema
+
+  def scores(self, cache, newest_B):
+    z_BxKxSxZ, ema = self.features(cache, newest_B)
+    p = unflatten(cache.policy_state['theta'], self.n_feat, self.rec_dim, self.hidden)
+    score = jax.vmap(jax.vmap(lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden)))(
+        z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
+    return score, ema
+
+  def _update(self, cache, newest_B):
+    score, ema = self.scores(cache, newest_B)
+    keep = keep_rule(score, cache.valid_BxKxS, cache.pos_BxKxS)
+    v = cache.valid_BxKxS[..., None].astype(jnp.float32)
+    stats = cache.policy_state['stats'] + jnp.stack(
+        [jnp.broadcast_to(v.sum((0, 1, 2)), (self.n_feat,)), (ema * v).sum((0, 1, 2)),
+         (ema ** 2 * v).sum((0, 1, 2))])
+    ts = dict(ema=ema, prev=cache.token_state['rows'][..., -self.hop:],
+              rows=jnp.zeros_like(cache.token_state['rows']))
+    ps = dict(cache.policy_state, count=jnp.zeros((), jnp.int32), stats=stats)
+    return keep, cache.replace(token_state=ts, policy_state=ps)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    n, T = self.update_interval, probs_BxKxTxS.shape[2]
+    ps = cache.policy_state
+    start_B = jnp.where(ps['count'] == 0, pos_BxT[:, 0], ps['start_B'])
+    rows = jax.lax.dynamic_update_slice_in_dim(
+        cache.token_state['rows'], probs_BxKxTxS.swapaxes(2, 3).astype(jnp.float32)[..., -n:],
+        jnp.minimum(ps['count'], max(n - T, 0)), axis=3)
+    cache = cache.replace(token_state=dict(cache.token_state, rows=rows),
+                          policy_state=dict(ps, count=ps['count'] + T, start_B=start_B))
+    newest_B = pos_BxT.max(-1)
+    return jax.lax.cond(cache.policy_state['count'] >= n,
+                        lambda c: self._update(c, newest_B),
+                        lambda c: (jnp.ones_like(c.valid_BxKxS), c), cache)
+
+
+def with_params(layer_states, theta_P, mu_F=None, sigma_F=None):
+  """Every NAMM-managed layer cache with its scorer parameters / statistics replaced."""
+  def put(s):
+    if not (hasattr(s, 'policy_state') and isinstance(s.policy_state, dict)
+            and 'theta' in s.policy_state):
+      return s
+    ps = dict(s.policy_state, theta=theta_P)
+    if mu_F is not None:
+      ps.update(mu=mu_F, sigma=sigma_F)
+    return s.replace(policy_state=ps)
+  return [put(s) for s in layer_states]
+
+
+def pooled_stats(layer_states):
+  """[count, sum, sumsq] of E summed over NAMM layers (each row [..., F])."""
+  return sum(s.policy_state['stats'] for s in layer_states
+             if hasattr(s, 'policy_state') and isinstance(s.policy_state, dict)
+             and 'stats' in s.policy_state)
+
+
+def mean_std(stats_3xF):
+  """Normalisation statistics (mu, sigma) from pooled [count, sum, sumsq]."""
+  n = jnp.maximum(stats_3xF[0], 1.0)
+  mu = stats_3xF[1] / n
+  return mu, jnp.sqrt(jnp.maximum(stats_3xF[2] / n - mu ** 2, 0.0))
+
+
+# --- Baselines ---------------------------------------------------------------------------
+
+def _top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
+  """Keep the `recent` newest positions plus the best-scoring others up to `budget` in all."""
+  recent_BxKxS = valid_BxKxS & (pos_BxKxS > newest_B[:, None, None] - recent)
+  s = jnp.where(valid_BxKxS & ~recent_BxKxS, score_BxKxS, -INF)
+  rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
+  n_other = jnp.maximum(budget - recent_BxKxS.sum(-1, keepdims=True), 0)
+  return recent_BxKxS | ((rank < n_other) & valid_BxKxS & ~recent_BxKxS)
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O:
+  """Heavy-hitter oracle (Zhang et al. 2023): keep the `recent` newest tokens plus those with
+  the largest attention accumulated since they entered the cache, `budget` per head."""
+  budget: int = 256
+  recent: int = 32
+
+  def init(self, cache):
+    return cache.replace(token_state=dict(acc=jnp.zeros(cache.valid_BxKxS.shape)))
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    acc = cache.token_state['acc'] + probs_BxKxTxS.sum(2).astype(jnp.float32)
+    cache = cache.replace(token_state=dict(acc=acc))
+    return _top_budget(acc, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+                       self.recent), cache
+
+
+@dataclasses.dataclass(frozen=True)
+class L2Norm:
+  """Key-norm eviction (Devoto et al. 2024): keep the `recent` newest tokens plus the
+  tokens with the LOWEST key L2 norm, `budget` per head."""
+  budget: int = 256
+  recent: int = 32
+
+  def init(self, cache):
+    return cache
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    norm = jnp.linalg.norm(cache.k_BxKxSxH.astype(jnp.float32), axis=-1)
+    return _top_budget(-norm, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+                       self.recent), cache
+
+
+# --- Factories (models/eviction.py registry: make(decode_cfg) -> policy) ------------------
+
+def make_h2o(cfg):
+  return H2O(int(cfg.budget), int(cfg.recent))
+
+
+def make_l2(cfg):
+  return L2Norm(int(cfg.budget), int(cfg.recent))
+
+
+def namm_from_config(namm_cfg, theta=None, mu=None, sigma=None):
+  frozen = lambda a: None if a is None else FrozenArray(a)
+  return NAMM(update_interval=int(namm_cfg.update_interval), n_fft=int(namm_cfg.n_fft),
+              hop=int(namm_cfg.hop), gamma=float(namm_cfg.gamma), rec_dim=int(namm_cfg.rec_dim),
+              max_freq=float(namm_cfg.max_freq), hidden=int(namm_cfg.hidden),
+              theta=frozen(theta), mu=frozen(mu), sigma=frozen(sigma))
+
+
+def make_namm(cfg):
+  """From the `decode` section: `decode.namm_run` names an evolve.py workdir whose shipped
+  parameters (`decode.namm_which`: mean | best) and normalisation statistics are baked into
+  the policy, with that run's `namm` hyper-parameters; without it, zero parameters (keep
+  everything) and the configs/base.py `namm` defaults."""
+  from ml_collections import ConfigDict
+  from configs.base import get_base_config
+  run = cfg.get('namm_run', '')
+  if not run:
+    return namm_from_config(get_base_config().namm)
+  from training.evolve import load_policy_arrays
+  arrays, namm_cfg = load_policy_arrays(run, which=cfg.get('namm_which', 'mean'))
+  return namm_from_config(ConfigDict(namm_cfg), arrays['theta'], arrays['mu'], arrays['sigma'])

@@ -1,0 +1,522 @@
+"""Titans (Behrouz, Zhong, Mirrokni 2025, arXiv 2501.00663): neural long-term memory and the
+MAC / MAG / MAL / LMM mixers.
+
+Neural memory (Sec 3.1). Per head, a deep MLP M (the "fast weights", fp32, one copy per
+sequence) is trained at test time on the associative loss (Eq 12)
+    l(M; x_t) = ||M(k_t) - v_t||^2,    k = l2(conv(SiLU(x W_K))), v = conv(SiLU(x W_V)),
+with momentum ("surprise") and forgetting (Eq 13-14), on every weight tensor W of M:
+    S_t = eta_t S_{t-1} - theta_t grad_W l(M_{t'}; x_t),      M_t = (1 - alpha_t) M_{t-1} + S_t.
+Chunked training (Sec 3.2): every token of a chunk of b tokens takes its gradient at
+M_{t'}, the state at the end of the previous chunk; inside a chunk the recurrence is
+linear, so the chunk-end state has a closed form (Eq 16-18 with momentum):
+    S_b = m_b S_0 - sum_j theta_j E[b, j] u_j
+    M_b = beta_b M_0 + (sum_i r_i m_i) S_0 - sum_j theta_j g_j u_j
+where E[i, j] = prod_{l=j+1..i} eta_l, m_i = E[i, 0], r_i = prod_{l=i+1..b} (1 - alpha_l),
+beta_b = r_0, g_j = sum_{i>=j} r_i E[i, j], u_j = grad l(M_0; x_j). A sum sum_j c_j u_j is
+the gradient of sum_j c_j l(M_0; x_j): two weighted-loss gradients per chunk, no per-token
+weight copies (`chunk_form='closed'`). `chunk_form='scan'` takes the per-token gradients and runs
+the momentum and decay recurrences with `lax.associative_scan` (same numbers; tests check
+both against a naive per-token loop). Chunks are a `lax.scan` under `jax.checkpoint`.
+Reads y_t = M*(q_t) (Eq 15) are causal: a token reads the memory at the start of its chunk
+(the state its own gradient is taken at), so no token sees its chunk's writes.
+Gates are data dependent, per head and token: theta = theta_max sigmoid(.), eta = sigmoid(.),
+alpha = sigmoid(.) of linear maps of x (momentum / forgetting can be switched off).
+Memory net: L_M = 1: M(x) = x W (linear); L_M >= 2: M(x) = x + MLP(x) with GELU, hidden
+width expansion * head_dim (the NeurIPS version's LayerNorm on the branch is left out:
+see `mlp`); M_0 is learned.
+
+MAC (Sec 4.1, Eq 21-25) on segments of C = model.segment_len tokens:
+    h = M*_{t-1}(q)                         retrieval with the memory after previous segments
+    y = Attn(P || h || S)                   causal inside the segment: token i sees all
+                                            persistent tokens P, h_<=i and S_<=i
+    M_t = M_{t-1}(y)                        y is written, chunk by chunk
+    o = RMSNorm(y) * sigmoid(RMSNorm(M*(y)))  memory read causally (chunk start)
+RoPE inside a segment uses segment-relative positions (h_i and S_i share position i);
+persistent keys are position-free (scored with the unrotated query).
+MAG (Eq 26-28): o = RMSNorm(SWA(P || x)) * sigmoid(RMSNorm(M(x))), memory over the whole
+sequence. MAL (Eq 29-31): m = M(x); o = m + SWA(P || x + m). LMM: o = M(x) alone.
+
+State and decode. Multi-token calls must start at a segment boundary (MAC) or a chunk
+boundary (LMM/MAG/MAL: the LM's segments and prefills do; `decode.prefill_chunk` must be
+a multiple of segment_len / chunk, checked by the config); otherwise the output is NaN.
+Single tokens: the LMM keeps (M at the chunk start, running M, S) and folds each token
+into the running state with its gradient at the chunk start; MAC keeps the current
+segment's inputs and recomputes that segment (exactly as the full forward would) each
+step, committing the memory when the segment completes.
+"""
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from models.attention import NEG_INF, Attention, KVCache, position_mask, write
+from models.layers import DTYPES, RMSNorm, param, rope
+
+GATE_BIAS = (-2.0, 0.0, -5.0)    # initial theta / theta_max ~ 0.12, eta 0.5, alpha ~ 0.007
+
+
+# --- Fast weights: the memory MLP and its associative loss (pure functions) -----------------
+
+def mlp(w, x_BxNxTxH):
+  """M(x) per (batch row, head); w: {'w0'.. 'w{L-1}': [B, N, in, out]}.
+
+  L = 1: x W0 (linear memory). L >= 2: x + W_{L-1}(GELU(... GELU(x W0))) (residual MLP).
+  The NeurIPS version adds a LayerNorm on the MLP branch; inside the inner loop it makes M
+  invariant to the scale of W, so forgetting (weight decay) shrinks W and the effective
+  inner step grows as 1/|W|: it diverged within 1K tokens at every theta_max >= 0.1 we
+  tried, so it is left out (see bench/results/titans.md).
+  """
+  depth = len(w)
+  h = x_BxNxTxH
+  for i in range(depth):
+    h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}'])
+    if i < depth - 1:
+      h = jax.nn.gelu(h)
+  return h if depth == 1 else x_BxNxTxH + h
+
+
+def token_losses(w, k_BxNxTxH, v_BxNxTxH):
+  """l(M; x_t) = ||M(k_t) - v_t||^2 for every token: [B, N, T] (Eq 12)."""
+  return ((mlp(w, k_BxNxTxH) - v_BxNxTxH) ** 2).sum(-1)
+
+
+def weighted_grads(w, k, v, coefs_BxNxT):
+  """[grad_W sum_t c_t l(W; x_t) for c in coefs]: one forward, one VJP per weighting."""
+  _, vjp = jax.vjp(lambda w: token_losses(w, k, v), w)
+  return [vjp(c)[0] for c in coefs_BxNxT]
+
+
+def token_grad_norms(w, k_BxNxTxH, v_BxNxTxH):
+  """|grad_W l(W; x_t)| (all layers, Frobenius) for every token [B, N, T], without
+  per-token gradients: layer i's gradient is the outer product a_i^T delta_i of its input
+  activation and the loss gradient at its output, so its norm is |a_i| |delta_i|."""
+  depth = len(w)
+
+  def losses(eps):
+    h, acts = k_BxNxTxH, []
+    for i in range(depth):
+      acts.append(h)
+      h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}']) + eps[i]
+      if i < depth - 1:
+        h = jax.nn.gelu(h)
+    out = h if depth == 1 else k_BxNxTxH + h
+    return ((out - v_BxNxTxH) ** 2).sum(), acts
+
+  shapes = [k_BxNxTxH.shape[:3] + (w[f'w{i}'].shape[-1],) for i in range(depth)]
+  deltas, acts = jax.grad(losses, has_aux=True)([jnp.zeros(sh) for sh in shapes])
+  sq = sum((a * a).sum(-1) * (d * d).sum(-1) for a, d in zip(acts, deltas))
+  return jnp.sqrt(sq + 1e-12)
+
+
+def clipped_theta(theta_BxNxT, w, k, v, clip):
+  """theta_t / sqrt(1 + (|u_t| / clip)^2): a soft cap clip on each token's step |theta u|
+  / theta (deep memories diverge without it, see `mlp`). clip = 0: theta unchanged."""
+  if not clip:
+    return theta_BxNxT
+  return theta_BxNxT * jax.lax.rsqrt(1.0 + (token_grad_norms(w, k, v) / clip) ** 2)
+
+
+def _bcast(c_BxN, x):
+  return c_BxN.reshape(c_BxN.shape + (1,) * (x.ndim - c_BxN.ndim)) * x
+
+
+def seg_prod(g_BxNxn):
+  """P[..., i, j] = prod_{l=j+1..i} g_l for 0 <= j <= i <= n (g indexed 1..n); 0 for j > i."""
+  n = g_BxNxn.shape[-1]
+  idx, l = jnp.arange(n + 1), jnp.arange(1, n + 1)
+  inside = (l > idx[None, :, None]) & (l <= idx[:, None, None])           # [i, j, l]
+  p = jnp.prod(jnp.where(inside, g_BxNxn[..., None, None, :], 1.0), -1)
+  return jnp.where(idx[:, None] >= idx[None, :], p, 0.0)
+
+
+def chunk_update_closed(w, s, k, v, theta, eta, alpha):
+  """(M_b, S_b) after one chunk, gradients at M_0 = w: the closed form (module docstring)."""
+  n = theta.shape[-1]
+  E = seg_prod(eta)                        # [B, N, n+1, n+1]
+  r = seg_prod(1.0 - alpha)[..., n, :]     # r_i = prod_{l=i+1..n} (1 - alpha_l), i = 0..n
+  m = E[..., :, 0]                         # m_i = prod_{l<=i} eta_l
+  g = jnp.einsum('bnij,bni->bnj', E[..., 1:, 1:], r[..., 1:])
+  grad_s, grad_m = weighted_grads(w, k, v, [theta * E[..., n, 1:], theta * g])
+  coef_ms = (r[..., 1:] * m[..., 1:]).sum(-1)
+  s_new = jax.tree.map(lambda s0, gs: _bcast(m[..., n], s0) - gs, s, grad_s)
+  w_new = jax.tree.map(lambda w0, s0, gm: _bcast(r[..., 0], w0) + _bcast(coef_ms, s0) - gm,
+                       w, s, grad_m)
+  return w_new, s_new
+
+
+def chunk_update_scan(w, s, k, v, theta, eta, alpha):
+  """Same as `chunk_update_closed`, with per-token gradients and associative scans (Eq 18)."""
+  n = theta.shape[-1]
+  _, vjp = jax.vjp(lambda w: token_losses(w, k, v), w)
+  onehot_nxBxNxn = jnp.broadcast_to(jnp.eye(n)[:, None, None, :], (n,) + theta.shape)
+  u = jax.vmap(lambda c: vjp(c)[0])(onehot_nxBxNxn)           # leaves [n, B, N, ...]
+  t_first = lambda a_BxNxn: jnp.moveaxis(a_BxNxn, -1, 0)        # [n, B, N]
+
+  def linear_scan(gates_nxBxN, inputs, init):
+    """x_i = gate_i x_{i-1} + input_i from x_0 = init; returns x_n."""
+    def op(a, b):
+      return a[0] * b[0], _bcast(b[0], a[1]) + b[1]
+    cum_gate, acc = jax.lax.associative_scan(op, (gates_nxBxN, inputs))
+    return _bcast(cum_gate, init[None]) + acc                    # every x_i: [n, B, N, ...]
+
+  def per_leaf(w0, s0, u_):
+    s_all = linear_scan(t_first(eta), -_bcast(t_first(theta), u_), s0)
+    w_all = linear_scan(t_first(1.0 - alpha), s_all, w0)
+    return w_all[-1], s_all[-1]
+
+  out = jax.tree.map(per_leaf, w, s, u)
+  is_pair = lambda x: isinstance(x, tuple)
+  return (jax.tree.map(lambda p: p[0], out, is_leaf=is_pair),
+          jax.tree.map(lambda p: p[1], out, is_leaf=is_pair))
+
+
+UPDATES = {'closed': chunk_update_closed, 'scan': chunk_update_scan}
+
+
+@struct.dataclass
+class MemState:
+  w_base: dict        # fast weights at the last chunk boundary: reads + gradients of this chunk
+  w: dict             # fast weights after every token seen
+  s: dict             # surprise (momentum)
+  conv: jax.Array     # [B, K-1, 3, N, H] last pre-conv q, k, v projections
+
+
+def _p(value, axes):
+  return nnx.Param(value, out_sharding=tuple(axes))
+
+
+class NeuralMemory(nnx.Module):
+  """The long-term memory module (LMM): projections, gates, M_0 and the chunked update."""
+
+  def __init__(self, cfg, *, rngs):
+    t = cfg.titans
+    D, N, H = cfg.d_model, cfg.n_heads, cfg.head_dim
+    E = t.expansion * H
+    self.heads, self.head_dim, self.chunk, self.kernel = N, H, t.chunk, t.conv
+    self.theta_max, self.momentum, self.forget = t.theta_max, t.momentum, t.forget
+    self.grad_clip = t.grad_clip
+    self.update = UPDATES[t.chunk_form]
+    for name in 'qkv':
+      setattr(self, 'w' + name, param(rngs, (D, N, H), ('embed', 'heads', 'head_dim'),
+                                      scale=D ** -0.5))
+      if t.conv:                    # depthwise causal conv, initialised to the identity
+        setattr(self, 'conv_' + name, _p(jnp.zeros((t.conv, N, H)).at[-1].set(1.0),
+                                         ('conv', 'heads', 'head_dim')))
+    self.w_gates = param(rngs, (D, 3, N), ('embed', 'gate', 'heads'), scale=0.1 * D ** -0.5)
+    self.b_gates = _p(jnp.broadcast_to(jnp.asarray(GATE_BIAS)[:, None], (3, N)), ('gate', 'heads'))
+    dims = [H] + [E] * (t.depth - 1) + [H]
+    for i in range(t.depth):
+      setattr(self, f'init_w{i}', param(rngs, (N, dims[i], dims[i + 1]),
+                                        ('heads', 'mem_in', 'mem_out'), scale=dims[i] ** -0.5))
+    self.depth = t.depth
+    self.wo = param(rngs, (N, H, D), ('heads', 'head_dim', 'embed'), scale=(N * H) ** -0.5)
+
+  # --- state ---
+  def initial_weights(self, batch):
+    names = [f'w{i}' for i in range(self.depth)]
+    return {n: jnp.broadcast_to(getattr(self, 'init_' + n)[...],
+                                (batch,) + getattr(self, 'init_' + n).shape) for n in names}
+
+  def init_state(self, batch):
+    w = self.initial_weights(batch)
+    conv = jnp.zeros((batch, max(self.kernel - 1, 0), 3, self.heads, self.head_dim))
+    return MemState(w, w, jax.tree.map(jnp.zeros_like, w), conv)
+
+  def fast_weight_size(self):
+    return sum(getattr(self, f'init_w{i}').size for i in range(self.depth)) // self.heads
+
+  # --- projections and gates ---
+  def project(self, x_BxTxD, conv_BxKxPxNxH, kinds='qkv'):
+    """(q, k, v projections of `kinds`, each [B,T,N,H] fp32, new conv buffer). Eq 11 + conv."""
+    x = x_BxTxD.astype(jnp.float32)
+    z = jnp.stack([jax.nn.silu(jnp.einsum('btd,dnh->btnh', x, getattr(self, 'w' + c)[...]))
+                   for c in kinds], 2)                          # [B, T, P, N, H]
+    if self.kernel:
+      K, T = self.kernel, x.shape[1]
+      zz = jnp.concatenate([conv_BxKxPxNxH.astype(jnp.float32), z], 1)
+      taps = jnp.stack([getattr(self, 'conv_' + c)[...] for c in kinds], 1)   # [K, P, N, H]
+      z = sum(taps[j] * zz[:, j:j + T] for j in range(K))
+      conv_BxKxPxNxH = zz[:, T:]
+    out = []
+    for i, c in enumerate(kinds):
+      zi = z[:, :, i]
+      if c in 'qk':
+        zi = zi * jax.lax.rsqrt((zi * zi).sum(-1, keepdims=True) + 1e-6)
+      out.append(zi)
+    return out, conv_BxKxPxNxH
+
+  def gates(self, x_BxTxD):
+    """theta, eta, alpha [B, N, T]: learning rate (capped), momentum, forgetting."""
+    g = jnp.einsum('btd,dgn->bgnt', x_BxTxD.astype(jnp.float32), self.w_gates[...])
+    g = g + self.b_gates[...][None, :, :, None]
+    theta = self.theta_max * jax.nn.sigmoid(g[:, 0])
+    eta = jax.nn.sigmoid(g[:, 1]) if self.momentum else jnp.zeros_like(theta)
+    alpha = jax.nn.sigmoid(g[:, 2]) if self.forget else jnp.zeros_like(theta)
+    return theta, eta, alpha
+
+  def read(self, w, q_BxTxNxH):
+    """M*(q): forward pass without update (Eq 15). [B, T, N, H]."""
+    return mlp(w, q_BxTxNxH.swapaxes(1, 2)).swapaxes(1, 2)
+
+  def out(self, m_BxTxNxH, dtype):
+    return jnp.einsum('btnh,nhd->btd', m_BxTxNxH, self.wo[...]).astype(dtype)
+
+  # --- the memory over a stream ---
+  def forward(self, x_BxTxD, state: MemState):
+    """Reads (at each token's chunk start) and writes of T tokens starting at a chunk
+    boundary. Returns reads [B, T, N, H] and the new state."""
+    (q, k, v), conv = self.project(x_BxTxD, state.conv)
+    q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))             # [B, N, T, H]
+    theta, eta, alpha = self.gates(x_BxTxD)
+    T, b = x_BxTxD.shape[1], self.chunk
+    nf, rem = divmod(T, b)
+    w, s, reads = state.w, state.s, []
+
+    def body(carry, xs):
+      w, s = carry
+      q, k, v, theta, eta, alpha = xs
+      theta = clipped_theta(theta, w, k, v, self.grad_clip)
+      return self.update(w, s, k, v, theta, eta, alpha), mlp(w, q)
+
+    if nf:
+      chunks = lambda a: jnp.moveaxis(a[:, :, :nf * b].reshape(a.shape[:2] + (nf, b) + a.shape[3:]), 2, 0)
+      (w, s), reads_FxBxNxbxH = jax.lax.scan(jax.checkpoint(body), (w, s),
+                                             tuple(map(chunks, (q, k, v, theta, eta, alpha))))
+      B, N = q.shape[:2]
+      reads.append(jnp.moveaxis(reads_FxBxNxbxH, 0, 2).reshape(B, N, nf * b, -1))
+    w_base = w
+    if rem:
+      tail = lambda a: a[:, :, nf * b:]
+      (w, s), r = body((w, s), tuple(map(tail, (q, k, v, theta, eta, alpha))))
+      reads.append(r)
+    reads = jnp.concatenate(reads, 2).swapaxes(1, 2)
+    return reads, MemState(w_base, w, s, conv)
+
+  def step(self, x_Bx1xD, state: MemState, pos_B):
+    """One token: read M at its chunk start, fold its gradient (taken there) into the
+    running (M, S); at a chunk end the running M becomes the new chunk start."""
+    (q, k, v), conv = self.project(x_Bx1xD, state.conv)
+    q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))
+    theta, eta, alpha = self.gates(x_Bx1xD)
+    reads = mlp(state.w_base, q).swapaxes(1, 2)
+    theta = clipped_theta(theta, state.w_base, k, v, self.grad_clip)
+    (u,) = weighted_grads(state.w_base, k, v, [theta])
+    s = jax.tree.map(lambda s0, u_: _bcast(eta[..., 0], s0) - u_, state.s, u)
+    w = jax.tree.map(lambda w0, s_: _bcast(1.0 - alpha[..., 0], w0) + s_, state.w, s)
+    boundary_B = (pos_B + 1) % self.chunk == 0
+    w_base = jax.tree.map(
+        lambda a, b: jnp.where(boundary_B.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+        w, state.w_base)
+    return reads, MemState(w_base, w, s, conv)
+
+  def run(self, x_BxTxD, state: MemState, pos_BxT):
+    """`step` for one token, else `forward` (NaN unless it starts at a chunk boundary)."""
+    if x_BxTxD.shape[1] == 1:
+      return self.step(x_BxTxD, state, pos_BxT[:, 0])
+    reads, state = self.forward(x_BxTxD, state)
+    return _nan_unless(pos_BxT[:, 0] % self.chunk == 0, reads), state
+
+  def flops_per_token(self):
+    """Read (2P) + loss forward (2P) + two weighted VJPs (2 x 4P) per head, P fast weights."""
+    return 12 * self.heads * self.fast_weight_size()
+
+
+def _nan_unless(ok_B, y_BxT_):
+  return jnp.where(ok_B.reshape((-1,) + (1,) * (y_BxT_.ndim - 1)), y_BxT_, jnp.nan)
+
+
+# --- attention with position-free persistent tokens ------------------------------------------
+
+def attend_with_prefix(q_BxTxNxH, qraw_BxTxNxH, pk_KxPxH, pv_KxPxH, k_BxKxSxH, v_BxKxSxH,
+                       mask_BxKxTxS):
+  """softmax over [persistent keys (always visible, unrotated query) || masked keys]."""
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxKxSxH.shape[1]
+  G, P = N // K, pk_KxPxH.shape[1]
+  q = q_BxTxNxH.reshape(B, T, K, G, H)
+  qr = qraw_BxTxNxH.reshape(B, T, K, G, H)
+  lp = jnp.einsum('btkgh,kph->bkgtp', qr, pk_KxPxH.astype(q.dtype), preferred_element_type=jnp.float32)
+  lm = jnp.einsum('btkgh,bksh->bkgts', q, k_BxKxSxH, preferred_element_type=jnp.float32)
+  lm = jnp.where(mask_BxKxTxS[:, :, None], lm, NEG_INF)
+  probs = jax.nn.softmax(jnp.concatenate([lp, lm], -1) * H ** -0.5, -1).astype(v_BxKxSxH.dtype)
+  out = (jnp.einsum('bkgtp,kph->btkgh', probs[..., :P], pv_KxPxH.astype(v_BxKxSxH.dtype))
+         + jnp.einsum('bkgts,bksh->btkgh', probs[..., P:], v_BxKxSxH))
+  return out.reshape(B, T, N, H)
+
+
+class _PersistentAttention(Attention):
+  """Attention (same wq/wk/wv/wo as models.attention) plus N_p learned persistent tokens."""
+
+  def __init__(self, cfg, *, window=0, rngs):
+    super().__init__(cfg, window=window, rngs=rngs)
+    self.n_persist = cfg.titans.persistent
+    if self.n_persist:
+      self.persistent = param(rngs, (self.n_persist, cfg.d_model), ('persist', 'embed'), scale=1.0)
+    self.memory = NeuralMemory(cfg, rngs=rngs)
+
+  def proj(self, x_BxTxD, pos_BxT):
+    dt = x_BxTxD.dtype
+    qraw = jnp.einsum('btd,dnh->btnh', x_BxTxD, self.wq[...].astype(dt))
+    k = jnp.einsum('btd,dkh->bkth', x_BxTxD, self.wk[...].astype(dt))
+    v = jnp.einsum('btd,dkh->bkth', x_BxTxD, self.wv[...].astype(dt))
+    k = rope(k.swapaxes(1, 2), pos_BxT, self.rope_theta).swapaxes(1, 2)
+    return rope(qraw, pos_BxT, self.rope_theta), qraw, k, v
+
+  def prefix_kv(self, dt):
+    if not self.n_persist:
+      return jnp.zeros((self.kv_heads, 0, self.head_dim), dt), jnp.zeros((self.kv_heads, 0, self.head_dim), dt)
+    p = self.persistent[...].astype(dt)
+    return (jnp.einsum('pd,dkh->kph', p, self.wk[...].astype(dt)),
+            jnp.einsum('pd,dkh->kph', p, self.wv[...].astype(dt)))
+
+  def swa(self, x_BxTxD, cache: KVCache, pos_BxT):
+    """Sliding-window causal attention over (P || cached tokens || x). Returns y, cache."""
+    q, qraw, k, v = self.proj(x_BxTxD, pos_BxT)
+    B, K, T, _ = k.shape
+    pos_new = jnp.broadcast_to(pos_BxT[:, None], (B, K, T))
+    k_all = jnp.concatenate([cache.k_BxKxSxH.astype(k.dtype), k], 2)
+    v_all = jnp.concatenate([cache.v_BxKxSxH.astype(v.dtype), v], 2)
+    pos_all = jnp.concatenate([cache.pos_BxKxS, pos_new], 2)
+    valid_all = jnp.concatenate([cache.valid_BxKxS, jnp.ones((B, K, T), bool)], 2)
+    mask = position_mask(pos_BxT, pos_all, valid_all, self.window)
+    o = attend_with_prefix(q, qraw, *self.prefix_kv(q.dtype), k_all, v_all, mask)
+    if cache.capacity:
+      cache, _ = write(cache, k, v, pos_BxT)
+    return self.out(o), cache
+
+  def swa_flops(self, seq_len):
+    return super().flops_per_token(seq_len) + 4 * self.n_heads * self.head_dim * self.n_persist
+
+
+# --- mixers -------------------------------------------------------------------------------
+
+class LMM(nnx.Module):
+  """Memory-only layer ("Titans (LMM)"): o = W_O M*(q), read at each token's chunk start."""
+
+  def __init__(self, cfg, *, rngs):
+    self.memory = NeuralMemory(cfg, rngs=rngs)
+
+  def init_state(self, batch, capacity):
+    return self.memory.init_state(batch)
+
+  def flops_per_token(self, seq_len):
+    return self.memory.flops_per_token()
+
+  def __call__(self, x_BxTxD, state, pos_BxT, *, policy=None, tokens_BxT=None):
+    m, state = self.memory.run(x_BxTxD, state, pos_BxT)
+    return self.memory.out(m, x_BxTxD.dtype), state
+
+
+class _WindowedMemory(_PersistentAttention):
+  """Sliding-window attention (model.window) + a memory over the whole stream."""
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg, window=cfg.window, rngs=rngs)
+
+  def init_state(self, batch, capacity):
+    return super().init_state(batch, capacity), self.memory.init_state(batch)
+
+  def flops_per_token(self, seq_len):
+    return self.swa_flops(seq_len) + self.memory.flops_per_token()
+
+
+class MAG(_WindowedMemory):
+  """Memory as a gate (Eq 26-28): RMSNorm(SWA(P || x)) * sigmoid(RMSNorm(M(x)))."""
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.norm_y = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.norm_m = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+
+  def __call__(self, x_BxTxD, state, pos_BxT, *, policy=None, tokens_BxT=None):
+    cache, mem = state
+    y, cache = self.swa(x_BxTxD, cache, pos_BxT)
+    m, mem = self.memory.run(x_BxTxD, mem, pos_BxT)
+    o = self.norm_y(y) * jax.nn.sigmoid(self.norm_m(self.memory.out(m, y.dtype)))
+    return o, (cache, mem)
+
+
+class MAL(_WindowedMemory):
+  """Memory as a layer (Eq 29-31): m = M(x); o = m + SWA(P || x + m)."""
+
+  def __call__(self, x_BxTxD, state, pos_BxT, *, policy=None, tokens_BxT=None):
+    cache, mem = state
+    m, mem = self.memory.run(x_BxTxD, mem, pos_BxT)
+    m = self.memory.out(m, x_BxTxD.dtype)
+    y, cache = self.swa(x_BxTxD + m, cache, pos_BxT)
+    return m + y, (cache, mem)
+
+
+@struct.dataclass
+class MACState:
+  mem: MemState        # memory after the completed segments (y-stream conv buffer inside)
+  conv_x: jax.Array    # [B, K-1, 1, N, H] retrieval-query conv buffer (x stream)
+  buf_BxCxD: jax.Array  # inputs of the current, incomplete segment
+
+
+class MAC(_PersistentAttention):
+  """Memory as a context (Eq 21-25); see the module docstring. Segment length C =
+  model.segment_len; attention never crosses a segment (the memory does)."""
+
+  def __init__(self, cfg, *, rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.segment = cfg.segment_len
+    self.dtype = DTYPES[cfg.dtype]
+    self.norm_y = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+    self.norm_m = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+
+  def init_state(self, batch, capacity):
+    mem = self.memory.init_state(batch)
+    conv_x = jnp.zeros(mem.conv.shape[:2] + (1,) + mem.conv.shape[3:])
+    return MACState(mem, conv_x, jnp.zeros((batch, self.segment, self.d_model), self.dtype))
+
+  @property
+  def d_model(self):
+    return self.wq.shape[0]
+
+  def flops_per_token(self, seq_len):
+    C = min(self.segment, seq_len)
+    keys = self.n_persist + (C + 1)          # mean over the segment of N_p + 2 (i + 1)
+    return (4 * self.n_heads * self.head_dim * keys
+            + self.memory.flops_per_token() + 2 * self.n_heads * self.memory.fast_weight_size())
+
+  def segment_forward(self, x_BxLxD, state: MACState):
+    """One segment (or its first L tokens) from the state after the previous segments.
+    Returns the outputs and the state after writing all L tokens."""
+    B, L, _ = x_BxLxD.shape
+    mem = state.mem
+    (q_ret,), conv_x = self.memory.project(x_BxLxD, state.conv_x, 'q')
+    h = self.memory.out(self.memory.read(mem.w, q_ret), x_BxLxD.dtype)      # Eq 21
+    rel_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    q, qraw, k_x, v_x = self.proj(x_BxLxD, rel_BxL)
+    _, _, k_h, v_h = self.proj(h, rel_BxL)
+    causal_LxL = jnp.tril(jnp.ones((L, L), bool))
+    mask = jnp.broadcast_to(jnp.concatenate([causal_LxL, causal_LxL], 1), (B, self.kv_heads, L, 2 * L))
+    o = attend_with_prefix(q, qraw, *self.prefix_kv(q.dtype), jnp.concatenate([k_h, k_x], 2),
+                           jnp.concatenate([v_h, v_x], 2), mask)                  # Eq 22-23
+    y = self.out(o)
+    m, mem = self.memory.forward(y, mem)                                         # Eq 24
+    o = self.norm_y(y) * jax.nn.sigmoid(self.norm_m(self.memory.out(m, y.dtype)))  # Eq 25
+    return o, MACState(mem, conv_x, state.buf_BxCxD)
+
+  def __call__(self, x_BxTxD, state: MACState, pos_BxT, *, policy=None, tokens_BxT=None):
+    T, C = x_BxTxD.shape[1], self.segment
+    assert T <= C, f'MAC: a call takes at most model.segment_len={C} tokens, got {T}'
+    if T == 1 and C > 1:
+      return self._step(x_BxTxD, state, pos_BxT[:, 0])
+    o, new = self.segment_forward(x_BxTxD, state)
+    o = _nan_unless(pos_BxT[:, 0] % C == 0, o)
+    if T == C:        # a whole segment: commit its memory
+      return o, new
+    return o, state.replace(buf_BxCxD=state.buf_BxCxD.at[:, :T].set(x_BxTxD.astype(self.dtype)))
+
+  def _step(self, x_Bx1xD, state: MACState, pos_B):
+    """Token at in-segment slot n: recompute the segment's first slots from its buffer
+    (causal, so slots > n do not matter) and commit when the segment completes."""
+    C = self.segment
+    n = pos_B[0] % C
+    buf = jax.lax.dynamic_update_slice_in_dim(state.buf_BxCxD, x_Bx1xD.astype(self.dtype), n, 1)
+    o_BxCxD, new = self.segment_forward(buf.astype(x_Bx1xD.dtype), state)
+    o = jax.lax.dynamic_slice_in_dim(o_BxCxD, n, 1, 1)
+    done = n == C - 1
+    new = jax.tree.map(lambda a, b: jnp.where(done, a, b), new, state)
+    return o, new.replace(buf_BxCxD=buf)

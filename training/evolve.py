@@ -1,0 +1,426 @@
+"""NAMM evolution: an evosax strategy searches the scorer parameters of a frozen base LM.
+
+Protocol (SakanaAI/evo-memory memory_trainer.py; /work/shared/specs/namm.md section 3):
+  * generation 0 ("iteration 0") runs the keep-all policy (zero parameters) over the
+    training pool of every task: per-prompt full-cache reference scores, and the
+    normalisation statistics of the EMA features pooled over prompts, heads, valid tokens and
+    layers. Both are then frozen and saved with every checkpoint.
+  * each generation samples `evolve.prompts` pool prompts per task of the current stage
+    (the curriculum `evolve.stages`, `evolve.generations` each); every member runs on the
+    same prompts; a task's normalised score is mean(score) / mean(full-cache score) on those
+    prompts; fitness = mean over tasks. evosax minimises, so it is told -fitness.
+  * scores: retrieval tasks (passkey / niah / mqar) = teacher-forced answer-token accuracy,
+    every answer token predicted from the evicted cache; corpus = exp(-mean nll) of the
+    last `CORPUS_TARGET` tokens of a held-out text window.
+  * the population is evaluated by one jitted program vmapped over members, its member axis
+    sharded over a 1-D 'pop' mesh (strategy state replicated: ask/tell run outside it).
+  * the shipped solution is the strategy mean (official `prefer_mean_to_best`); the best
+    member seen is saved too.
+Checkpoints (orbax, workdir/checkpoints): strategy state, generation, normalisation
+statistics, reference scores, mean / best parameters, config. Re-running resumes; keys are
+fold_in(seed, generation) and prompt samples depend only on (seed, generation), so a resumed
+run continues identically.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx, serialization
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from data import pipeline, synthetic
+from models import decode, namm as nammlib
+from training.checkpoint import Checkpointer, CheckpointError
+from training.config import resolve, saved_config
+from training.metrics import MetricWriter
+
+CORPUS_TARGET = 32          # scored tokens at the end of a corpus window
+RETRIEVAL = ('passkey', 'niah', 'mqar')
+
+
+# --- Base model ----------------------------------------------------------------------------
+
+def load_base(base_workdir, step=None):
+  """(graphdef, model state on one device, model config) of a train.py run."""
+  from training import mesh as meshlib
+  from training.loop import model_ctor
+  ckpt = Checkpointer.open(base_workdir)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f'evolve.base: no checkpoint in {base_workdir}')
+    cfg = resolve(saved_config(ckpt.read_config(step)))
+    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    mesh = meshlib.make_mesh(cfg, jax.devices()[:1])
+    graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))
+    _, restored = ckpt.restore(model=abs_state, step=step)
+  finally:
+    ckpt.close()
+  return graphdef, restored.model, cfg
+
+
+# --- Tasks ---------------------------------------------------------------------------------
+
+def task_examples(task, n, length, seed, split, source='stdlib'):
+  """{'tokens': int32 [n, L'], 'context': C}: prefill tokens[:, :C] under the policy, then
+  tokens[:, C:-1] as one chunk (no eviction) predicts targets tokens[:, C+1:]."""
+  if task == 'corpus':
+    split_name = 'train' if split == 'train' else 'eval'
+    tokens = pipeline.make_eval_batches(source, length, n, 1, split=split_name)[0]
+    return dict(tokens=np.asarray(tokens, np.int32), context=length - CORPUS_TARGET)
+  b = synthetic.make_task_batch(task, n, length, depth=None, seed=seed, split=split)
+  prompt_len = int(b['prompt_len_B'][0])
+  assert (b['prompt_len_B'] == prompt_len).all()
+  return dict(tokens=b['tokens_BxL'], context=prompt_len - 1)
+
+
+def make_task_sets(cfg, tasks, split, n, source):
+  return {t: task_examples(t, n, cfg.evolve.length, cfg.seed, split, source) for t in tasks}
+
+
+def all_tasks(ev):
+  return list(dict.fromkeys(t.strip() for s in ev.stages for t in s.split(',')))
+
+
+# --- The population program ----------------------------------------------------------------
+
+def make_scorer(graphdef, policy, contexts, chunk=None):
+  """score(model_state, theta, mu, sigma, {task: tokens}) -> ({task: score_B}, cache_frac,
+  stats_3xF): one member on every task (contexts: {task: C}, static). The context is
+  prefilled in chunks of `chunk` (default: the NAMM update interval); any policy works
+  (theta / mu / sigma only reach NAMM caches)."""
+  chunk = chunk or policy.update_interval
+
+  def run_task(model, theta, mu, sigma, tokens_BxL, C, task):
+    B, L = tokens_BxL.shape
+    state = decode.init_state(model, B, L, policy)
+    state = nammlib.with_params(state, theta, mu, sigma)
+    _, state = decode.prefill(model, tokens_BxL[:, :C], state, policy, chunk)
+    pos_BxA = jnp.broadcast_to(jnp.arange(C, L - 1, dtype=jnp.int32), (B, L - 1 - C))
+    logits_BxAxV, _ = model(tokens_BxL[:, C:-1], state, pos_BxA)
+    target_BxA = tokens_BxL[:, C + 1:]
+    if task == 'corpus':
+      nll = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxAxV), target_BxA[..., None], -1)
+      score_B = jnp.exp(-nll[..., 0].mean(-1))
+    else:
+      score_B = (logits_BxAxV.argmax(-1) == target_BxA).mean(-1)
+    kv = [s for s in state if hasattr(s, 'valid_BxKxS')]
+    frac = jnp.mean(jnp.stack([s.size_BxK().mean() for s in kv])) / C
+    return score_B, frac, nammlib.pooled_stats(state)
+
+  def score(model_state, theta, mu, sigma, tokens):
+    model = nnx.merge(graphdef, model_state)
+    out = {t: run_task(model, theta, mu, sigma, tokens[t], contexts[t], t) for t in tokens}
+    scores = {t: o[0] for t, o in out.items()}
+    frac = jnp.mean(jnp.stack([o[1] for o in out.values()]))
+    stats = sum(o[2] for o in out.values())
+    return scores, frac, stats
+
+  return score
+
+
+def pop_mesh(ev):
+  n = jax.device_count() if ev.pop_devices == -1 else ev.pop_devices
+  return jax.make_mesh((n,), ('pop',), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+
+
+def make_population_eval(graphdef, policy, contexts, mesh):
+  """Jitted: (model_state, theta_PxD, mu, sigma, tokens) -> ({task: [P, B]}, frac_P,
+  stats_Px3xF): members vmapped and sharded over the 'pop' axis; model and prompts
+  replicated. Called with one task at a time, so each task compiles once per shape (the
+  keep-all pass, the generations of every stage and the held-out evaluation share it)."""
+  score = make_scorer(graphdef, policy, contexts)
+  pop_sh = NamedSharding(mesh, P('pop'))
+
+  @jax.jit
+  def run(model_state, theta_PxD, mu, sigma, tokens):
+    theta_PxD = jax.lax.with_sharding_constraint(theta_PxD, pop_sh)
+    return jax.vmap(score, in_axes=(None, 0, None, None, None))(
+        model_state, theta_PxD, mu, sigma, tokens)
+
+  return run
+
+
+def normalised_fitness(scores, refs):
+  """Mean over tasks of mean(score) / mean(full-cache score) (eps 1e-7, as official).
+  scores: {task: [P, B]}, refs: {task: [B]} -> [P]."""
+  per_task = [scores[t].mean(-1) / max(float(np.mean(refs[t])), 1e-7) for t in scores]
+  return jnp.mean(jnp.stack(per_task), 0)
+
+
+# --- Strategy ------------------------------------------------------------------------------
+
+def make_strategy(ev, n_dims):
+  import evosax.algorithms as ea
+  solution = jnp.zeros(n_dims)
+  if ev.strategy == 'open_es':
+    es = ea.Open_ES(ev.population, solution, optimizer=optax.adam(ev.lr),
+                    std_schedule=optax.constant_schedule(ev.sigma0))
+    return es, es.default_params
+  cls = dict(cma_es=ea.CMA_ES, sep_cma_es=ea.Sep_CMA_ES, snes=ea.SNES)[ev.strategy]
+  es = cls(ev.population, solution)
+  return es, es.default_params.replace(std_init=jnp.asarray(ev.sigma0, jnp.float32))
+
+
+# --- Checkpoints ---------------------------------------------------------------------------
+
+class EvolveCheckpointer:
+  """Orbax manager for the evolution state (all small, host-side arrays)."""
+
+  def __init__(self, workdir, keep=3, read_only=False):
+    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    if read_only and not os.path.isdir(directory):
+      raise CheckpointError(f'no evolve checkpoints in {directory}')
+    self.mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False))
+
+  def latest(self):
+    return self.mngr.latest_step()
+
+  def save(self, gen, state, config):
+    self.mngr.save(gen, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)), config=ocp.args.JsonSave(config)),
+        force=True)
+
+  def restore(self, gen, template):
+    r = self.mngr.restore(gen, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(jax.device_get(template)), config=ocp.args.JsonRestore()))
+    return r.state, r.config
+
+  def read_config(self, gen):
+    return self.mngr.restore(gen, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+
+  def close(self):
+    self.mngr.close()
+
+
+def load_policy_arrays(run, which='mean', gen=None):
+  """({'theta', 'mu', 'sigma'} NumPy arrays, the run's namm config dict) of an evolve.py run."""
+  ck = EvolveCheckpointer(run, read_only=True)
+  try:
+    gen = ck.latest() if gen is None else gen
+    if gen is None:
+      raise CheckpointError(f'decode.namm_run: no evolve checkpoint in {run}')
+    saved = ck.read_config(gen)
+    r = ck.mngr.restore(gen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  finally:
+    ck.close()
+  s = r.state
+  return dict(theta=np.asarray(s[which]), mu=np.asarray(s['mu']),
+              sigma=np.asarray(s['sigma'])), saved['namm']
+
+
+# --- The loop ------------------------------------------------------------------------------
+
+def stage_of(gen, generations):
+  """Stage index of 1-based generation `gen` (the last stage beyond the total)."""
+  ends = np.cumsum(generations)
+  return int(min(np.searchsorted(ends, gen, side='left'), len(generations) - 1))
+
+
+def sample_batch(pool, tasks, n, seed, gen):
+  rng = np.random.default_rng([seed, gen])
+  idx = {t: np.sort(rng.choice(len(pool[t]['tokens']), n, replace=False)) for t in tasks}
+  return {t: pool[t]['tokens'][idx[t]] for t in tasks}, idx
+
+
+class Evolution:
+  """Everything one evolve.py run holds; `run()` does the generations."""
+
+  def __init__(self, cfg, workdir, base=None):
+    self.cfg, self.ev = cfg, cfg.evolve
+    self.workdir = os.path.abspath(workdir)
+    self.graphdef, model_state, self.base_cfg = base or load_base(self.ev.base)
+    self.policy = nammlib.namm_from_config(cfg.namm)
+    self.mesh = pop_mesh(self.ev)
+    if self.ev.population % self.mesh.shape['pop']:
+      raise ValueError(f'config.evolve.population: {self.ev.population} is not divisible by '
+                       f'the pop mesh size {self.mesh.shape["pop"]}')
+    self.model_state = jax.device_put(model_state, NamedSharding(self.mesh, P()))
+    source = self.base_cfg.data.source
+    source = source if not source.startswith('synthetic:') else 'stdlib'
+    tasks = all_tasks(self.ev)
+    self.pool = make_task_sets(cfg, tasks, 'train', self.ev.pool, source)
+    self.held = make_task_sets(cfg, tasks, 'eval', self.ev.eval_prompts, source)
+    self.contexts = {t: self.pool[t]['context'] for t in tasks}
+    self.es, self.es_params = make_strategy(self.ev, self.policy.n_params)
+    self._programs = {}
+
+  def program(self, task):
+    if task not in self._programs:
+      self._programs[task] = make_population_eval(
+          self.graphdef, self.policy, {task: self.contexts[task]}, self.mesh)
+    return self._programs[task]
+
+  def evaluate(self, theta_PxD, mu, sigma, tokens):
+    """({task: scores [P, B]}, cache fraction [P] (mean over tasks), stats [P, 3, F]).
+
+    Prompts go in slices of `evolve.prompts` and members fill the population size, so
+    every call reuses the one compiled program per task."""
+    theta_PxD = jnp.asarray(theta_PxD)
+    n_pop, n = theta_PxD.shape[0], self.ev.prompts
+    if n_pop < self.ev.population:
+      theta_PxD = jnp.concatenate(
+          [theta_PxD, jnp.broadcast_to(theta_PxD[:1], (self.ev.population - n_pop,) +
+                                       theta_PxD.shape[1:])])
+    scores, fracs, stats = {}, [], 0
+    for t, tok in tokens.items():
+      parts = [self.program(t)(self.model_state, theta_PxD, mu, sigma, {t: tok[i:i + n]})
+               for i in range(0, len(tok), n)]
+      scores[t] = np.concatenate([np.asarray(p[0][t]) for p in parts], 1)[:n_pop]
+      fracs.append(np.mean([np.asarray(p[1]) for p in parts], 0)[:n_pop])
+      stats = stats + sum(np.asarray(p[2]) for p in parts)[:n_pop]
+    return scores, np.mean(fracs, 0), stats
+
+  def keep_all_pass(self):
+    """Generation 0: full-cache reference scores (train pool and held-out) and the frozen
+    normalisation statistics (train pool only)."""
+    F = self.policy.n_feat
+    zeros, mu0, sigma0 = jnp.zeros((1, self.policy.n_params)), jnp.zeros(F), jnp.ones(F)
+    ref, _, stats = self.evaluate(zeros, mu0, sigma0, {t: v['tokens'] for t, v in self.pool.items()})
+    mu, sigma = nammlib.mean_std(jnp.asarray(stats[0]))
+    held_ref, _, _ = self.evaluate(zeros, mu0, sigma0,
+                                   {t: v['tokens'] for t, v in self.held.items()})
+    return dict(mu=np.asarray(mu), sigma=np.asarray(sigma),
+                ref={t: v[0] for t, v in ref.items()},
+                held_ref={t: v[0] for t, v in held_ref.items()})
+
+  def initial_state(self):
+    es_state = self.es.init(jax.random.key(self.cfg.seed), jnp.zeros(self.policy.n_params),
+                            self.es_params)
+    D = self.policy.n_params
+    return dict(gen=np.int32(0), es=serialization.to_state_dict(es_state),
+                mu=np.zeros(self.policy.n_feat, np.float32),
+                sigma=np.ones(self.policy.n_feat, np.float32),
+                ref={t: np.zeros(self.ev.pool, np.float32) for t in self.pool},
+                held_ref={t: np.zeros(self.ev.eval_prompts, np.float32) for t in self.held},
+                mean=np.zeros(D, np.float32), best=np.zeros(D, np.float32),
+                best_fitness=np.float32(-np.inf))
+
+  def held_out(self, theta_D, st):
+    """Held-out normalised score per task and mean cache fraction of one parameter vector."""
+    tokens = {t: self.held[t]['tokens'] for t in self.held}
+    scores, frac, _ = self.evaluate(np.asarray(theta_D)[None], st['mu'], st['sigma'], tokens)
+    per_task = {t: float(scores[t][0].mean() / max(float(np.mean(st['held_ref'][t])), 1e-7))
+                for t in scores}
+    return per_task, float(frac[0])
+
+  def generation(self, st, es_state):
+    """One generation (1-based st['gen'] + 1). Returns the new es_state and metrics."""
+    ev = self.ev
+    gen = int(st['gen']) + 1
+    stage = stage_of(gen, ev.generations)
+    tasks = [t.strip() for t in ev.stages[stage].split(',')]
+    tokens, idx = sample_batch(self.pool, tasks, ev.prompts, self.cfg.seed, gen)
+    key = jax.random.fold_in(jax.random.key(self.cfg.seed), gen)
+    k_ask, k_tell = jax.random.split(key)
+    pop_PxD, es_state = self.es.ask(k_ask, es_state, self.es_params)
+    scores, frac_P, _ = self.evaluate(pop_PxD, st['mu'], st['sigma'], tokens)
+    refs = {t: st['ref'][t][idx[t]] for t in tasks}
+    fit_P = np.asarray(normalised_fitness(scores, refs))
+    es_state, _ = self.es.tell(k_tell, pop_PxD, jnp.asarray(-fit_P), es_state, self.es_params)
+    if fit_P.max() > st['best_fitness']:
+      st['best_fitness'] = np.float32(fit_P.max())
+      st['best'] = np.asarray(pop_PxD[int(fit_P.argmax())], np.float32)
+    st['mean'] = np.asarray(self.es.get_mean(es_state), np.float32)
+    st['gen'] = np.int32(gen)
+    return es_state, dict(stage=stage, best_fitness=float(fit_P.max()),
+                          mean_fitness=float(fit_P.mean()), mean_cache=float(frac_P.mean()),
+                          best_cache=float(frac_P[int(fit_P.argmax())]))
+
+  def run(self):
+    ev, cfg = self.ev, self.cfg
+    total = int(sum(ev.generations))
+    ck = EvolveCheckpointer(self.workdir, keep=ev.keep_ckpts)
+    config_json = json.loads(cfg.to_json_best_effort())
+    template = self.initial_state()
+    start = ck.latest()
+    if start is not None:
+      st, _ = ck.restore(start, template)
+      st = dict(st)
+      logging.info('resumed evolution at generation %d from %s', start, self.workdir)
+    else:
+      st = template
+      t0 = time.time()
+      st.update(self.keep_all_pass())
+      logging.info('keep-all pass (%.1fs): full-cache scores %s; normalisation frozen',
+                   time.time() - t0, {t: round(float(np.mean(v)), 4) for t, v in st['ref'].items()})
+      ck.save(0, st, config_json)
+    es_template = self.es.init(jax.random.key(cfg.seed), jnp.zeros(self.policy.n_params),
+                               self.es_params)
+    es_state = serialization.from_state_dict(es_template, st['es'])
+    es_state = jax.tree.map(jnp.asarray, es_state)
+    writer = MetricWriter(self.workdir)
+    metrics, t_last, g_last = {}, time.time(), int(st['gen'])
+    while int(st['gen']) < total:
+      es_state, metrics = self.generation(st, es_state)
+      gen = int(st['gen'])
+      if gen % ev.log_every == 0 or gen == total:
+        dt = time.time() - t_last
+        metrics['evals_per_s'] = (gen - g_last) * ev.population / max(dt, 1e-9)
+        t_last, g_last = time.time(), gen
+      if gen % ev.eval_every == 0 or gen == total:
+        per_task, frac = self.held_out(st['mean'], st)
+        metrics.update({f'heldout_{t}': v for t, v in per_task.items()})
+        metrics['heldout_score'] = float(np.mean(list(per_task.values())))
+        metrics['heldout_cache'] = frac
+      if gen % ev.log_every == 0 or gen == total:
+        logging.info('gen %d/%d stage %d | fitness best %.4f mean %.4f | cache %.3f | %.1f evals/s%s',
+                     gen, total, metrics['stage'], metrics['best_fitness'],
+                     metrics['mean_fitness'], metrics['mean_cache'],
+                     metrics.get('evals_per_s', 0.0),
+                     f" | held-out {metrics['heldout_score']:.4f} at cache "
+                     f"{metrics['heldout_cache']:.3f}" if 'heldout_score' in metrics else '')
+      writer.write(gen, metrics)
+      if gen % ev.ckpt_every == 0 or gen == total:
+        st['es'] = serialization.to_state_dict(jax.device_get(es_state))
+        ck.save(gen, st, config_json)
+    ck.close()
+    writer.close()
+    if jax.process_index() == 0:
+      plot_metrics(self.workdir)
+    return st, metrics
+
+
+def plot_metrics(workdir):
+  """workdir/evolve.png: fitness (best / mean / held-out) and cache fraction per generation."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  from training.metrics import read_metrics
+  rows = read_metrics(workdir)
+  gens = sorted(g for g in rows if 'mean_fitness' in rows[g])
+  if not gens:
+    return
+  fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+  for key in ('best_fitness', 'mean_fitness'):
+    a.plot(gens, [rows[g][key] for g in gens], label=key)
+  held = [g for g in gens if 'heldout_score' in rows[g]]
+  a.plot(held, [rows[g]['heldout_score'] for g in held], 'o-', label='held-out (mean)')
+  a.axhline(1.0, color='gray', lw=0.5)
+  a.set(xlabel='generation', ylabel='normalised score', title='fitness')
+  a.legend(fontsize=7)
+  b.plot(gens, [rows[g]['mean_cache'] for g in gens], label='population mean')
+  b.plot(held, [rows[g]['heldout_cache'] for g in held], 'o-', label='held-out (mean)')
+  b.set(xlabel='generation', ylabel='cache / context', title='mean cache size', ylim=(0, 1.05))
+  b.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(workdir, 'evolve.png'), dpi=100)
+  plt.close(fig)
+
+
+def evolve(cfg, workdir, base=None):
+  """Runs (or resumes) the evolution in `workdir`. Returns (final state dict, last metrics)."""
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2))
+  return Evolution(cfg, workdir, base).run()

@@ -1,0 +1,41 @@
+"""Export a trained checkpoint to a Hugging Face Llama directory (export_hf.py is the CLI).
+
+The model is restored on all devices as evaluate.py does; parameters are gathered to the
+host one at a time and written by process 0 (models/hf_llama.py export_hf), with the
+tokenizer files of the run's hf: tokenizer (or source model) copied beside them.
+"""
+import os
+import shutil
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from models import hf_llama
+from training import evaluation
+
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json',
+                   'special_tokens_map.json', 'generation_config.json')
+
+
+def model_params(state):
+  """{mnemax parameter name: () -> full host array} of an (possibly sharded) model state."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  gather = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return {hf_llama.param_name(p): (lambda x=x: gather(x)) for p, x in leaves}
+
+
+def export_checkpoint(workdir, out_dir, *, step=None, dtype='float32'):
+  """Writes OUT_DIR/config.json, model.safetensors and tokenizer files. Returns the step."""
+  ev, step = evaluation.load(workdir, step=step)
+  cfg = ev.cfg
+  source = cfg.train.init_from[len('hf:'):] if cfg.train.init_from.startswith('hf:') else ''
+  base = hf_llama.read_config(source) if source else None
+  writer = jax.process_index() == 0        # every process takes part in the gathers
+  hf_llama.export_hf(model_params(ev.state), cfg.model, out_dir, dtype=dtype,
+                     base_config=base, write=writer)
+  tok_dir = cfg.data.tokenizer[len('hf:'):] if cfg.data.tokenizer.startswith('hf:') else ''
+  for name in TOKENIZER_FILES if tok_dir and writer else ():
+    if os.path.isfile(os.path.join(tok_dir, name)):
+      shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
+  return step
