@@ -15,6 +15,25 @@ ORDER = ['foundation', 'speed', 'titans', 'infini', 'anchor', 'namm', 'hf']
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
 
+def demote(text, top=3):
+  """Shifts a page's headings so its highest one is level `top` (code blocks untouched)."""
+  lines, fenced = text.splitlines(), False
+  levels = []
+  for line in lines:
+    fenced ^= line.startswith('```')
+    if not fenced and line.startswith('#'):
+      levels.append(len(line) - len(line.lstrip('#')))
+  shift = top - min(levels) if levels else 0
+  out, fenced = [], False
+  for line in lines:
+    fenced ^= line.startswith('```')
+    if not fenced and line.startswith('#') and not line.startswith('```'):
+      level = len(line) - len(line.lstrip('#'))
+      line = '#' * min(level + shift, 6) + line[level:]
+    out.append(line)
+  return '\n'.join(out)
+
+
 def pages():
   found = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, 'bench/results/*.md'))}
   names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
@@ -24,7 +43,7 @@ def pages():
     png = found[name][:-3] + '.png'
     if os.path.exists(png) and '.png' not in text:
       text += f'\n\n![{name}](bench/results/{name}.png)'
-    yield text
+    yield demote(text)
 
 
 def main():

@@ -155,8 +155,7 @@ class InfiniAttention(Attention):
     return self.out(o), state
 
   def _rope(self, x_BxTxNxH, pos_BxT):
-    scaling = getattr(self, 'rope_scaling', None)      # as Attention.qkv (models/layers.py)
-    return rope(x_BxTxNxH, pos_BxT, self.rope_theta, *([scaling] if scaling else []))
+    return rope(x_BxTxNxH, pos_BxT, self.rope_theta, self.rope_scaling)
 
   def _attend_partial(self, q_rope, k_rope, v, state, pos_BxT):
     """Local attention of a chunk over the current segment's earlier tokens (slots) + itself."""

@@ -358,8 +358,8 @@ class _PersistentAttention(Attention):
     qraw = jnp.einsum('btd,dnh->btnh', x_BxTxD, self.wq[...].astype(dt))
     k = jnp.einsum('btd,dkh->bkth', x_BxTxD, self.wk[...].astype(dt))
     v = jnp.einsum('btd,dkh->bkth', x_BxTxD, self.wv[...].astype(dt))
-    k = rope(k.swapaxes(1, 2), pos_BxT, self.rope_theta).swapaxes(1, 2)
-    return rope(qraw, pos_BxT, self.rope_theta), qraw, k, v
+    k = rope(k.swapaxes(1, 2), pos_BxT, self.rope_theta, self.rope_scaling).swapaxes(1, 2)
+    return rope(qraw, pos_BxT, self.rope_theta, self.rope_scaling), qraw, k, v
 
   def prefix_kv(self, dt):
     if not self.n_persist:

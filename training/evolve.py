@@ -48,7 +48,11 @@ RETRIEVAL = ('passkey', 'niah', 'mqar')
 # --- Base model ----------------------------------------------------------------------------
 
 def load_base(base_workdir, step=None):
-  """(graphdef, model state on one device, model config) of a train.py run."""
+  """(graphdef, model state on one device, model config) of a train.py run, or of a
+  Hugging Face Llama directory given as `hf:DIR`."""
+  if base_workdir.startswith('hf:'):
+    from training.init_from import hf_model
+    return hf_model(base_workdir[3:], jax.devices()[:1])
   from training import mesh as meshlib
   from training.loop import model_ctor
   ckpt = Checkpointer.open(base_workdir)
