@@ -1,5 +1,6 @@
 """Optimizer, loss and the jitted train / eval steps (explicit shardings, donation)."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,6 @@ def param_path(path):
 def param_group(path, groups):
   """(regex, lr multiplier, weight decay?) of the first group whose regex is found in the
   parameter's path; the default group (None, 1.0, True) if none."""
-  import re
   p = param_path(path)
   return next((g for g in groups if re.search(g[0], p)), (None, 1.0, True))
 
