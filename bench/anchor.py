@@ -61,14 +61,11 @@ def restore(workdir, cfg):
   parameters: attention <-> anchor)."""
   from training import mesh as meshlib
   from training.checkpoint import Checkpointer
-  from training.loop import model_ctor
   from flax import nnx
-  mesh = meshlib.make_mesh(cfg)
-  graphdef, abs_state = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))[:2]
   ckpt = Checkpointer.open(workdir)
-  _, r = ckpt.restore(model=abs_state)
+  graphdef, state, _ = ckpt.restore_model(cfg, meshlib.make_mesh(cfg))
   ckpt.close()
-  return nnx.merge(graphdef, r.model)
+  return nnx.merge(graphdef, state)
 
 
 def held_out_loss(model, source, batches=8):

@@ -71,6 +71,15 @@ class Checkpointer:
           f'({type(e).__name__}: {str(e)[:300]}). Nothing was deleted: move that step '
           f'folder aside to resume from an earlier one.') from e
 
+  def restore_model(self, cfg, mesh, step=None):
+    """(graphdef, model state, step): the model of `cfg`'s architecture, sharded on `mesh`
+    by cfg.axis_rules (any mesh; any mixer with the same parameters)."""
+    from training import mesh as meshlib
+    from training.loop import model_ctor
+    graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))
+    step, restored = self.restore(model=abs_state, step=step)
+    return graphdef, restored.model, step
+
   def read_config(self, step=None):
     step = self.latest_step() if step is None else step
     try:

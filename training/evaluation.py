@@ -36,7 +36,6 @@ from models.eviction import make_policy
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError, resolve, saved_config, validate
-from training.loop import model_ctor
 from training.step import token_nll
 
 # Model keys that change parameter shapes: they must equal the checkpoint's.
@@ -91,13 +90,6 @@ def checkpoint_step(ckpt, step=None):
   if step not in steps:
     raise CheckpointError(f'no step {step} in {ckpt.directory}; it has steps {sorted(steps)}')
   return step
-
-
-def restore_model(cfg, ckpt, step, mesh):
-  """The checkpoint's model, sharded on `mesh` by cfg.axis_rules."""
-  graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))
-  _, restored = ckpt.restore(model=abs_state, step=step)
-  return graphdef, restored.model
 
 
 # --- Jitted programs (closing over the graphdef; policy and sizes are static) --------------
@@ -324,7 +316,7 @@ def load(workdir, *, step=None, config=None, overrides=None):
     cfg = build_config(ckpt.read_config(step), config, overrides)
     validate(cfg, jax.device_count())
     mesh = meshlib.make_mesh(cfg)
-    graphdef, state = restore_model(cfg, ckpt, step, mesh)
+    graphdef, state, _ = ckpt.restore_model(cfg, mesh, step)
   finally:
     ckpt.close()
   return Evaluator(cfg, graphdef, state, mesh), step

@@ -54,7 +54,6 @@ def load_base(base_workdir, step=None):
     from training.init_from import hf_model
     return hf_model(base_workdir[3:], jax.devices()[:1])
   from training import mesh as meshlib
-  from training.loop import model_ctor
   ckpt = Checkpointer.open(base_workdir)
   try:
     step = ckpt.latest_step() if step is None else step
@@ -63,11 +62,10 @@ def load_base(base_workdir, step=None):
     cfg = resolve(saved_config(ckpt.read_config(step)))
     cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
     mesh = meshlib.make_mesh(cfg, jax.devices()[:1])
-    graphdef, abs_state, _ = meshlib.abstract_state(model_ctor(cfg), mesh, meshlib.axis_rules(cfg))
-    _, restored = ckpt.restore(model=abs_state, step=step)
+    graphdef, state, _ = ckpt.restore_model(cfg, mesh, step)
   finally:
     ckpt.close()
-  return graphdef, restored.model, cfg
+  return graphdef, state, cfg
 
 
 # --- Tasks ---------------------------------------------------------------------------------

@@ -71,13 +71,12 @@ def load_source(cfg, mesh, rules):
   """The source checkpoint's model state (its own architecture), sharded on `mesh`."""
   if cfg.train.init_from.startswith('hf:'):
     return load_hf(cfg, mesh, rules)
-  from training.loop import model_ctor
   ckpt = Checkpointer.open(cfg.train.init_from)
   src = resolve(saved_config(ckpt.read_config()))
-  _, abs_state, _ = meshlib.abstract_state(model_ctor(src), mesh, rules)
-  step, restored = ckpt.restore(model=abs_state)
+  src.axis_rules = cfg.axis_rules
+  _, state, step = ckpt.restore_model(src, mesh)
   logging.info('init_from %s: step %d (mixer %s)', cfg.train.init_from, step, src.model.mixer)
-  return restored.model
+  return state
 
 
 def init_model_from(cfg, mesh, rules, fresh_state):
