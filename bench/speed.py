@@ -18,10 +18,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags  # noqa: F401  (config files import it)
 
 from training import flops, mesh as meshlib
 from training.config import resolve, validate

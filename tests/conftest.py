@@ -1,6 +1,5 @@
 """Shared fixtures. The pytest process uses one CPU device; multi-device and
 multi-process checks run train.py in subprocesses with forced host devices."""
-import json
 import os
 import subprocess
 import sys

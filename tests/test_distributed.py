@@ -46,7 +46,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
   port = free_port()
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   procs = [subprocess.Popen(
-      [sys.executable, 'train.py', f'--config=configs/transformer.py:tiny',
+      [sys.executable, 'train.py', '--config=configs/transformer.py:tiny',
        f'--workdir={tmp_path / "two"}', *cli_overrides(cfg), '--config.distributed=True',
        f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
