@@ -18,13 +18,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
-import numpy as np
 from absl import app, flags
 
-from training import flops, mesh as meshlib
-from training.config import resolve, validate
-from training.loop import model_ctor, train_ctor
-from training.step import make_optimizer, make_train_step
+from bench.common import at_length, load_config, measure_train, slope
+from training import flops
 
 _CONFIGS = flags.DEFINE_string('configs', 'configs/transformer.py:tiny,configs/sliding.py:tiny',
                                'Comma-separated config files with presets.')
@@ -35,75 +32,6 @@ _OUT = flags.DEFINE_string('out', 'bench/results/speed', 'Output path prefix.')
 _SET = flags.DEFINE_multi_string('set', [], 'Overrides for every config: section.key=value.')
 
 
-def load_config(spec):
-  import importlib.util
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('bench_cfg', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def with_length(cfg, length, tokens):
-  cfg = cfg.copy_and_resolve_references()
-  cfg.data.seq_len = length
-  cfg.train.batch_size = max(1, tokens // length)
-  if cfg.model.segment_len:
-    cfg.model.segment_len = min(cfg.model.segment_len, length)
-  for item in _SET.value:
-    key, value = item.split('=', 1)
-    section, name = key.split('.', 1)
-    node = cfg[section]
-    *parents, leaf = name.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else value == 'True'
-  return resolve(cfg)
-
-
-def peak_memory(compiled):
-  stats = jax.devices()[0].memory_stats() or {}
-  if 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'], 'device peak'
-  m = compiled.memory_analysis()
-  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes, 'XLA buffers'
-
-
-def measure(cfg, peak):
-  validate(cfg, jax.device_count())
-  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
-  tx, schedule = make_optimizer(cfg.train)
-  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
-  batch_sh = meshlib.batch_sharding(mesh)
-  step = make_train_step(graphdef, schedule, shardings, batch_sh)
-  B, L = cfg.train.batch_size, cfg.data.seq_len
-  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, tokens).compile()
-  compile_s = time.perf_counter() - t0
-  state, m = compiled(state, tokens)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(_STEPS.value):
-    state, m = compiled(state, tokens)
-  jax.block_until_ready(m)
-  dt = (time.perf_counter() - t0) / _STEPS.value
-  fpt = flops.train_flops_per_token(nnx_model(cfg), L)
-  mem, mem_kind = peak_memory(compiled)
-  return dict(length=L, batch=B, step_ms=1e3 * dt, tokens_per_s=B * L / dt,
-              mfu=fpt * B * L / dt / (peak * jax.device_count()), memory_mib=mem / 2**20,
-              memory_kind=mem_kind, compile_s=compile_s, loss=float(m['loss']))
-
-
-def nnx_model(cfg):
-  from flax import nnx
-  return nnx.eval_shape(model_ctor(cfg))
-
-
-def slope(xs, ys):
-  return float(np.polyfit(np.log(xs), np.log(ys), 1)[0]) if len(xs) > 1 else float('nan')
-
-
 def main(argv):
   del argv
   lengths = [int(x) for x in _LENGTHS.value.split(',')]
@@ -111,9 +39,9 @@ def main(argv):
   device = f'{jax.devices()[0].device_kind} x{jax.device_count()}'
   rows = []
   for spec in _CONFIGS.value.split(','):
-    base = load_config(spec)
+    base = load_config(spec, dict(item.split('=', 1) for item in _SET.value))
     for L in lengths:
-      r = measure(with_length(base, L, _TOKENS.value), peak)
+      r = measure_train(at_length(base, L, _TOKENS.value), peak, _STEPS.value)
       r['config'] = spec
       rows.append(r)
       print(f"{spec:40s} L={L:6d} {r['tokens_per_s']:10.0f} tok/s {r['step_ms']:9.1f} ms "

@@ -8,6 +8,8 @@ small, exact, checkpointable. The whole split is held in memory as uint16 (2 byt
 for vocabularies over 65536 ids), so
 tfds sources are limited to datasets that fit in host memory (a few GB of text).
 'synthetic:TASK' sources yield one example (prompt + answer, random depth) per window.
+'mix:A+B+...' interleaves the windows of its parts round robin (e.g. the corpus with synthetic
+long-context tasks: 'mix:stdlib+synthetic:passkey+synthetic:mqar').
 """
 
 import functools
@@ -65,8 +67,33 @@ class _SyntheticWindows:
     return {"tokens": self.documents[index]}
 
 
+class _Mixed:
+  """Item i = item i // n of part i % n (n parts, round robin), as long as the shortest part."""
+
+  def __init__(self, parts: list):
+    self.parts = parts
+
+  def __len__(self) -> int:
+    return len(self.parts) * min(len(p) for p in self.parts)
+
+  def __getitem__(self, index: int) -> dict:
+    n = len(self.parts)
+    return self.parts[int(index) % n][int(index) // n]
+
+
+def is_text(source: str) -> bool:
+  """Whether `source` is text only (it has a unigram baseline; synthetic and mixes do not)."""
+  return not source.startswith(("synthetic:", "mix:"))
+
+
 def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int = 0,
              tokenizer: str = "byte"):
+  if source.startswith("mix:"):
+    parts = source[len("mix:"):].split("+")
+    if len(parts) < 2 or any(p.startswith("mix:") for p in parts):
+      raise ValueError(f"data.source: {source!r}: a mix needs two or more '+'-separated parts "
+                       "(no nested mix:)")
+    return _Mixed([_windows(p, split, width, tfds_data_dir, seed, tokenizer) for p in parts])
   if source.startswith("synthetic:"):
     return _SyntheticWindows(
         synthetic.synthetic_documents(source[len("synthetic:"):], width, split, seed))
@@ -136,8 +163,8 @@ def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None 
 
   The baseline a trained model must beat (about 3.28 nats for 'stdlib' on Python 3.11.7).
   """
-  if source.startswith("synthetic:"):
-    raise ValueError("unigram_entropy: not defined for synthetic sources")
+  if not is_text(source):
+    raise ValueError("unigram_entropy: defined for text sources only")
   vocab = get_tokenizer(tokenizer).vocab_size
   counts = np.bincount(token_stream(source, "train", tfds_data_dir, tokenizer),
                        minlength=vocab).astype(np.float64) + 1.0

@@ -210,3 +210,17 @@ def test_eval_batches_and_unigram_baseline():
   assert 2.5 < entropy < 4.5
   synth = pipeline.make_eval_batches("synthetic:niah", 511, 4, 2, process_index=1, process_count=2)
   assert [b.shape for b in synth] == [(2, 512)] * 2
+
+
+def test_mixed_source_interleaves_parts(tmp_path):
+  """'mix:A+B' alternates windows of A and B; a bad mix names data.source."""
+  src = 'mix:stdlib+synthetic:passkey'
+  windows = pipeline._windows(src, 'train', 256)
+  is_passkey = lambda r: b'pass key' in bytes(r[r < 256].astype(np.uint8))
+  assert [is_passkey(windows[i]['tokens']) for i in range(4)] == [False, True, False, True]
+  assert next(pipeline.make_train_iterator(src, 'train', 255, 4, seed=0))['tokens'].shape == (4, 256)
+  evals = pipeline.make_eval_batches(src, 255, 4, 2)
+  assert [b.shape for b in evals] == [(4, 256)] * 2
+  assert not pipeline.is_text(src) and pipeline.is_text('stdlib')
+  with pytest.raises(ValueError, match='data.source'):
+    pipeline.make_train_iterator('mix:stdlib', 'train', 255, 4, seed=0)

@@ -248,7 +248,7 @@ class Evolution:
                        f'the pop mesh size {self.mesh.shape["pop"]}')
     self.model_state = jax.device_put(model_state, NamedSharding(self.mesh, P()))
     source = self.base_cfg.data.source
-    source = source if not source.startswith('synthetic:') else 'stdlib'
+    source = source if pipeline.is_text(source) else 'stdlib'
     tasks = all_tasks(self.ev)
     self.pool = make_task_sets(cfg, tasks, 'train', self.ev.pool, source)
     self.held = make_task_sets(cfg, tasks, 'eval', self.ev.eval_prompts, source)

@@ -95,7 +95,7 @@ def train(cfg, workdir):
                       peak * jax.device_count())
   writer = MetricWriter(workdir)
   logging.info('%.3g train FLOPs/token; matmul peak %.3g FLOP/s/device', flops_tok, peak)
-  if start == 0 and jax.process_index() == 0 and not d.source.startswith('synthetic:'):
+  if start == 0 and jax.process_index() == 0 and pipeline.is_text(d.source):
     writer.write(0, dict(unigram_loss=pipeline.unigram_entropy(d.source, 'eval',
                                                                 d.tfds_data_dir or None,
                                                                 d.tokenizer)))

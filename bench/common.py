@@ -1,0 +1,137 @@
+"""Shared pieces of the benchmarks: configs by spec, the real train step timed, memory, fits.
+
+Every timing here runs the same jitted code as train.py / evaluate.py; nothing is modelled.
+"""
+import importlib.util
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from training import flops, mesh as meshlib
+from training.config import resolve, validate
+from training.loop import model_ctor, train_ctor
+from training.step import make_optimizer, make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(spec, overrides=None):
+  """'configs/x.py[:preset]' -> its ConfigDict, with {'section.key': value} overrides."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('bench_cfg', os.path.join(ROOT, path))
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg or None)
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split('.')
+    node = cfg
+    for p in parents:
+      node = node[p]
+    if isinstance(value, str) and not isinstance(node[leaf], str):   # from the command line
+      value = value == 'True' if isinstance(node[leaf], bool) else type(node[leaf])(value)
+    node[leaf] = value
+  return cfg
+
+
+def at_length(cfg, length, tokens):
+  """A resolved copy training at context `length` with ~`tokens` tokens per step."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.data.seq_len = length
+  cfg.train.batch_size = max(1, tokens // length)
+  if cfg.model.segment_len:
+    cfg.model.segment_len = min(cfg.model.segment_len, length)
+  return resolve(cfg)
+
+
+def machine():
+  """One line naming the host, the device and the versions."""
+  import flax
+  dev = jax.devices()[0]
+  return (f'{platform.processor() or platform.machine()} host with {os.cpu_count()} cores; '
+          f'{dev.device_kind} x{jax.device_count()}; jax {jax.__version__}, flax {flax.__version__}')
+
+
+def free_bytes():
+  """Memory the next program may use: the device's free memory, or the host's available RAM."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'bytes_limit' in stats:
+    return stats['bytes_limit'] - stats.get('bytes_in_use', 0)
+  return os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+
+
+def program_bytes(compiled):
+  """Arguments + outputs + temporaries of a compiled program (what XLA will allocate)."""
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+
+
+def peak_memory(compiled):
+  """(bytes, kind): the device allocator's peak on GPU/TPU, else XLA's buffer sizes."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    return stats['peak_bytes_in_use'], 'device peak'
+  return program_bytes(compiled), 'XLA buffers'
+
+
+class TooBig(Exception):
+  """A program that would not fit in memory (skipped, with the reason, rather than crashed)."""
+
+
+def compile_checked(lowered):
+  compiled = lowered.compile()
+  need, have = program_bytes(compiled), free_bytes()
+  if need > 0.9 * have:
+    raise TooBig(f'needs {need / 2**30:.1f} GiB > {have / 2**30:.1f} GiB free')
+  return compiled
+
+
+def time_calls(fn, steps):
+  """Seconds per call of fn() (one untimed warm-up call first); fn returns arrays."""
+  jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / steps
+
+
+def measure_train(cfg, peak, steps):
+  """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time."""
+  validate(cfg, jax.device_count())
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  tx, schedule = make_optimizer(cfg.train)
+  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
+  batch_sh = meshlib.batch_sharding(mesh)
+  step = make_train_step(graphdef, schedule, shardings, batch_sh)
+  B, L = cfg.train.batch_size, cfg.data.seq_len
+  tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
+  t0 = time.perf_counter()
+  compiled = compile_checked(step.lower(state, tokens))
+  compile_s = time.perf_counter() - t0
+  box = [state]
+
+  def one():
+    box[0], m = compiled(box[0], tokens)
+    return m['loss']
+  dt = time_calls(one, steps)
+  fpt = flops.train_flops_per_token(abstract_model(cfg), L)
+  mem, mem_kind = peak_memory(compiled)
+  return dict(length=L, batch=B, step_ms=1e3 * dt, tokens_per_s=B * L / dt,
+              mfu=fpt * B * L / dt / (peak * jax.device_count()), memory_mib=mem / 2**20,
+              memory_kind=mem_kind, compile_s=compile_s)
+
+
+def abstract_model(cfg):
+  from flax import nnx
+  return nnx.eval_shape(model_ctor(cfg))
+
+
+def slope(xs, ys):
+  """Exponent a of a fit ys ~ xs^a (log-log least squares); nan with fewer than two points."""
+  ok = [(x, y) for x, y in zip(xs, ys) if y and np.isfinite(y)]
+  if len(ok) < 2:
+    return float('nan')
+  return float(np.polyfit(np.log([x for x, _ in ok]), np.log([y for _, y in ok]), 1)[0])

@@ -1,0 +1,675 @@
+"""The results page in one command: speed, memory, decode and capability of every model kind.
+
+  python bench/run.py --quick       # minutes on a 2-core CPU (small lengths, few steps)
+  python bench/run.py               # the full page (2K..64K training, streams to 1M tokens)
+  python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
+  python bench/report.py            # then fold bench/results/*.md into README.md
+
+Sections (each a function below; all numbers come from running the same jitted code as
+train.py / evaluate.py on this machine, nothing is typed in):
+  train       training tokens/s, MFU against the matmul peak measured in this run, XLA memory,
+              per kind and context length, and the ratio to the plain transformer; a width-512
+              plain model for the MFU target.
+  stream      inference over long inputs, chunk by chunk with the decode state carried: time
+              per token, state bytes and one decode step at each total length; fitted exponents
+              (the constant-memory kinds must show ~0).
+  decode      per eviction policy on the plain model: decode tokens/s and KV-cache bytes vs
+              generated length (and on AnSAN with its anchor policy).
+  capability  every kind trained the same number of steps on the corpus mixed with synthetic
+              long-context tasks, then held-out loss by position bucket and passkey / S-NIAH /
+              MQAR exact match on a (length x depth) grid with held-out seeds; the plain model
+              also under each eviction policy at half the cache.
+  profile     the kind furthest below its speed target: its step time split by component.
+Writes OUT.md (the page, with the command, machine, versions, seeds and the targets met or
+missed by how much), OUT.json and OUT_*.png.
+"""
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from bench.common import (ROOT, TooBig, at_length, compile_checked, load_config, machine,
+                          measure_train, program_bytes, slope, time_calls)
+from training import flops
+from training.config import resolve, validate
+
+_QUICK = flags.DEFINE_bool('quick', False, 'Small lengths and few steps (minutes on a CPU).')
+_KINDS = flags.DEFINE_list('kinds', None, 'Model kinds (default: all of KINDS).')
+_SECTIONS = flags.DEFINE_list('sections', ['train', 'stream', 'decode', 'capability', 'profile'],
+                              'Sections to run.')
+_OUT = flags.DEFINE_string('out', 'bench/results/run', 'Output path prefix.')
+_WORKDIR = flags.DEFINE_string('workdir', '', 'Where capability runs train (default: a temp dir).')
+_NAMM_RUN = flags.DEFINE_string('namm_run', '', 'evolve.py workdir for the NAMM policy (default: '
+                                'a random parameter vector drawn like a CMA-ES population member).')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of model init, data order and task examples.')
+
+# kind -> (config, overrides). Same width and depth (d_model 128, 2 layers, 4 heads); the
+# memory kinds use segments / windows of 64 tokens.
+KINDS = {
+    'plain': ('configs/transformer.py:tiny', {}),
+    'sliding': ('configs/sliding.py:tiny', {'model.window': 64, 'model.segment_len': 64}),
+    'titans_mac': ('configs/titans_mac.py:tiny', {}),
+    'titans_mag': ('configs/titans_mag.py:tiny', {}),
+    'titans_mal': ('configs/titans_mal.py:tiny', {}),
+    'infini': ('configs/infini.py:tiny', {}),
+    'infini_delta': ('configs/infini.py:tiny', {'model.infini.update_rule': 'delta'}),
+    'ansan': ('configs/anchor_ep.py:tiny', {}),
+}
+WIDE = ('configs/transformer.py:small', {})          # width 512, 8 layers: the MFU target
+RECURRENT = ('sliding', 'titans_mac', 'titans_mag', 'titans_mal', 'infini', 'infini_delta')
+POLICIES = ('keep_all', 'recency', 'h2o', 'l2', 'namm')
+MIX = 'mix:stdlib+synthetic:passkey+synthetic:niah+synthetic:mqar'
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  train_lengths: tuple
+  train_tokens: int          # per step (batch = tokens / length)
+  train_steps: int           # timed steps
+  ratio_lengths: tuple       # where the ratio to plain is a target
+  wide_length: int
+  stream_lengths: tuple
+  stream_plain_max: int      # the plain KV cache grows: stop there
+  decode_prompt: int
+  decode_new: int
+  cap_length: int
+  cap_steps: int
+  cap_batch: int
+  cap_examples: int
+
+
+FULL = Plan(train_lengths=(1024, 2048, 8192, 32768, 65536), train_tokens=65536, train_steps=1,
+            ratio_lengths=(2048, 8192, 32768), wide_length=2048,
+            stream_lengths=(4096, 16384, 65536, 262144, 1048576), stream_plain_max=65536,
+            decode_prompt=2048, decode_new=1024, cap_length=512, cap_steps=300, cap_batch=8,
+            cap_examples=16)
+QUICK = Plan(train_lengths=(512, 2048), train_tokens=4096, train_steps=2,
+             ratio_lengths=(2048,), wide_length=512, stream_lengths=(1024, 4096, 16384),
+             stream_plain_max=16384, decode_prompt=256, decode_new=128, cap_length=256,
+             cap_steps=40, cap_batch=8, cap_examples=4)
+
+
+def kind_config(kind, **more):
+  spec, overrides = WIDE if kind == 'plain_wide' else KINDS[kind]
+  cfg = load_config(spec, dict(overrides, **more))
+  cfg.seed = _SEED.value
+  return resolve(cfg)
+
+
+def init_model(cfg):
+  from training.loop import model_ctor
+  return model_ctor(cfg)()
+
+
+def state_bytes(layer_states, batch):
+  return sum(x.nbytes for x in jax.tree.leaves(layer_states)) // batch
+
+
+# --- train ---------------------------------------------------------------------------------
+
+def train_section(kinds, plan, peak):
+  rows = []
+  jobs = [(k, L) for k in kinds for L in plan.train_lengths]
+  jobs.append(('plain_wide', plan.wide_length))
+  for kind, L in jobs:
+    row = dict(kind=kind, length=L)
+    try:
+      row.update(measure_train(at_length(kind_config(kind), L, plan.train_tokens), peak,
+                               plan.train_steps))
+    except TooBig as e:
+      row['skipped'] = str(e)
+    rows.append(row)
+    log(f"train {kind:13s} L={L:6d} " + (
+        row['skipped'] if 'skipped' in row else
+        f"{row['tokens_per_s']:9.0f} tok/s MFU {100 * row['mfu']:5.1f}% "
+        f"{row['memory_mib']:8.1f} MiB (compile {row['compile_s']:.0f}s)"))
+  plain = {r['length']: r.get('tokens_per_s') for r in rows if r['kind'] == 'plain'}
+  for r in rows:
+    if plain.get(r['length']) and 'tokens_per_s' in r:
+      r['vs_plain'] = r['tokens_per_s'] / plain[r['length']]
+  return rows
+
+
+# --- stream --------------------------------------------------------------------------------
+
+def stream_one(cfg, n_tokens, chunk, block_tokens):
+  """Reads n_tokens (batch 1) chunk by chunk with the state carried; then one decode step."""
+  model = init_model(cfg)
+  graphdef, params = nnx.split(model)
+  state0 = model.init_state(1, n_tokens)
+  n_chunks = block_tokens // chunk
+
+  @jax.jit
+  def block(params, state, tokens_1xN, start):
+    m = nnx.merge(graphdef, params)
+    toks = tokens_1xN.reshape(1, n_chunks, chunk).swapaxes(0, 1)
+    pos = (start + jnp.arange(block_tokens, dtype=jnp.int32)).reshape(n_chunks, 1, chunk)
+
+    def body(s, xs):
+      logits, s = m(xs[0], s, xs[1])
+      return s, logits[:, -1].argmax(-1)
+    return jax.lax.scan(body, state, (toks, pos))
+
+  @jax.jit
+  def one_step(params, state, token_1, pos_1):
+    logits, state = nnx.merge(graphdef, params)(token_1[:, None], state, pos_1[:, None])
+    return logits, state
+
+  tokens = jax.random.randint(jax.random.key(0), (1, block_tokens), 0, 256)
+  compiled = compile_checked(block.lower(params, state0, tokens, 0))
+  jax.block_until_ready(compiled(params, state0, tokens, 0))     # warm-up, untimed
+  t0 = time.perf_counter()
+  state = state0
+  for start in range(0, n_tokens, block_tokens):
+    state, _ = compiled(params, state, tokens, start)
+  jax.block_until_ready(state)
+  seconds = time.perf_counter() - t0
+  tok, pos = jnp.zeros((1,), jnp.int32), jnp.full((1,), n_tokens, jnp.int32)
+  step_s = time_calls(lambda: one_step(params, state, tok, pos)[0], 5)
+  return dict(us_per_token=1e6 * seconds / n_tokens, state_bytes=state_bytes(state, 1),
+              program_mib=program_bytes(compiled) / 2**20, decode_step_ms=1e3 * step_s)
+
+
+def stream_section(kinds, plan):
+  rows = []
+  for kind in [k for k in kinds if k in RECURRENT or k == 'plain']:
+    for n in plan.stream_lengths:
+      if kind == 'plain' and n > plan.stream_plain_max:
+        continue
+      cfg = kind_config(kind)
+      chunk = cfg.model.segment_len or 256
+      cfg.model.segment_len = cfg.model.segment_len or 0
+      row = dict(kind=kind, tokens=n, chunk=chunk)
+      try:
+        row.update(stream_one(cfg, n, chunk, min(n, 16 * 1024)))
+      except TooBig as e:
+        row['skipped'] = str(e)
+      rows.append(row)
+      log(f"stream {kind:13s} N={n:8d} " + (row['skipped'] if 'skipped' in row else
+          f"{row['us_per_token']:8.1f} us/token state {row['state_bytes']:>12,d} B "
+          f"step {row['decode_step_ms']:.2f} ms"))
+  fits = {}
+  for kind in dict.fromkeys(r['kind'] for r in rows):
+    rs = [r for r in rows if r['kind'] == kind and 'skipped' not in r]
+    xs = [r['tokens'] for r in rs]
+    fits[kind] = dict(state_exp=slope(xs, [r['state_bytes'] for r in rs]),
+                      step_exp=slope(xs, [r['decode_step_ms'] for r in rs]),
+                      per_token_exp=slope(xs, [r['us_per_token'] for r in rs]))
+  return rows, fits
+
+
+# --- decode --------------------------------------------------------------------------------
+
+def corpus_prompt(batch, length):
+  from data import pipeline
+  return pipeline.make_eval_batches('stdlib', length - 1, batch, 1)[0]
+
+
+def policy_config(cfg, name, budget, interval):
+  d = cfg.decode
+  d.policy, d.window, d.budget, d.recent = name, budget, budget, max(budget // 8, 1)
+  cfg.namm.update_interval = interval
+  d.prefill_chunk = interval
+  if name == 'namm' and _NAMM_RUN.value:
+    d.namm_run = _NAMM_RUN.value
+  return cfg
+
+
+def make_policy_for(cfg):
+  from models import namm as nammlib
+  from models.eviction import make_policy
+  if cfg.decode.policy == 'namm' and not cfg.decode.namm_run:
+    n = nammlib.namm_from_config(cfg.namm).n_params
+    theta = 0.065 * np.random.default_rng(_SEED.value).standard_normal(n).astype(np.float32)
+    return nammlib.namm_from_config(cfg.namm, theta=theta)
+  return make_policy(cfg.decode)
+
+
+def decode_one(cfg, prompt_BxP, n_new):
+  """Prefill under the policy, then n_new greedy steps: tokens/s and cached tokens per step."""
+  from models import decode
+  model = init_model(cfg)
+  graphdef, params = nnx.split(model)
+  policy = make_policy_for(cfg)
+  B, P = prompt_BxP.shape
+  chunk = cfg.decode.prefill_chunk
+
+  @jax.jit
+  def prefill(params, prompt_BxP):
+    m = nnx.merge(graphdef, params)
+    state = decode.init_state(m, B, P + n_new, policy)
+    return decode.prefill(m, prompt_BxP, state, policy, chunk)
+
+  @jax.jit
+  def steps(params, logits_BxV, state):
+    m = nnx.merge(graphdef, params)
+
+    def body(carry, i):
+      logits, state = carry
+      tok = logits.argmax(-1).astype(jnp.int32)
+      logits, state = decode.step(m, tok, jnp.full((B,), P + i, jnp.int32), state, policy)
+      kv = jnp.stack([s.valid_BxKxS.sum(-1).mean() for s in state if hasattr(s, 'valid_BxKxS')])
+      return (logits, state), kv
+    return jax.lax.scan(body, (logits_BxV, state), jnp.arange(n_new))
+
+  logits, state = prefill(params, prompt_BxP)
+  seconds = time_calls(lambda: steps(params, logits, state)[1], 2)
+  _, kv_NxL = steps(params, logits, state)
+  kv_caches = [s for s in state if hasattr(s, 'valid_BxKxS')]
+  token_bytes = [2 * math.prod(s.k_BxKxSxH.shape[1::2]) * s.k_BxKxSxH.dtype.itemsize
+                 for s in kv_caches]
+  kv_bytes_N = np.asarray(kv_NxL) @ np.asarray(token_bytes, np.float64)
+  return dict(tokens_per_s=B * n_new / seconds, ms_per_step=1e3 * seconds / n_new,
+              kv_bytes=kv_bytes_N.tolist(), prompt=P, batch=B)
+
+
+def decode_section(kinds, plan):
+  rows = []
+  B, P, budget = 4, plan.decode_prompt, plan.decode_prompt // 2
+  prompt = jnp.asarray(corpus_prompt(B, P))
+  interval = max(P // 8, 16)
+  jobs = [('plain', p) for p in POLICIES] if 'plain' in kinds else []
+  if 'ansan' in kinds:
+    jobs.append(('ansan', 'anchor'))
+  for kind, name in jobs:
+    cfg = policy_config(kind_config(kind), name, budget, interval)
+    r = dict(kind=kind, policy=name, budget=budget if name in ('recency', 'h2o', 'l2') else None,
+             **decode_one(cfg, prompt, plan.decode_new))
+    rows.append(r)
+    log(f"decode {kind}/{name:9s} {r['tokens_per_s']:8.1f} tok/s "
+        f"KV {r['kv_bytes'][0] / 2**10:8.1f} -> {r['kv_bytes'][-1] / 2**10:8.1f} KiB")
+  return rows
+
+
+# --- capability ----------------------------------------------------------------------------
+
+def capability_section(kinds, plan, workdir):
+  from training import evaluation, loop
+  rows = []
+  L = plan.cap_length
+  for kind in kinds:
+    cfg = kind_config(kind)
+    cfg.data.source, cfg.data.seq_len = MIX, L
+    if cfg.model.segment_len:
+      cfg.model.segment_len = min(cfg.model.segment_len, L)
+    t = cfg.train
+    t.steps, t.batch_size = plan.cap_steps, plan.cap_batch
+    t.warmup_steps = max(plan.cap_steps // 10, 1)
+    t.log_every, t.eval_every = max(plan.cap_steps // 10, 1), plan.cap_steps
+    t.ckpt_every, t.async_ckpt = plan.cap_steps, False
+    if kind == 'ansan':
+      t.lr = 3e-3                             # trained from scratch here, not continued
+    cfg = resolve(cfg)
+    validate(cfg, jax.device_count())
+    run_dir = os.path.join(workdir, kind)
+    t0 = time.time()
+    loop.train(cfg, run_dir)
+    train_s = time.time() - t0
+    policies = [('none', 0)] + ([(p, L // 2) for p in POLICIES if p != 'keep_all']
+                                if kind == 'plain' else [])
+    for name, budget in policies:
+      overrides = {'data.source': 'stdlib', 'eval.lengths': (L, 2 * L),
+                   'eval.examples': plan.cap_examples, 'eval.depths': (0.1, 0.5, 0.9)}
+      if name != 'none':
+        overrides.update({'decode.policy': name, 'decode.window': budget,
+                          'decode.budget': budget, 'decode.recent': budget // 8,
+                          'decode.prefill_chunk': 64, 'namm.update_interval': 64})
+        if name == 'namm' and _NAMM_RUN.value:
+          overrides['decode.namm_run'] = _NAMM_RUN.value
+      ev, _ = evaluation.load(run_dir, overrides=overrides)
+      if name == 'namm' and not _NAMM_RUN.value:
+        ev.policy = make_policy_for(ev.cfg)
+      cells = ev.tasks()
+      row = dict(kind=kind, policy=name, steps=plan.cap_steps, train_s=train_s,
+                 loss=ev.loss() if name == 'none' else None, tasks=cells,
+                 cache=ev.cache() if name != 'none' else None)
+      rows.append(row)
+      acc = {task: np.mean([c['accuracy'] for c in cells if c['task'] == task
+                            and c['accuracy'] is not None]) for task in ev.cfg.eval.tasks}
+      log(f"capability {kind}/{name}: " + (f"loss {row['loss']['loss']:.3f} " if row['loss']
+          else '') + ' '.join(f'{k} {v:.2f}' for k, v in acc.items()))
+  return rows
+
+
+# --- profile -------------------------------------------------------------------------------
+
+def profile_section(row, plan):
+  """A train row's step time split into its parts, by timing fwd+bwd of each part alone at
+  the same batch and length: one block's mixer, one block's MLP, and the rest."""
+  kind, L = row['kind'], row['length']
+  cfg = at_length(kind_config(kind), L, plan.train_tokens)
+  model = init_model(cfg)
+  B, D = cfg.train.batch_size, cfg.model.d_model
+  x = jax.random.normal(jax.random.key(0), (B, L, D))
+  pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+  blk = model.blocks[0]
+  C = cfg.model.segment_len or L
+
+  def mixer_loss(mixer, x):
+    state = mixer.init_state(B, L - C)
+    if C == L:
+      return mixer(x, state, pos)[0].sum()
+    xs = x.reshape(B, L // C, C, D).swapaxes(0, 1)
+    ps = pos.reshape(B, L // C, C).swapaxes(0, 1)
+
+    def body(s, inp):
+      y, s = mixer(inp[0], s, inp[1])
+      return s, y.sum()
+    return jax.lax.scan(body, state, (xs, ps))[1].sum()
+
+  parts = {'mixer (one layer)': (blk.mixer, mixer_loss),
+           'MLP (one layer)': (blk.mlp, lambda mlp, x: mlp(x).sum())}
+  out = {}
+  for name, (module, loss) in parts.items():
+    graphdef, params = nnx.split(module)
+    grad = jax.jit(jax.grad(lambda p, x: loss(nnx.merge(graphdef, p), x), argnums=(0, 1)))
+    out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2))
+  whole = row['step_ms']
+  n = cfg.model.n_layers
+  out['rest (embedding, head, norms, optimizer)'] = whole - n * sum(out.values())
+  return dict(kind=kind, length=L, batch=B, step_ms=whole, layers=n, parts_ms=out)
+
+
+# --- targets -------------------------------------------------------------------------------
+
+def targets(train_rows, stream_fits, decode_rows, plan):
+  """[(target, measured, met, note)] for the issue's targets that this run measured."""
+  out = []
+  tr = {(r['kind'], r['length']): r for r in train_rows}
+  L2 = 2048 if 2048 in plan.train_lengths else plan.train_lengths[0]
+  Lmax = max(L for L in plan.ratio_lengths)
+  for kind in ('titans_mac', 'infini'):
+    r = tr.get((kind, L2), {})
+    if 'vs_plain' in r:
+      out.append((f'{kind} tokens/s >= 0.7x plain at {L2}', f"{r['vs_plain']:.2f}x",
+                  r['vs_plain'] >= 0.7, ''))
+    r, p = tr.get((kind, Lmax), {}), tr.get(('plain', Lmax), {})
+    if 'tokens_per_s' in r:
+      if 'tokens_per_s' in p:
+        ratio = r['tokens_per_s'] / p['tokens_per_s']
+        out.append((f'{kind} >= 4x faster than full attention at {Lmax}', f'{ratio:.2f}x',
+                    ratio >= 4, ''))
+      else:
+        out.append((f'{kind} >= 4x faster than full attention at {Lmax}', 'plain: ' +
+                    p.get('skipped', 'not run'), True, 'full attention could not run at all'))
+  w = tr.get(('plain_wide', plan.wide_length), {})
+  if 'mfu' in w:
+    out.append((f'plain width 512 step >= 50% of the measured matmul peak (L={plan.wide_length})',
+                f"{100 * w['mfu']:.1f}%", w['mfu'] >= 0.5, ''))
+  for kind, f in stream_fits.items():
+    if kind != 'plain':
+      out.append((f'{kind} inference state constant in length (exponent ~0)',
+                  f"{f['state_exp']:.3f}", abs(f['state_exp']) < 0.05, ''))
+  d = {r['policy']: r for r in decode_rows if r['kind'] == 'plain'}
+  if 'namm' in d and 'keep_all' in d:
+    over = d['namm']['ms_per_step'] / d['keep_all']['ms_per_step'] - 1
+    out.append(('NAMM overhead <= 10% of decode time', f'{100 * over:+.1f}%', over <= 0.10,
+                f"update every {d['namm']['prompt'] // 8} tokens"))
+  return out
+
+
+# --- page ----------------------------------------------------------------------------------
+
+def log(msg):
+  logging.info(msg)
+  print(msg, flush=True)
+
+
+def fmt(x, spec):
+  return '-' if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def page(res):
+  P = res['plan']
+  runs = {}
+  for section, c in res['commands'].items():
+    runs.setdefault(c['command'], []).append((section, c))
+  lines = [f'## Side by side: every model kind ({"quick" if res["quick"] else "full"} run)', '',
+           f"{res['machine']}. Seed {res['seed']}. All kinds: d_model 128, 2 layers, 4 heads "
+           '(Infini 4 KV heads, others 2), byte vocabulary; memory kinds use 64-token '
+           'segments/windows. Produced by:', '']
+  for command, items in runs.items():
+    c = items[0][1]
+    lines.append(f"- `{command}` (sections {', '.join(s for s, _ in items)}; started "
+                 f"{c['started']} UTC, {c.get('minutes', float('nan')):.0f} min; matmul peak "
+                 f"measured in that run {c['peak'] / 1e9:.1f} GFLOP/s/device)")
+  lines.append('')
+  t = res.get('targets', [])
+  if t:
+    lines += ['### Targets', '', '| target | measured | met |', '|---|---|---|']
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'}{' (' + note + ')' if note else ''} |"
+              for name, value, ok, note in t]
+    lines.append('')
+  rows = res.get('train', [])
+  if rows:
+    lengths = sorted({r['length'] for r in rows if r['kind'] != 'plain_wide'})
+    lines += ['### Training speed', '',
+              f"Real train step, {P['train_tokens']} tokens per step (batch = tokens / length), "
+              f"mean of {P['train_steps']} timed step(s) after a warm-up. Cells: tokens/s "
+              '(ratio to plain at that length) / MFU / XLA memory.', '',
+              '| kind | ' + ' | '.join(f'L = {L}' for L in lengths) + ' |',
+              '|---|' + '---|' * len(lengths)]
+    for kind in dict.fromkeys(r['kind'] for r in rows):
+      cells = []
+      for L in lengths:
+        r = next((r for r in rows if r['kind'] == kind and r['length'] == L), None)
+        if r is None:
+          cells.append('')
+        elif 'skipped' in r:
+          cells.append(f"skipped: {r['skipped']}")
+        else:
+          cells.append(f"{r['tokens_per_s']:.0f} ({fmt(r.get('vs_plain'), '.2f')}x) / "
+                       f"{100 * r['mfu']:.1f}% / {r['memory_mib']:.0f} MiB")
+      if kind == 'plain_wide':
+        r = next(r for r in rows if r['kind'] == kind)
+        cells = [f"L = {r['length']}: " + (r.get('skipped') or
+                 f"{r['tokens_per_s']:.0f} tok/s, MFU {100 * r['mfu']:.1f}%")] + [''] * (len(lengths) - 1)
+      lines.append(f'| {kind} | ' + ' | '.join(cells) + ' |')
+    fits = {k: slope([r['length'] for r in rows if r['kind'] == k and 'step_ms' in r],
+                     [1 / r['tokens_per_s'] for r in rows if r['kind'] == k and 'step_ms' in r])
+            for k in dict.fromkeys(r['kind'] for r in rows) if k != 'plain_wide'}
+    lines += ['', 'Time per training token ~ L^a: ' + ', '.join(
+        f'{k} a = {fmt(v, ".2f")}' for k, v in fits.items()) + '.', '',
+        '![training speed](bench/results/run_train.png)', '']
+  rows = res.get('stream', [])
+  if rows:
+    lines += ['### Inference scaling (state carried chunk by chunk)', '',
+              'Batch 1, random tokens, chunks of the segment length (plain: 256 tokens into a '
+              'KV cache sized for the whole input). Cells: us per token while reading / decode '
+              'state bytes / one decode step after it (ms).', '']
+    ns = sorted({r['tokens'] for r in rows})
+    lines += ['| kind | ' + ' | '.join(f'{n:,}' for n in ns) + ' | state ~ N^b | step ~ N^c |',
+              '|---|' + '---|' * (len(ns) + 2)]
+    for kind, f in res['stream_fits'].items():
+      cells = []
+      for n in ns:
+        r = next((r for r in rows if r['kind'] == kind and r['tokens'] == n), None)
+        cells.append('' if r is None else f"skipped: {r['skipped']}" if 'skipped' in r else
+                     f"{r['us_per_token']:.1f} / {r['state_bytes']:,} / {r['decode_step_ms']:.2f}")
+      lines.append(f'| {kind} | ' + ' | '.join(cells) +
+                   f" | {fmt(f['state_exp'], '.2f')} | {fmt(f['step_exp'], '.2f')} |")
+    lines += ['', '![inference scaling](bench/results/run_stream.png)', '']
+  rows = res.get('decode', [])
+  if rows:
+    lines += ['### Decode per eviction policy', '',
+              f"Batch {rows[0]['batch']}, a {rows[0]['prompt']}-token corpus prompt, then "
+              f"{len(rows[0]['kv_bytes'])} greedy steps; cache capacity prompt + new tokens "
+              '(static shapes, so every policy attends over the same slots: the time '
+              'difference is the policy itself). Budget = half the prompt; NAMM: ' +
+              (f'`{_NAMM_RUN.value}`' if _NAMM_RUN.value else 'a random parameter vector '
+               '(sigma 0.065, as a CMA-ES population member), i.e. its cost, not its choices') +
+              '.', '', '| kind / policy | tokens/s | ms/step | KV bytes after prefill | '
+              'KV bytes at the end |', '|---|---|---|---|---|']
+    for r in rows:
+      lines.append(f"| {r['kind']} / {r['policy']} | {r['tokens_per_s']:.1f} | "
+                   f"{r['ms_per_step']:.2f} | {r['kv_bytes'][0]:,.0f} | {r['kv_bytes'][-1]:,.0f} |")
+    lines += ['', '![decode](bench/results/run_decode.png)', '']
+  rows = res.get('capability', [])
+  if rows:
+    r0 = rows[0]
+    tasks = list(dict.fromkeys(c['task'] for c in r0['tasks']))
+    lens = sorted({c['length'] for c in r0['tasks']})
+    lines += ['### Capability', '',
+              f"Each kind trained {r0['steps']} steps (batch {P['cap_batch']}, length "
+              f"{P['cap_length']}) on `{MIX}`; held-out loss (nats/byte) on the corpus by "
+              'position bucket; exact match on held-out task seeds (teacher forcing; the '
+              'plain model under a policy goes through the decode path with half the cache), '
+              f"{P['cap_examples']} examples per cell, mean over depths 0.1/0.5/0.9.", '',
+              '| kind / policy | train s | loss | loss by position | ' +
+              ' | '.join(f'{t} @ {n}' for t in tasks for n in lens) + ' |',
+              '|---|---|---|---|' + '---|' * (len(tasks) * len(lens))]
+    for r in rows:
+      accs = []
+      for t in tasks:
+        for n in lens:
+          a = [c['accuracy'] for c in r['tasks'] if c['task'] == t and c['length'] == n
+               and c['accuracy'] is not None]
+          accs.append(f'{np.mean(a):.2f}' if a else 'skipped')
+      loss = r['loss']
+      lines.append(f"| {r['kind']} / {r['policy']} | {r['train_s']:.0f} | " +
+                   (f"{loss['loss']:.3f} | " + ' '.join(f"{b['loss']:.2f}" for b in loss['buckets'])
+                    if loss else '- | -') + ' | ' + ' | '.join(accs) + ' |')
+    lines += ['', '![capability](bench/results/run_capability.png)', '']
+  prof = res.get('profile')
+  if prof:
+    lines += [f"### Profile: {prof['kind']} (furthest below its target)", '',
+              f"Train step at L = {prof['length']}, batch {prof['batch']}: "
+              f"{prof['step_ms']:.0f} ms. Parts timed alone (forward + backward):", '',
+              '| part | ms | share of the step |', '|---|---|---|']
+    for name, ms in prof['parts_ms'].items():
+      k = 1 if name.startswith('rest') else prof['layers']
+      lines.append(f"| {name}{f' x {k} layers' if k > 1 else ''} | {ms:.0f} | "
+                   f"{100 * k * ms / prof['step_ms']:.0f}% |")
+    lines.append('')
+  return '\n'.join(lines)
+
+
+def plots(res, prefix):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  rows = [r for r in res.get('train', []) if 'tokens_per_s' in r and r['kind'] != 'plain_wide']
+  if rows:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for kind in dict.fromkeys(r['kind'] for r in rows):
+      rs = [r for r in rows if r['kind'] == kind]
+      axes[0].plot([r['length'] for r in rs], [r['tokens_per_s'] for r in rs], 'o-', label=kind)
+      axes[1].plot([r['length'] for r in rs], [r['memory_mib'] for r in rs], 'o-', label=kind)
+    for ax, title in zip(axes, ('training tokens/s', 'XLA memory per step (MiB)')):
+      ax.set(xscale='log', yscale='log', xlabel='context length', title=title)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix + '_train.png', dpi=90)
+  rows = [r for r in res.get('stream', []) if 'state_bytes' in r]
+  if rows:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for kind in dict.fromkeys(r['kind'] for r in rows):
+      rs = [r for r in rows if r['kind'] == kind]
+      xs = [r['tokens'] for r in rs]
+      for ax, key in zip(axes, ('us_per_token', 'state_bytes', 'decode_step_ms')):
+        ax.plot(xs, [r[key] for r in rs], 'o-', label=kind)
+    for ax, title in zip(axes, ('us per token (reading)', 'decode state bytes',
+                                'one decode step (ms)')):
+      ax.set(xscale='log', yscale='log', xlabel='tokens read', title=title)
+      ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix + '_stream.png', dpi=90)
+  rows = res.get('decode', [])
+  if rows:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+      ax.plot(np.arange(1, len(r['kv_bytes']) + 1), np.asarray(r['kv_bytes']) / 2**10,
+              label=f"{r['kind']}/{r['policy']} ({r['tokens_per_s']:.0f} tok/s)")
+    ax.set(xlabel='generated tokens', ylabel='KV cache (KiB per sequence)',
+           title='KV cache while decoding')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix + '_decode.png', dpi=90)
+  rows = [r for r in res.get('capability', []) if r['loss']]
+  if rows:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for r in rows:
+      b = r['loss']['buckets']
+      axes[0].plot([(x['start'] + x['end']) / 2 for x in b], [x['loss'] for x in b], 'o-',
+                   label=r['kind'])
+    axes[0].set(xlabel='position', ylabel='held-out loss (nats/byte)', title='loss by position')
+    axes[0].legend(fontsize=7)
+    allrows = res['capability']
+    tasks = list(dict.fromkeys(c['task'] for c in allrows[0]['tasks']))
+    width = 0.8 / len(tasks)
+    for i, task in enumerate(tasks):
+      acc = [np.mean([c['accuracy'] for c in r['tasks'] if c['task'] == task
+                      and c['accuracy'] is not None] or [np.nan]) for r in allrows]
+      axes[1].bar(np.arange(len(allrows)) + i * width, acc, width, label=task)
+    axes[1].set_xticks(np.arange(len(allrows)) + 0.4 - width / 2,
+                       [f"{r['kind']}/{r['policy']}" for r in allrows], rotation=60, fontsize=7)
+    axes[1].set(ylim=(0, 1), title='task exact match (mean over grid)')
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix + '_capability.png', dpi=90)
+  plt.close('all')
+
+
+def main(argv):
+  del argv
+  t0 = time.time()
+  plan = QUICK if _QUICK.value else FULL
+  kinds = _KINDS.value or list(KINDS)
+  for k in kinds:
+    if k not in KINDS:
+      raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS)}')
+  prefix = os.path.join(ROOT, _OUT.value)
+  res = {}
+  if os.path.exists(prefix + '.json'):       # sections run before with the same plan stay
+    with open(prefix + '.json') as f:
+      res = json.load(f)
+    if res.get('quick') != _QUICK.value:
+      res = {}
+  peak = flops.measure_peak_flops()
+  command = ' '.join(['python bench/run.py'] + sys.argv[1:])
+  res.update(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(), seed=_SEED.value)
+  res.setdefault('commands', {})
+  log(f"{res['machine']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
+  sections = _SECTIONS.value
+  for name in sections:
+    res['commands'][name] = dict(command=command, peak=peak, started=time.strftime('%Y-%m-%d %H:%M'))
+  if 'train' in sections:
+    res['train'] = train_section(kinds, plan, peak)
+  if 'stream' in sections:
+    res['stream'], res['stream_fits'] = stream_section(kinds, plan)
+  if 'decode' in sections:
+    res['decode'] = decode_section(kinds, plan)
+  if 'capability' in sections:
+    workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-')
+    res['capability'] = capability_section(kinds, plan, workdir)
+  if 'profile' in sections and res.get('train'):
+    rows = [r for r in res['train'] if r['length'] == 2048 and 'vs_plain' in r
+            and r['kind'] != 'plain']
+    if rows:
+      res['profile'] = profile_section(min(rows, key=lambda r: r['vs_plain']), plan)
+  res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
+                           res.get('decode', []), plan)
+  for name in sections:
+    res['commands'][name]['minutes'] = (time.time() - t0) / 60
+  os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  with open(prefix + '.json', 'w') as f:
+    json.dump(res, f, indent=1, default=str)
+  plots(res, prefix)
+  with open(prefix + '.md', 'w') as f:
+    f.write(page(res) + '\n')
+  log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min')
+
+
+if __name__ == '__main__':
+  app.run(main)
