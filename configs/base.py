@@ -32,7 +32,12 @@ def get_base_config():
   m.tie_embeddings = True
   m.scale_embeddings = True     # multiply embeddings by sqrt(d_model)
   m.remat = 'block'             # none | block | segment
-  m.attention_impl = 'xla'      # xla: jax.nn.dot_product_attention | masked: einsum + mask
+  # Training attention (one chunk, no cache): xla: jax.nn.dot_product_attention (dense
+  # [B, heads, T, T] scores) | chunked: blockwise flash attention in pure JAX, O(T * block)
+  # memory (models/chunked_attention.py) | cudnn: cuDNN fused attention (GPU, bf16/fp16) |
+  # masked: einsum + mask (the decode path's code, a reference).
+  m.attention_impl = 'xla'
+  m.attention_block = 512       # chunked: query / key block size in tokens
   # Method sections: each memory method's keys, documented in its models/ module.
   m.titans = ti = ml_collections.ConfigDict()   # models/titans.py (mixers titans_*)
   ti.chunk = 16                 # b: tokens per memory chunk (gradients at the chunk start)

@@ -112,8 +112,9 @@ class AnchorAttention(Attention):
     counts = cache.policy_state
     seg, doc = sentence_and_document(anc, bos, counts['n_anc'], counts['n_bos'])
     new = dict(pos=pos_BxT.astype(jnp.int32), seg=seg, doc=doc, anc=anc, ok=~pad)
-    if cache.capacity == 0 and self.impl == 'xla':
-      # Training fast path: one chunk, mask [B, 1, T, T] broadcast over heads.
+    if cache.capacity == 0 and self.impl != 'masked':
+      # Training fast path: one chunk, mask [B, 1, T, T] broadcast over heads (dense for
+      # every attention_impl: chunked / cudnn handle causal and sliding masks only).
       mask = ansan_mask(new, {n: a[:, None] for n, a in new.items()})
       o = jax.nn.dot_product_attention(q, k, v, mask=mask)
       return self.out(o), cache

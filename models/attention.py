@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from models.chunked_attention import chunked_attention
 from models.layers import constrain, param, rope, rope_scaling
 
 NEG_INF = -1e30
@@ -108,7 +109,7 @@ class Attention(nnx.Module):
     self.n_heads, self.kv_heads, self.head_dim = N, K, H
     self.window, self.rope_theta = window, cfg.rope_theta
     self.rope_scaling = rope_scaling(cfg)        # None or a hashable tuple (models/layers.py)
-    self.impl = cfg.attention_impl
+    self.impl, self.block = cfg.attention_impl, cfg.attention_block
     self.wq = param(rngs, (D, N, H), ('embed', 'heads', 'head_dim'), scale=D ** -0.5)
     self.wk = param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), scale=D ** -0.5)
     self.wv = param(rngs, (D, K, H), ('embed', 'kv_heads', 'head_dim'), scale=D ** -0.5)
@@ -135,16 +136,23 @@ class Attention(nnx.Module):
     k = constrain(k, ('batch', 'seq', 'kv_heads', 'head_dim'))
     return q, k, v
 
+  def causal(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
+    """Training fast path (one chunk, no cache, positions contiguous): model.attention_impl
+    'xla' / 'cudnn' (jax.nn.dot_product_attention) or 'chunked' (blockwise, O(T * block))."""
+    if self.impl == 'chunked':
+      return chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window=self.window,
+                               block=self.block)
+    window = (self.window - 1, 0) if self.window else None
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
+                                        local_window_size=window, implementation=self.impl)
+
   def out(self, o_BxTxNxH):
     return jnp.einsum('btnh,nhd->btd', o_BxTxNxH, self.wo[...].astype(o_BxTxNxH.dtype))
 
   def __call__(self, x_BxTxD, cache: KVCache, pos_BxT, *, policy=None, tokens_BxT=None):
     q, k, v = self.qkv(x_BxTxD, pos_BxT)
-    if cache.capacity == 0 and policy is None and self.impl == 'xla':
-      # Fast path (training, one chunk): positions are contiguous inside the chunk.
-      window = (self.window - 1, 0) if self.window else None
-      o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window)
-      return self.out(o), cache
+    if cache.capacity == 0 and policy is None and self.impl != 'masked':
+      return self.out(self.causal(q, k, v)), cache
     k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     T = x_BxTxD.shape[1]
     k_all = jnp.concatenate([cache.k_BxKxSxH.astype(k.dtype), k_new], 2)

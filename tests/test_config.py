@@ -20,6 +20,11 @@ from training.loop import train
     ({'mesh.tensor': 3, 'mesh.data': -1}, 6, r'config.mesh.tensor: tensor=3 does not divide'),
     ({'train.batch_size': 6}, 4, r'config.train.batch_size: batch_size=6 is not divisible'),
     ({'decode.policy': 'oracle'}, 1, r"config.decode.policy: unknown policy 'oracle'"),
+    ({'model.attention_impl': 'flash'}, 1, r"config.model.attention_impl: 'flash' not xla"),
+    ({'model.attention_block': 0}, 1, r'config.model.attention_block: must be >= 1, got 0'),
+    ({'model.attention_impl': 'cudnn'}, 1, r'config.model.attention_impl: cudnn needs model.dtype'),
+    ({'model.attention_impl': 'cudnn', 'model.dtype': 'bfloat16'}, 1,
+     r"config.model.attention_impl: cudnn needs a GPU, this platform is 'cpu'"),
 ])
 def test_invalid_values_name_the_key(overrides, devices, message):
   with pytest.raises(ConfigError, match=message):

@@ -178,7 +178,7 @@ def validate(cfg, n_devices, *, check_mesh=True):
     _check(m.window >= 1, 'model.window', 'sliding-window attention needs window >= 1')
   _check(m.dtype in DTYPES, 'model.dtype', f'{m.dtype!r} not one of {sorted(DTYPES)}')
   _check(m.remat in ('none', 'block', 'segment'), 'model.remat', f'{m.remat!r} not none|block|segment')
-  _check(m.attention_impl in ('xla', 'masked'), 'model.attention_impl', f'{m.attention_impl!r}')
+  _validate_attention(m, n_devices)
   _check(d.seq_len >= 1, 'data.seq_len', f'must be >= 1, got {d.seq_len}')
   _check(m.segment_len >= 0, 'model.segment_len', f'must be >= 0, got {m.segment_len}')
   if m.segment_len:
@@ -212,6 +212,23 @@ def validate(cfg, n_devices, *, check_mesh=True):
     _check(m.d_model % sizes['fsdp'] == 0, 'mesh.fsdp',
            f'fsdp={sizes["fsdp"]} does not divide model.d_model={m.d_model}')
   return cfg
+
+
+def _validate_attention(m, n_devices):
+  """model.attention_impl and attention_block. cudnn is checked against the platform only
+  when jax may start (n_devices > 0: train.py validates once before jax.distributed)."""
+  _check(m.attention_impl in ('xla', 'chunked', 'cudnn', 'masked'), 'model.attention_impl',
+         f'{m.attention_impl!r} not xla|chunked|cudnn|masked')
+  _check(m.attention_block >= 1, 'model.attention_block', f'must be >= 1, got {m.attention_block}')
+  if m.attention_impl != 'cudnn':
+    return
+  _check(m.dtype in ('bfloat16', 'float16'), 'model.attention_impl',
+         f'cudnn needs model.dtype bfloat16 or float16, got {m.dtype!r}')
+  if n_devices:
+    import jax
+    platform = jax.devices()[0].platform
+    _check(platform == 'gpu', 'model.attention_impl',
+           f'cudnn needs a GPU, this platform is {platform!r} (use xla or chunked)')
 
 
 def _validate_titans(cfg):

@@ -1,0 +1,159 @@
+"""Blockwise (flash-style) causal / sliding-window attention in pure JAX (attention_impl='chunked').
+
+Dense attention materialises [B, heads, T, T] scores in the forward pass and again in the
+backward pass; at 16K-64K context that does not fit. Here queries and keys are cut into
+blocks of `block` tokens and each query block visits only the key blocks it can see (up
+to the causal diagonal; for a sliding window only the ~window / block before it), with an
+fp32 online softmax (running max and sum). The backward pass is hand-written
+(`jax.custom_vjp`, FlashAttention-2 style): it recomputes each block's probabilities from
+the saved log-sum-exp, so neither pass keeps anything larger than O(T * block).
+
+Loops are `lax.fori_loop`s with dynamic bounds (the visible key range of each query
+block), so the compiled program does not grow with T and skipped blocks cost nothing.
+Layout inside: q/o [B, K, G, T, H] (G = N / K query heads per KV head), k/v [B, K, T, H].
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+NEG_INF = -1e30
+
+
+def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=512):
+  """Causal softmax attention over one contiguous chunk (positions 0..T-1), GQA.
+
+  window > 0: key j is visible to query i iff i - window < j <= i (sliding window).
+  T need not be a multiple of `block`: the chunk is padded at the end; padded keys are in
+  the future of every real query, so causality masks them. Returns [B, T, N, H].
+  """
+  B, T, N, H = q_BxTxNxH.shape
+  K = k_BxTxKxH.shape[2]
+  b = min(block, T)
+  Tp = -(-T // b) * b
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
+  q_BxKxGxTxH = pad(q_BxTxNxH).reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  k_BxKxTxH = pad(k_BxTxKxH).transpose(0, 2, 1, 3)
+  v_BxKxTxH = pad(v_BxTxKxH).transpose(0, 2, 1, 3)
+  o_BxKxGxTxH = _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b)
+  return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
+
+
+def _block(x, i, b, axis):
+  """Block i (of b tokens) of x along `axis` (the token axis)."""
+  return lax.dynamic_slice_in_dim(x, i * b, b, axis % x.ndim)
+
+
+def _put(x, blk, i, b, axis):
+  return lax.dynamic_update_slice_in_dim(x, blk.astype(x.dtype), i * b, axis % x.ndim)
+
+
+def _kv_range(i, b, window):
+  """Key blocks [lo, hi) that query block i can see: none after the diagonal block, and
+  with a window none wholly before the first query's oldest visible key."""
+  lo = 0 if not window else jnp.maximum(i * b - window + 1, 0) // b
+  return lo, i + 1
+
+
+def _masked_logits(q_BxKxGxQxH, k_BxKxCxH, i, j, b, window):
+  """Scaled fp32 logits of query block i against key block j, NEG_INF where invisible;
+  and the visibility mask [Q, C]."""
+  H = q_BxKxGxQxH.shape[-1]
+  s = jnp.einsum('bkgqh,bkch->bkgqc', q_BxKxGxQxH, k_BxKxCxH,
+                 preferred_element_type=jnp.float32) * H ** -0.5
+  q_pos_Qx1 = i * b + jnp.arange(b)[:, None]
+  k_pos_1xC = j * b + jnp.arange(b)[None, :]
+  mask_QxC = k_pos_1xC <= q_pos_Qx1
+  if window:
+    mask_QxC &= q_pos_Qx1 - k_pos_1xC < window
+  return jnp.where(mask_QxC, s, NEG_INF), mask_QxC
+
+
+def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, i, b, window):
+  """Online softmax of query block i over its visible key blocks: out (fp32), lse."""
+
+  def body(j, carry):
+    m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = carry
+    s, mask_QxC = _masked_logits(q_BxKxGxQxH, _block(k_BxKxTxH, j, b, -2), i, j, b, window)
+    m_new = jnp.maximum(m_BxKxGxQ, s.max(-1))
+    # where: a row with no visible key yet has m_new = NEG_INF, and exp(s - m_new) = 1.
+    p = jnp.where(mask_QxC, jnp.exp(s - m_new[..., None]), 0.)
+    alpha = jnp.exp(m_BxKxGxQ - m_new)
+    v_blk = _block(v_BxKxTxH, j, b, -2)
+    pv = jnp.einsum('bkgqc,bkch->bkgqh', p.astype(v_blk.dtype), v_blk,
+                    preferred_element_type=jnp.float32)
+    return m_new, alpha * l_BxKxGxQ + p.sum(-1), alpha[..., None] * acc_BxKxGxQxH + pv
+
+  shape = q_BxKxGxQxH.shape[:-1]
+  init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(q_BxKxGxQxH.shape, jnp.float32))
+  m, l, acc = lax.fori_loop(*_kv_range(i, b, window), body, init)
+  return acc / l[..., None], m + jnp.log(l)   # l > 0: every query sees itself
+
+
+def _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b):
+  """All query blocks: out [B, K, G, T, H] (q's dtype) and the fp32 log-sum-exp [B, K, G, T]."""
+
+  def body(i, carry):
+    o, lse = carry
+    o_blk, lse_blk = _forward_block(_block(q_BxKxGxTxH, i, b, -2), k_BxKxTxH, v_BxKxTxH, i,
+                                    b, window)
+    return _put(o, o_blk, i, b, -2), _put(lse, lse_blk, i, b, -1)
+
+  init = (jnp.zeros_like(q_BxKxGxTxH), jnp.zeros(q_BxKxGxTxH.shape[:-1], jnp.float32))
+  return lax.fori_loop(0, q_BxKxGxTxH.shape[-2] // b, body, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b):
+  return _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b)[0]
+
+
+def _flash_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b):
+  o, lse = _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b)
+  return o, (q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, o, lse)
+
+
+def _flash_bwd(window, b, residuals, do_BxKxGxTxH):
+  """dq, dk, dv in one pass over query blocks: each (query block, visible key block) pair
+  recomputes p = exp(s - lse), adds its dq to the query block's accumulator and its dk,
+  dv into fp32 [B, K, T, H] buffers."""
+  q, k, v, o, lse_BxKxGxT = residuals
+  H = q.shape[-1]
+  delta_BxKxGxT = jnp.einsum('bkgth,bkgth->bkgt', do_BxKxGxTxH.astype(jnp.float32),
+                             o.astype(jnp.float32))        # rowsum(dO * O) = sum_j p_j dp_j
+
+  def q_body(i, carry):
+    dq, dk, dv = carry
+    q_blk, do_blk = _block(q, i, b, -2), _block(do_BxKxGxTxH, i, b, -2)
+    lse_blk, delta_blk = _block(lse_BxKxGxT, i, b, -1), _block(delta_BxKxGxT, i, b, -1)
+
+    def kv_body(j, inner):
+      dq_blk, dk, dv = inner
+      k_blk, v_blk = _block(k, j, b, -2), _block(v, j, b, -2)
+      s, mask_QxC = _masked_logits(q_blk, k_blk, i, j, b, window)
+      p = jnp.where(mask_QxC, jnp.exp(s - lse_blk[..., None]), 0.)
+      dp = jnp.einsum('bkgqh,bkch->bkgqc', do_blk, v_blk, preferred_element_type=jnp.float32)
+      ds = p * (dp - delta_blk[..., None]) * H ** -0.5    # d loss / d (q.k), fp32
+      dq_blk += jnp.einsum('bkgqc,bkch->bkgqh', ds.astype(k_blk.dtype), k_blk,
+                           preferred_element_type=jnp.float32)
+      dk_blk = jnp.einsum('bkgqc,bkgqh->bkch', ds.astype(q_blk.dtype), q_blk,
+                          preferred_element_type=jnp.float32)
+      dv_blk = jnp.einsum('bkgqc,bkgqh->bkch', p.astype(do_blk.dtype), do_blk,
+                          preferred_element_type=jnp.float32)
+      dk = _put(dk, _block(dk, j, b, -2) + dk_blk, j, b, -2)
+      dv = _put(dv, _block(dv, j, b, -2) + dv_blk, j, b, -2)
+      return dq_blk, dk, dv
+
+    init = (jnp.zeros(q_blk.shape, jnp.float32), dk, dv)
+    dq_blk, dk, dv = lax.fori_loop(*_kv_range(i, b, window), kv_body, init)
+    return _put(dq, dq_blk, i, b, -2), dk, dv
+
+  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
+          jnp.zeros(v.shape, jnp.float32))
+  dq, dk, dv = lax.fori_loop(0, q.shape[-2] // b, q_body, init)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
