@@ -55,9 +55,13 @@ _NAMM_RUN = flags.DEFINE_string('namm_run', '', 'evolve.py workdir for the NAMM 
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of model init, data order and task examples.')
 
 # kind -> (config, overrides). Same width and depth (d_model 128, 2 layers, 4 heads); the
-# memory kinds use segments / windows of 64 tokens.
+# memory kinds use segments / windows of 64 tokens. 'plain' is full causal attention with the
+# blockwise (flash-style) kernel; 'plain_xla' the same model with jax.nn.dot_product_attention
+# (materialises the scores; training speed only).
+CHUNKED = {'model.attention_impl': 'chunked'}
 KINDS = {
-    'plain': ('configs/transformer.py:tiny', {}),
+    'plain': ('configs/transformer.py:tiny', CHUNKED),
+    'plain_xla': ('configs/transformer.py:tiny', {}),
     'sliding': ('configs/sliding.py:tiny', {'model.window': 64, 'model.segment_len': 64}),
     'titans_mac': ('configs/titans_mac.py:tiny', {}),
     'titans_mag': ('configs/titans_mag.py:tiny', {}),
@@ -66,7 +70,8 @@ KINDS = {
     'infini_delta': ('configs/infini.py:tiny', {'model.infini.update_rule': 'delta'}),
     'ansan': ('configs/anchor_ep.py:tiny', {}),
 }
-WIDE = ('configs/transformer.py:small', {})          # width 512, 8 layers: the MFU target
+WIDE = ('configs/transformer.py:small', CHUNKED)     # width 512, 8 layers: the MFU target
+TRAIN_ONLY = ('plain_xla',)
 RECURRENT = ('sliding', 'titans_mac', 'titans_mag', 'titans_mal', 'infini', 'infini_delta')
 POLICIES = ('keep_all', 'recency', 'h2o', 'l2', 'namm')
 MIX = 'mix:stdlib+synthetic:passkey+synthetic:niah+synthetic:mqar'
@@ -74,12 +79,14 @@ MIX = 'mix:stdlib+synthetic:passkey+synthetic:niah+synthetic:mqar'
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  train_lengths: tuple
+  train_lengths: tuple       # every kind
+  scale_lengths: tuple       # more points for the scaling fit, SCALE_KINDS only
   train_tokens: int          # per step (batch = tokens / length)
   train_steps: int           # timed steps
   ratio_lengths: tuple       # where the ratio to plain is a target
   wide_length: int
-  stream_lengths: tuple
+  stream_lengths: tuple      # every kind with a constant state (and plain up to its max)
+  stream_long: tuple         # SCALE_KINDS only
   stream_plain_max: int      # the plain KV cache grows: stop there
   decode_prompt: int
   decode_new: int
@@ -89,15 +96,16 @@ class Plan:
   cap_examples: int
 
 
-FULL = Plan(train_lengths=(1024, 2048, 8192, 32768, 65536), train_tokens=65536, train_steps=1,
-            ratio_lengths=(2048, 8192, 32768), wide_length=2048,
-            stream_lengths=(4096, 16384, 65536, 262144, 1048576), stream_plain_max=65536,
-            decode_prompt=2048, decode_new=1024, cap_length=512, cap_steps=300, cap_batch=8,
+FULL = Plan(train_lengths=(2048, 8192, 32768), scale_lengths=(1024, 65536), train_tokens=65536,
+            train_steps=1, ratio_lengths=(2048, 8192, 32768), wide_length=2048,
+            stream_lengths=(4096, 32768, 262144), stream_long=(1048576,), stream_plain_max=32768,
+            decode_prompt=2048, decode_new=1024, cap_length=256, cap_steps=300, cap_batch=8,
             cap_examples=16)
-QUICK = Plan(train_lengths=(512, 2048), train_tokens=4096, train_steps=2,
-             ratio_lengths=(2048,), wide_length=512, stream_lengths=(1024, 4096, 16384),
-             stream_plain_max=16384, decode_prompt=256, decode_new=128, cap_length=256,
-             cap_steps=40, cap_batch=8, cap_examples=4)
+QUICK = Plan(train_lengths=(512, 2048), scale_lengths=(), train_tokens=4096, train_steps=2,
+             ratio_lengths=(2048,), wide_length=512, stream_lengths=(1024, 4096),
+             stream_long=(16384,), stream_plain_max=16384, decode_prompt=256, decode_new=128,
+             cap_length=256, cap_steps=40, cap_batch=8, cap_examples=4)
+SCALE_KINDS = ('plain', 'titans_mac', 'infini')
 
 
 def kind_config(kind, **more):
@@ -120,7 +128,8 @@ def state_bytes(layer_states, batch):
 
 def train_section(kinds, plan, peak):
   rows = []
-  jobs = [(k, L) for k in kinds for L in plan.train_lengths]
+  jobs = [(k, L) for k in kinds for L in sorted(
+      plan.train_lengths + (plan.scale_lengths if k in SCALE_KINDS else ()))]
   jobs.append(('plain_wide', plan.wide_length))
   for kind, L in jobs:
     row = dict(kind=kind, length=L)
@@ -184,7 +193,7 @@ def stream_one(cfg, n_tokens, chunk, block_tokens):
 def stream_section(kinds, plan):
   rows = []
   for kind in [k for k in kinds if k in RECURRENT or k == 'plain']:
-    for n in plan.stream_lengths:
+    for n in plan.stream_lengths + (plan.stream_long if kind in SCALE_KINDS else ()):
       if kind == 'plain' and n > plan.stream_plain_max:
         continue
       cfg = kind_config(kind)
@@ -298,7 +307,7 @@ def capability_section(kinds, plan, workdir):
   from training import evaluation, loop
   rows = []
   L = plan.cap_length
-  for kind in kinds:
+  for kind in [k for k in kinds if k not in TRAIN_ONLY]:
     cfg = kind_config(kind)
     cfg.data.source, cfg.data.seq_len = MIX, L
     if cfg.model.segment_len:

@@ -190,3 +190,20 @@ def test_config_errors_name_the_key(key, value, named):
     validate(cfg, 1)
   from configs.anchor_ac import get_config as ac_config
   validate(resolve(ac_config('tiny')), 1)
+
+
+def test_continued_pretraining_from_a_full_attention_run(tmp_path):
+  """train.init_from: a trained full-attention run continues under the anchor mask through
+  training.loop.train; every parameter is copied and training starts from the trained loss."""
+  from training.loop import train
+  from training.metrics import read_metrics
+  fast = {'train.lr': 1e-2, 'train.warmup_steps': 5, 'train.log_every': 1}
+  base = train(tiny_config(**fast, **{'train.steps': 40, 'train.eval_every': 40,
+                                      'train.ckpt_every': 40}), tmp_path / 'base')
+  cfg = tiny_config(**{**fast, 'model.mixer': 'anchor', 'train.init_from': str(tmp_path / 'base'),
+                       'train.steps': 3, 'train.lr': 1e-3})
+  train(cfg, tmp_path / 'ep')
+  rows = read_metrics(tmp_path / 'ep')
+  fresh = read_metrics(tmp_path / 'base')[1]['loss']         # step 1 of the base run
+  assert np.isfinite(rows[3]['eval_loss'])
+  assert rows[1]['loss'] < base['eval_loss'] + 0.5 < fresh, (rows[1], base, fresh)
