@@ -88,13 +88,14 @@ def compile_checked(lowered):
   return compiled
 
 
-def time_calls(fn, steps):
-  """Seconds per call of fn() (fn returns arrays) after one warm-up call; a warm-up slower
-  than 10 s is the measurement itself (long steps: warm-up effects are noise there)."""
+def time_calls(fn, steps, compiled=False):
+  """Seconds per call of fn() (fn returns arrays) after one warm-up call. With `compiled`
+  (fn runs an ahead-of-time compiled program, so the warm-up compiles nothing), a warm-up
+  slower than 10 s is the measurement itself: warm-up effects are noise at that size."""
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   warm = time.perf_counter() - t0
-  if warm > 10:
+  if compiled and warm > 10:
     return warm
   t0 = time.perf_counter()
   for _ in range(steps):
@@ -121,7 +122,7 @@ def measure_train(cfg, peak, steps):
   def one():
     box[0], m = compiled(box[0], tokens)
     return m['loss']
-  dt = time_calls(one, steps)
+  dt = time_calls(one, steps, compiled=True)
   fpt = flops.train_flops_per_token(abstract_model(cfg), L)
   mem, mem_kind = peak_memory(compiled)
   return dict(length=L, batch=B, step_ms=1e3 * dt, tokens_per_s=B * L / dt,

@@ -74,7 +74,7 @@ WIDE = ('configs/transformer.py:small', CHUNKED)     # width 512, 8 layers: the 
 TRAIN_ONLY = ('plain_xla',)
 RECURRENT = ('sliding', 'titans_mac', 'titans_mag', 'titans_mal', 'infini', 'infini_delta')
 POLICIES = ('keep_all', 'recency', 'h2o', 'l2', 'namm')
-MIX = 'mix:stdlib+synthetic:passkey+synthetic:niah+synthetic:mqar'
+MIX = 'mix:stdlib+synthetic:passkey+synthetic:mqar'     # niah needs > 314 bytes: eval only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,7 @@ def train_section(kinds, plan, peak):
         f"{row['memory_mib']:8.1f} MiB (compile {row['compile_s']:.0f}s)"))
   plain = {r['length']: r.get('tokens_per_s') for r in rows if r['kind'] == 'plain'}
   for r in rows:
-    if plain.get(r['length']) and 'tokens_per_s' in r:
+    if plain.get(r['length']) and 'tokens_per_s' in r and r['kind'] != 'plain_wide':
       r['vs_plain'] = r['tokens_per_s'] / plain[r['length']]
   return rows
 
@@ -185,7 +185,8 @@ def stream_one(cfg, n_tokens, chunk, block_tokens):
   jax.block_until_ready(state)
   seconds = time.perf_counter() - t0
   tok, pos = jnp.zeros((1,), jnp.int32), jnp.full((1,), n_tokens, jnp.int32)
-  step_s = time_calls(lambda: one_step(params, state, tok, pos)[0], 5)
+  one_step = one_step.lower(params, state, tok, pos).compile()
+  step_s = time_calls(lambda: one_step(params, state, tok, pos)[0], 5, True)
   return dict(us_per_token=1e6 * seconds / n_tokens, state_bytes=state_bytes(state, 1),
               program_mib=program_bytes(compiled) / 2**20, decode_step_ms=1e3 * step_s)
 
@@ -273,7 +274,8 @@ def decode_one(cfg, prompt_BxP, n_new):
     return jax.lax.scan(body, (logits_BxV, state), jnp.arange(n_new))
 
   logits, state = prefill(params, prompt_BxP)
-  seconds = time_calls(lambda: steps(params, logits, state)[1], 2)
+  steps = steps.lower(params, logits, state).compile()
+  seconds = time_calls(lambda: steps(params, logits, state)[1], 2, True)
   _, kv_NxL = steps(params, logits, state)
   kv_caches = [s for s in state if hasattr(s, 'valid_BxKxS')]
   token_bytes = [2 * math.prod(s.k_BxKxSxH.shape[1::2]) * s.k_BxKxSxH.dtype.itemsize
@@ -383,10 +385,10 @@ def profile_section(row, plan):
   for name, (module, loss) in parts.items():
     graphdef, params = nnx.split(module)
     grad = jax.jit(jax.grad(lambda p, x: loss(nnx.merge(graphdef, p), x), argnums=(0, 1)))
-    out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2))
+    grad = grad.lower(params, x).compile()
+    out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2), True)
   whole = row['step_ms']
   n = cfg.model.n_layers
-  out['rest (embedding, head, norms, optimizer)'] = whole - n * sum(out.values())
   return dict(kind=kind, length=L, batch=B, step_ms=whole, layers=n, parts_ms=out)
 
 
@@ -534,7 +536,8 @@ def page(res):
               f"{P['cap_length']}) on `{MIX}`; held-out loss (nats/byte) on the corpus by "
               'position bucket; exact match on held-out task seeds (teacher forcing; the '
               'plain model under a policy goes through the decode path with half the cache), '
-              f"{P['cap_examples']} examples per cell, mean over depths 0.1/0.5/0.9.", '',
+              f"{P['cap_examples']} examples per cell, mean over depths 0.1/0.5/0.9; in brackets "
+              'the fraction of answer tokens right.', '',
               '| kind / policy | train s | loss | loss by position | ' +
               ' | '.join(f'{t} @ {n}' for t in tasks for n in lens) + ' |',
               '|---|---|---|---|' + '---|' * (len(tasks) * len(lens))]
@@ -542,9 +545,10 @@ def page(res):
       accs = []
       for t in tasks:
         for n in lens:
-          a = [c['accuracy'] for c in r['tasks'] if c['task'] == t and c['length'] == n
-               and c['accuracy'] is not None]
-          accs.append(f'{np.mean(a):.2f}' if a else 'skipped')
+          cs = [c for c in r['tasks'] if c['task'] == t and c['length'] == n
+                and c['accuracy'] is not None]
+          accs.append(f"{np.mean([c['accuracy'] for c in cs]):.2f} "
+                      f"({np.mean([c['token_accuracy'] for c in cs]):.2f})" if cs else 'skipped')
       loss = r['loss']
       lines.append(f"| {r['kind']} / {r['policy']} | {r['train_s']:.0f} | " +
                    (f"{loss['loss']:.3f} | " + ' '.join(f"{b['loss']:.2f}" for b in loss['buckets'])
@@ -554,12 +558,12 @@ def page(res):
   if prof:
     lines += [f"### Profile: {prof['kind']} (furthest below its target)", '',
               f"Train step at L = {prof['length']}, batch {prof['batch']}: "
-              f"{prof['step_ms']:.0f} ms. Parts timed alone (forward + backward):", '',
-              '| part | ms | share of the step |', '|---|---|---|']
+              f"{prof['step_ms']:.0f} ms. Parts timed alone (forward + backward, same batch and "
+              'length; timed alone they need not add up to the step):', '',
+              '| part | ms | x layers, share of the step |', '|---|---|---|']
     for name, ms in prof['parts_ms'].items():
-      k = 1 if name.startswith('rest') else prof['layers']
-      lines.append(f"| {name}{f' x {k} layers' if k > 1 else ''} | {ms:.0f} | "
-                   f"{100 * k * ms / prof['step_ms']:.0f}% |")
+      k = prof['layers']
+      lines.append(f"| {name} | {ms:.0f} | {100 * k * ms / prof['step_ms']:.0f}% |")
     lines.append('')
   return '\n'.join(lines)
 
@@ -630,6 +634,28 @@ def plots(res, prefix):
   plt.close('all')
 
 
+SECTION_KEYS = dict(train=('train',), stream=('stream', 'stream_fits'), decode=('decode',),
+                    capability=('capability',), profile=('profile',))
+
+
+def merged(path, res, sections):
+  """res laid over the sections of an earlier run of the same plan written at `path` (read
+  now, so runs of different sections may go on side by side)."""
+  old = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+  if old.get('quick') != res['quick']:
+    return res
+  for name in set(SECTION_KEYS) - set(sections):
+    for key in SECTION_KEYS[name]:
+      if key in old:
+        res[key] = old[key]
+    if name in old.get('commands', {}):
+      res['commands'][name] = old['commands'][name]
+  return res
+
+
 def main(argv):
   del argv
   t0 = time.time()
@@ -639,16 +665,10 @@ def main(argv):
     if k not in KINDS:
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS)}')
   prefix = os.path.join(ROOT, _OUT.value)
-  res = {}
-  if os.path.exists(prefix + '.json'):       # sections run before with the same plan stay
-    with open(prefix + '.json') as f:
-      res = json.load(f)
-    if res.get('quick') != _QUICK.value:
-      res = {}
   peak = flops.measure_peak_flops()
   command = ' '.join(['python bench/run.py'] + sys.argv[1:])
-  res.update(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(), seed=_SEED.value)
-  res.setdefault('commands', {})
+  res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
+             seed=_SEED.value, commands={})
   log(f"{res['machine']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
   sections = _SECTIONS.value
   for name in sections:
@@ -662,16 +682,17 @@ def main(argv):
   if 'capability' in sections:
     workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-')
     res['capability'] = capability_section(kinds, plan, workdir)
-  if 'profile' in sections and res.get('train'):
+  if 'profile' in sections and res.get('train'):     # the slowest memory kind vs plain
     rows = [r for r in res['train'] if r['length'] == 2048 and 'vs_plain' in r
-            and r['kind'] != 'plain']
+            and not r['kind'].startswith('plain')]
     if rows:
       res['profile'] = profile_section(min(rows, key=lambda r: r['vs_plain']), plan)
-  res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
-                           res.get('decode', []), plan)
   for name in sections:
     res['commands'][name]['minutes'] = (time.time() - t0) / 60
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  res = merged(prefix + '.json', res, sections)
+  res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
+                           res.get('decode', []), plan)
   with open(prefix + '.json', 'w') as f:
     json.dump(res, f, indent=1, default=str)
   plots(res, prefix)

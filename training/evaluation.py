@@ -190,7 +190,8 @@ class Evaluator:
                                                    capacity, policy))
 
   def tasks(self):
-    """Exact-match accuracy per (task, length, depth) cell on held-out examples."""
+    """Exact-match accuracy (and the fraction of answer tokens right) per (task, length,
+    depth) cell on held-out examples."""
     cfg, cells = self.cfg, []
     for task, length, depth in _cells(cfg):
       cell = dict(task=task, length=length, depth=depth)
@@ -202,8 +203,10 @@ class Evaluator:
         continue
       tokens_BxL, mask_BxL = batch['tokens_BxL'], batch['answer_mask_BxL'][:, :-1]
       pred_BxL = self.predictions(tokens_BxL, batch['prompt_len_B'], self.policy)
-      correct_B = ((pred_BxL == tokens_BxL[:, 1:]) | ~mask_BxL).all(-1)
-      cells.append(dict(cell, accuracy=float(correct_B.mean()), examples=len(correct_B)))
+      hit_BxL = pred_BxL == tokens_BxL[:, 1:]
+      correct_B = (hit_BxL | ~mask_BxL).all(-1)
+      cells.append(dict(cell, accuracy=float(correct_B.mean()), examples=len(correct_B),
+                        token_accuracy=float((hit_BxL & mask_BxL).sum() / mask_BxL.sum())))
     return cells
 
   def cache(self):
