@@ -11,6 +11,7 @@ L, and is evaluated on held-out seeds at L and 2L. Variants: MAC, MAC without mo
 MAC without forgetting, sliding-window attention (window = C, the same reach as MAC's
 attention), full causal attention. Writes OUT.json, OUT.png and prints a markdown table.
 """
+import ast
 import json
 import os
 import sys
@@ -29,7 +30,16 @@ from configs.base import get_base_config
 from models.lm import LM
 from training.config import resolve, validate
 
-_SECONDS = flags.DEFINE_float('seconds', 240, 'Training wall-clock budget per variant.')
+_STEPS = flags.DEFINE_integer('steps', 0, 'Optimizer steps per variant (machine-independent '
+                               'budget); 0: use --seconds.')
+_SECONDS = flags.DEFINE_float('seconds', 240, 'Wall-clock budget per variant when --steps=0.')
+_LR = flags.DEFINE_float('lr', 3e-3, 'Peak learning rate (warmup 50 steps, cosine to 0.1x).')
+_CURRICULUM = flags.DEFINE_string(
+    'curriculum', '', 'Shorter training sequences first: "LEN:STEPS,LEN:STEPS" (then L for the '
+    'rest of the budget); the steps count in the budget.')
+_SET = flags.DEFINE_string('set', '', 'Model config overrides for every variant, '
+                           '"titans.theta_max=1.0,titans.grad_clip=0" (python literals).')
+_EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 8, 'Held-out batches of 32 per length.')
 _LEN = flags.DEFINE_integer('length', 256, 'Training sequence length L.')
 _SEG = flags.DEFINE_integer('segment', 32, 'Segment length C (= the sliding window).')
 _PAIRS = flags.DEFINE_integer('pairs', 4, 'Key/value pairs per sequence.')
@@ -68,13 +78,32 @@ def variant_config(name, L, C):
     m.mixer = 'titans_mac'
     m.titans.momentum = name != 'mac_no_momentum'
     m.titans.forget = name != 'mac_no_forget'
+  elif name == 'lmm':
+    m.mixer = 'titans_lmm'
   elif name == 'sliding':
     m.mixer = 'sliding'
   else:
     m.mixer, m.segment_len = 'attention', 0
+  for item in filter(None, _SET.value.split(',')):
+    key, val = item.split('=')
+    node, *path = key.split('.')
+    tgt = m[node] if path else m
+    tgt[path[-1] if path else node] = ast.literal_eval(val)
   cfg = resolve(cfg)
   validate(cfg, 1)
   return cfg
+
+
+def _length_schedule(stages, L):
+  """step -> training length: each (LEN, STEPS) stage in turn, then L."""
+  ends = np.cumsum([n for _, n in stages]) if stages else []
+
+  def length_at(i):
+    for (n, _), end in zip(stages, ends):
+      if i < end:
+        return n
+    return L
+  return length_at
 
 
 def masked_loss(model, toks, mask):
@@ -88,7 +117,9 @@ def run_variant(name):
   L, C = _LEN.value, _SEG.value
   cfg = variant_config(name, L, C)
   model = LM(cfg.model, rngs=nnx.Rngs(0))
-  sched = optax.warmup_cosine_decay_schedule(0, 3e-3, 50, 4000, 3e-4)
+  total = _STEPS.value or 4000
+  warm = min(50, total // 4)
+  sched = optax.warmup_cosine_decay_schedule(0, _LR.value, warm, total, _LR.value / 10)
   opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched)),
                       wrt=nnx.Param)
 
@@ -100,18 +131,23 @@ def run_variant(name):
 
   evaluate = nnx.jit(masked_loss)
   rng = np.random.default_rng(0)
+  stages = [(int(a), int(b)) for a, b in (x.split(':') for x in filter(None, _CURRICULUM.value.split(',')))]
+  length_at = _length_schedule(stages, L)
   t0, steps, curve = time.time(), 0, []
-  while time.time() - t0 < _SECONDS.value:
-    loss, acc = step(model, opt, *make_batch(rng, _BATCH.value, L, _PAIRS.value, _VALUES.value))
+  budget_left = ((lambda: steps < _STEPS.value) if _STEPS.value
+                 else (lambda: time.time() - t0 < _SECONDS.value))
+  while budget_left():
+    n = length_at(steps)
+    loss, acc = step(model, opt, *make_batch(rng, _BATCH.value, n, _PAIRS.value, _VALUES.value))
     steps += 1
     if steps % 20 == 0:
-      curve.append((steps, round(time.time() - t0, 1), float(loss), float(acc)))
+      curve.append((steps, round(time.time() - t0, 1), float(loss), float(acc), n))
       print(name, curve[-1], flush=True)
   result = dict(variant=name, steps=steps, train_seconds=round(time.time() - t0, 1), curve=curve)
   for length in (L, 2 * L):
     erng = np.random.default_rng(10_000 + length)            # held-out seeds
     accs = [float(evaluate(model, *make_batch(erng, 32, length, _PAIRS.value, _VALUES.value))[1])
-            for _ in range(4)]
+            for _ in range(_EVAL_BATCHES.value)]
     result[f'acc_{length}'] = float(np.mean(accs))
   print(json.dumps({k: v for k, v in result.items() if k != 'curve'}), flush=True)
   return result
@@ -126,7 +162,10 @@ def main(argv):
     with open(_OUT.value + '.json', 'w') as f:
       json.dump(dict(config=dict(length=_LEN.value, segment=_SEG.value, pairs=_PAIRS.value,
                                  values=_VALUES.value, batch=_BATCH.value,
-                                 seconds=_SECONDS.value), results=results), f, indent=1)
+                                 steps=_STEPS.value, seconds=_SECONDS.value, lr=_LR.value,
+                                 curriculum=_CURRICULUM.value, set=_SET.value,
+                                 eval_queries=32 * _EVAL_BATCHES.value * _PAIRS.value),
+                 argv=sys.argv[1:], results=results), f, indent=1)
   L = _LEN.value
   lines = [f'| variant | steps | acc @ {L} | acc @ {2 * L} |', '|---|---|---|---|']
   lines += [f"| {r['variant']} | {r['steps']} | {r[f'acc_{L}']:.3f} | {r[f'acc_{2 * L}']:.3f} |"

@@ -49,6 +49,7 @@ def get_base_config():
   ti.grad_clip = 1.0            # soft cap of each token's inner gradient norm (0: off)
   ti.momentum = True            # False: eta = 0 (ablation)
   ti.forget = True              # False: alpha = 0 (ablation)
+  ti.mac_write = 'residual'      # MAC write (Eq 24): residual (x + y) | y (attention output only)
   ti.chunk_form = 'closed'      # closed (chunk-end closed form) | scan (per-token + assoc. scan)
   m.infini = inf = ml_collections.ConfigDict()   # models/infini.py (mixer 'infini')
   inf.update_rule = 'linear'    # linear (Eq. 8) | delta (Eq. 9) memory update

@@ -29,8 +29,15 @@ MAC (Sec 4.1, Eq 21-25) on segments of C = model.segment_len tokens:
     h = M*_{t-1}(q)                         retrieval with the memory after previous segments
     y = Attn(P || h || S)                   causal inside the segment: token i sees all
                                             persistent tokens P, h_<=i and S_<=i
-    M_t = M_{t-1}(y)                        y is written, chunk by chunk
+    M_t = M_{t-1}(w)                        w is written, chunk by chunk: w = x + y
+                                            (model.titans.mac_write='residual', default)
+                                            or w = y (Eq 24 literally, 'y')
     o = RMSNorm(y) * sigmoid(RMSNorm(M*(y)))  memory read causally (chunk start)
+Why 'residual' by default: at init the attention output y is mostly a component common to
+all tokens (uniform attention over the persistent tokens and the prefix: 42% of its energy,
+keys written from y have mean pairwise cosine 0.49 vs 0.12 from x), so the memory cannot
+tell the written tokens apart; on bench/titans_recall.py (L = 64, 2 segments) writing y
+stayed at chance for 1000 steps while writing x + y learned (bench/results/titans.md).
 RoPE inside a segment uses segment-relative positions (h_i and S_i share position i);
 persistent keys are position-free (scored with the unrotated query).
 MAG (Eq 26-28): o = RMSNorm(SWA(P || x)) * sigmoid(RMSNorm(M(x))), memory over the whole
@@ -460,6 +467,7 @@ class MAC(_PersistentAttention):
   def __init__(self, cfg, *, rngs):
     super().__init__(cfg, rngs=rngs)
     self.segment = cfg.segment_len
+    self.write_residual = {'y': False, 'residual': True}[cfg.titans.mac_write]
     self.dtype = DTYPES[cfg.dtype]
     self.norm_y = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.norm_m = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
@@ -494,7 +502,7 @@ class MAC(_PersistentAttention):
     o = attend_with_prefix(q, qraw, *self.prefix_kv(q.dtype), jnp.concatenate([k_h, k_x], 2),
                            jnp.concatenate([v_h, v_x], 2), mask)                  # Eq 22-23
     y = self.out(o)
-    m, mem = self.memory.forward(y, mem)                                         # Eq 24
+    m, mem = self.memory.forward(x_BxLxD + y if self.write_residual else y, mem)                                       # Eq 24
     o = self.norm_y(y) * jax.nn.sigmoid(self.norm_m(self.memory.out(m, y.dtype)))  # Eq 25
     return o, MACState(mem, conv_x, state.buf_BxCxD)
 

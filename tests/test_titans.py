@@ -169,3 +169,19 @@ def test_config_errors_name_the_key():
   cfg = titans_config('titans_mac', chunk_form='fast')
   with pytest.raises(ConfigError, match='model.titans.chunk_form'):
     validate(cfg, 1)
+
+
+@pytest.mark.parametrize('write', ['y', 'residual'])
+def test_mac_write_input(write):
+  """model.titans.mac_write: 'y' writes the attention output only (Eq 24 literally), so with a
+  blank attention (W_O = 0) the memory after a segment does not depend on its tokens;
+  'residual' writes x + y, which keeps each token's identity in the written keys/values."""
+  cfg = titans_config('titans_mac', mac_write=write)
+  mac = titans.MAC(cfg.model, rngs=nnx.Rngs(0))
+  mac.wo[...] = jnp.zeros_like(mac.wo[...])
+  C = cfg.model.segment_len
+  x1, x2 = jax.random.normal(jax.random.key(5), (2, 1, C, 32))
+  pos = jnp.arange(C)[None]
+  mem = [mac(x, mac.init_state(1, 0), pos)[1].mem.w for x in (x1, x2)]
+  diff = max_diff(*mem)
+  assert (diff > 1e-3) if write == 'residual' else (diff == 0)
