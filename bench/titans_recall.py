@@ -27,6 +27,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs.base import get_base_config
+from models import titans
 from models.lm import LM
 from training.config import resolve, validate
 
@@ -39,6 +40,8 @@ _CURRICULUM = flags.DEFINE_string(
     'rest of the budget); the steps count in the budget.')
 _SET = flags.DEFINE_string('set', '', 'Model config overrides for every variant, '
                            '"titans.theta_max=1.0,titans.grad_clip=0" (python literals).')
+_GATE_BIAS = flags.DEFINE_string('gate_bias', '', 'Initial gate biases "theta,eta,alpha" (pre-'
+                                 'sigmoid; models.titans.GATE_BIAS) for the memory variants.')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 8, 'Held-out batches of 32 per length.')
 _LEN = flags.DEFINE_integer('length', 256, 'Training sequence length L.')
 _SEG = flags.DEFINE_integer('segment', 32, 'Segment length C (= the sliding window).')
@@ -116,6 +119,8 @@ def masked_loss(model, toks, mask):
 def run_variant(name):
   L, C = _LEN.value, _SEG.value
   cfg = variant_config(name, L, C)
+  if _GATE_BIAS.value:
+    titans.GATE_BIAS = tuple(float(b) for b in _GATE_BIAS.value.split(','))
   model = LM(cfg.model, rngs=nnx.Rngs(0))
   total = _STEPS.value or 4000
   warm = min(50, total // 4)
@@ -164,6 +169,7 @@ def main(argv):
                                  values=_VALUES.value, batch=_BATCH.value,
                                  steps=_STEPS.value, seconds=_SECONDS.value, lr=_LR.value,
                                  curriculum=_CURRICULUM.value, set=_SET.value,
+                                 gate_bias=_GATE_BIAS.value,
                                  eval_queries=32 * _EVAL_BATCHES.value * _PAIRS.value),
                  argv=sys.argv[1:], results=results), f, indent=1)
   L = _LEN.value
