@@ -363,6 +363,7 @@ def profile_section(row, plan):
   model = init_model(cfg)
   B, D = cfg.train.batch_size, cfg.model.d_model
   x = jax.random.normal(jax.random.key(0), (B, L, D))
+  tok = jax.random.randint(jax.random.key(1), (B, L), 0, 256)       # token-dependent masks
   pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
   blk = model.blocks[0]
   C = cfg.model.segment_len or L
@@ -370,14 +371,13 @@ def profile_section(row, plan):
   def mixer_loss(mixer, x):
     state = mixer.init_state(B, L - C)
     if C == L:
-      return mixer(x, state, pos)[0].sum()
-    xs = x.reshape(B, L // C, C, D).swapaxes(0, 1)
-    ps = pos.reshape(B, L // C, C).swapaxes(0, 1)
+      return mixer(x, state, pos, tokens_BxT=tok)[0].sum()
+    seg = lambda a: a.reshape(B, L // C, C, *a.shape[2:]).swapaxes(0, 1)
 
     def body(s, inp):
-      y, s = mixer(inp[0], s, inp[1])
+      y, s = mixer(inp[0], s, inp[1], tokens_BxT=inp[2])
       return s, y.sum()
-    return jax.lax.scan(body, state, (xs, ps))[1].sum()
+    return jax.lax.scan(body, state, (seg(x), seg(pos), seg(tok)))[1].sum()
 
   parts = {'mixer (one layer)': (blk.mixer, mixer_loss),
            'MLP (one layer)': (blk.mlp, lambda mlp, x: mlp(x).sum())}
@@ -675,23 +675,40 @@ def main(argv):
   sections = _SECTIONS.value
   for name in sections:
     res['commands'][name] = dict(command=command, peak=peak, started=time.strftime('%Y-%m-%d %H:%M'))
-  if 'train' in sections:
-    res['train'] = train_section(kinds, plan, peak)
-  if 'stream' in sections:
-    res['stream'], res['stream_fits'] = stream_section(kinds, plan)
-  if 'decode' in sections:
-    res['decode'] = decode_section(kinds, plan)
-  if 'capability' in sections:
-    workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-')
-    res['capability'] = capability_section(kinds, plan, workdir)
-  if 'profile' in sections and res.get('train'):     # the slowest memory kind vs plain
-    rows = [r for r in res['train'] if r['length'] == 2048 and 'vs_plain' in r
-            and not r['kind'].startswith('plain')]
-    if rows:
-      res['profile'] = profile_section(min(rows, key=lambda r: r['vs_plain']), plan)
-  for name in sections:
-    res['commands'][name]['minutes'] = (time.time() - t0) / 60
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
+  done = []
+  for name, run in (('train', lambda: {'train': train_section(kinds, plan, peak)}),
+                    ('stream', lambda: dict(zip(('stream', 'stream_fits'),
+                                                stream_section(kinds, plan)))),
+                    ('decode', lambda: {'decode': decode_section(kinds, plan)}),
+                    ('capability', lambda: {'capability': capability_section(
+                        kinds, plan, _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-'))}),
+                    ('profile', lambda: {'profile': profile_section(
+                        slowest(res, prefix + '.json'), plan)})):
+    if name in sections:
+      res.update(run())
+      res['commands'][name]['minutes'] = (time.time() - t0) / 60
+      done.append(name)
+      res = save(prefix, res, done, plan)      # after every section: a crash loses only one
+  log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min')
+
+
+def slowest(res, path):
+  """The memory kind with the lowest tokens/s relative to plain at 2048 (this run's train
+  rows, else an earlier run's)."""
+  rows = res.get('train')
+  if not rows and os.path.exists(path):
+    with open(path) as f:
+      rows = json.load(f).get('train')
+  rows = [r for r in rows or [] if r['length'] == 2048 and 'vs_plain' in r
+          and not r['kind'].startswith('plain')]
+  if not rows:
+    raise SystemExit('profile: no train rows at length 2048 (run --sections=train first)')
+  return min(rows, key=lambda r: r['vs_plain'])
+
+
+def save(prefix, res, sections, plan):
+  """Writes OUT.json / OUT.md / OUT_*.png from res laid over the other sections on disk."""
   res = merged(prefix + '.json', res, sections)
   res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
                            res.get('decode', []), plan)
@@ -700,7 +717,7 @@ def main(argv):
   plots(res, prefix)
   with open(prefix + '.md', 'w') as f:
     f.write(page(res) + '\n')
-  log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min')
+  return res
 
 
 if __name__ == '__main__':
