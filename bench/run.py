@@ -47,7 +47,8 @@ from training.config import resolve, validate
 _QUICK = flags.DEFINE_bool('quick', False, 'Small lengths and few steps (minutes on a CPU).')
 _KINDS = flags.DEFINE_list('kinds', None, 'Model kinds (default: all of KINDS).')
 _SECTIONS = flags.DEFINE_list('sections', ['train', 'stream', 'decode', 'capability', 'profile'],
-                              'Sections to run.')
+                              'Sections to run; the others stay as an earlier run wrote them '
+                              '(empty: only re-render the page).')
 _OUT = flags.DEFINE_string('out', 'bench/results/run', 'Output path prefix.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Where capability runs train (default: a temp dir).')
 _NAMM_RUN = flags.DEFINE_string('namm_run', '', 'evolve.py workdir for the NAMM policy (default: '
@@ -482,7 +483,8 @@ def page(res):
         elif 'skipped' in r:
           cells.append(f"skipped: {r['skipped']}")
         else:
-          cells.append(f"{r['tokens_per_s']:.0f} ({fmt(r.get('vs_plain'), '.2f')}x) / "
+          ratio = f" ({r['vs_plain']:.2f}x)" if 'vs_plain' in r else ''
+          cells.append(f"{r['tokens_per_s']:.0f}{ratio} / "
                        f"{100 * r['mfu']:.1f}% / {r['memory_mib']:.0f} MiB")
       if kind == 'plain_wide':
         r = next(r for r in rows if r['kind'] == kind)
@@ -690,6 +692,8 @@ def main(argv):
       res['commands'][name]['minutes'] = (time.time() - t0) / 60
       done.append(name)
       res = save(prefix, res, done, plan)      # after every section: a crash loses only one
+  if not done:                                 # --sections= : only re-render the page
+    save(prefix, res, done, plan)
   log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min')
 
 
