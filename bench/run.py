@@ -19,7 +19,7 @@ train.py / evaluate.py on this machine, nothing is typed in):
               long-context tasks, then held-out loss by position bucket and passkey / S-NIAH /
               MQAR exact match on a (length x depth) grid with held-out seeds; the plain model
               also under each eviction policy at half the cache.
-  profile     the kind furthest below its speed target: its step time split by component.
+  profile     the slowest memory kind relative to plain: its step time split by component.
 Writes OUT.md (the page, with the command, machine, versions, seeds and the targets met or
 missed by how much), OUT.json and OUT_*.png.
 """
@@ -560,7 +560,7 @@ def page(res):
     lines += ['', '![capability](bench/results/run_capability.png)', '']
   prof = res.get('profile')
   if prof:
-    lines += [f"### Profile: {prof['kind']} (furthest below its target)", '',
+    lines += [f"### Profile: {prof['kind']} (the slowest kind relative to plain at 2048)", '',
               f"Train step at L = {prof['length']}, batch {prof['batch']}: "
               f"{prof['step_ms']:.0f} ms. Parts timed alone (forward + backward, same batch and "
               'length; timed alone they need not add up to the step):', '',
