@@ -227,14 +227,15 @@ def corpus_prompt(batch, length):
   return pipeline.make_eval_batches('stdlib', length - 1, batch, 1)[0]
 
 
-def policy_config(cfg, name, budget, interval):
-  d = cfg.decode
-  d.policy, d.window, d.budget, d.recent = name, budget, budget, max(budget // 8, 1)
-  cfg.namm.update_interval = interval
-  d.prefill_chunk = interval
+def policy_overrides(name, budget, interval):
+  """Config overrides for eviction policy `name` keeping `budget` tokens per head, acting
+  every `interval` tokens (prefill chunk; NAMM update interval)."""
+  o = {'decode.policy': name, 'decode.window': budget, 'decode.budget': budget,
+       'decode.recent': max(budget // 8, 1), 'decode.prefill_chunk': interval,
+       'namm.update_interval': interval}
   if name == 'namm' and _NAMM_RUN.value:
-    d.namm_run = _NAMM_RUN.value
-  return cfg
+    o['decode.namm_run'] = _NAMM_RUN.value
+  return o
 
 
 def make_policy_for(cfg):
@@ -295,7 +296,7 @@ def decode_section(kinds, plan):
   if 'ansan' in kinds:
     jobs.append(('ansan', 'anchor'))
   for kind, name in jobs:
-    cfg = policy_config(kind_config(kind), name, budget, interval)
+    cfg = kind_config(kind, **policy_overrides(name, budget, interval))
     r = dict(kind=kind, policy=name, budget=budget if name in ('recency', 'h2o', 'l2') else None,
              **decode_one(cfg, prompt, plan.decode_new))
     rows.append(r)
@@ -334,11 +335,7 @@ def capability_section(kinds, plan, workdir):
       overrides = {'data.source': 'stdlib', 'eval.lengths': (L, 2 * L),
                    'eval.examples': plan.cap_examples, 'eval.depths': (0.1, 0.5, 0.9)}
       if name != 'none':
-        overrides.update({'decode.policy': name, 'decode.window': budget,
-                          'decode.budget': budget, 'decode.recent': budget // 8,
-                          'decode.prefill_chunk': 64, 'namm.update_interval': 64})
-        if name == 'namm' and _NAMM_RUN.value:
-          overrides['decode.namm_run'] = _NAMM_RUN.value
+        overrides.update(policy_overrides(name, budget, 64))
       ev, _ = evaluation.load(run_dir, overrides=overrides)
       if name == 'namm' and not _NAMM_RUN.value:
         ev.policy = make_policy_for(ev.cfg)

@@ -13,7 +13,6 @@ model shows ~0 for memory). Writes bench/results/speed.{md,json,png}.
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
