@@ -450,8 +450,9 @@ def page(res):
            'segments/windows. Produced by:', '']
   for command, items in runs.items():
     c = items[0][1]
+    minutes = max(i.get('minutes', float('nan')) for _, i in items)   # cumulative per section
     lines.append(f"- `{command}` (sections {', '.join(s for s, _ in items)}; started "
-                 f"{c['started']} UTC, {c.get('minutes', float('nan')):.0f} min; matmul peak "
+                 f"{c['started']} UTC, {minutes:.0f} min; matmul peak "
                  f"measured in that run {c['peak'] / 1e9:.1f} GFLOP/s/device)")
   lines.append('')
   t = res.get('targets', [])
