@@ -55,7 +55,10 @@ def write(cache: KVCache, k_BxKxTxH, v_BxKxTxH, pos_BxT):
     k_BxKxTxH, v_BxKxTxH, pos_BxT = k_BxKxTxH[:, :, -S:], v_BxKxTxH[:, :, -S:], pos_BxT[:, -S:]
   B, K, T, _ = k_BxKxTxH.shape
   priority_BxKxS = jnp.where(cache.valid_BxKxS, cache.pos_BxKxS, -1)
-  _, slots_BxKxT = jax.lax.top_k(-priority_BxKxS, T)      # free slots first, then oldest
+  if T == 1:                                               # decode: argmin, not a sort
+    slots_BxKxT = priority_BxKxS.argmin(-1)[..., None].astype(jnp.int32)
+  else:
+    _, slots_BxKxT = jax.lax.top_k(-priority_BxKxS, T)    # free slots first, then oldest
   pos_BxKxT = jnp.broadcast_to(pos_BxT[:, None, :], (B, K, T)).astype(jnp.int32)
   token_state = jax.tree.map(
       lambda s: _scatter(s, slots_BxKxT, jnp.zeros((B, K, T) + s.shape[3:], s.dtype)),

@@ -22,8 +22,8 @@ Parameters and statistics are traced data, not part of the (hashable, static) po
 and (0, 1) by default) into `cache.policy_state`, and `with_params(state, theta, mu, sigma)`
 replaces them in every layer's cache, so the evolution loop vmaps one compiled program over
 population members (training/evolve.py). Per-slot state (`cache.token_state`, zeroed when a
-slot is written): the EMA `ema` [.., F], the previous update's rows `prev` [.., hop] and the
-rows buffered since the last update `rows` [.., n]. `policy_state['stats']` accumulates
+slot is written): the EMA `ema` [.., F] and a ring `rows` [.., hop + n] of the latest
+attention rows (the previous update's last `hop` and the `n` since). `policy_state['stats']` accumulates
 [count, sum, sum of squares] of E over valid tokens at every update (pooled per layer; the
 evolution loop sums over layers and prompts of its keep-all pass and freezes mu, sigma).
 
@@ -88,19 +88,19 @@ def hann_periodic(n):
   return 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(n, dtype=jnp.float32) / n)
 
 
-def stft_magnitudes(x_Nx_L, n_fft=32, hop=16):
+def stft_magnitudes(x_Nx_L, n_fft=32, hop=16, start=0):
   """|STFT| of each row, torch.stft(center=False, periodic Hann, onesided) semantics:
-  frame t = |rfft(hann * x[hop t : hop t + n_fft])|. [..., L] -> [..., T, n_fft//2 + 1], fp32."""
+  frame t = |rfft(hann * x[hop t : hop t + n_fft])|. [..., L] -> [..., T, n_fft//2 + 1], fp32.
+  `start` (may be traced): the rows are a ring whose oldest column is `start`."""
   L = x_Nx_L.shape[-1]
   T = (L - n_fft) // hop + 1
-  idx_TxW = hop * jnp.arange(T)[:, None] + jnp.arange(n_fft)[None]
+  idx_TxW = (start + hop * jnp.arange(T)[:, None] + jnp.arange(n_fft)[None]) % L
   frames = x_Nx_L.astype(jnp.float32)[..., idx_TxW] * hann_periodic(n_fft)
   return jnp.abs(jnp.fft.rfft(frames, axis=-1)).astype(jnp.float32)
 
 
 def ema_update(ema_NxF, spec_NxTxF, offset_N, gamma=0.99, hop=16):
   """Masked EMA over the T frames of one update (n = T hop new rows).
-
   offset_N: each token's position minus the first new query's position (< 0: old token).
   A new token at offset j contributes frame t only iff j < hop (t + 1)."""
   T = spec_NxTxF.shape[-2]
@@ -108,7 +108,7 @@ def ema_update(ema_NxF, spec_NxTxF, offset_N, gamma=0.99, hop=16):
   t_T = jnp.arange(T)
   w_T = (1 - g) * g ** (T - 1 - t_T).astype(jnp.float32)
   m_NxT = (offset_N[..., None] < hop * (t_T + 1)).astype(jnp.float32)
-  return gamma ** (T * hop) * ema_NxF + jnp.einsum('...t,...tf->...f', w_T * m_NxT, spec_NxTxF)
+  return gamma ** (T * hop) * ema_NxF + ((w_T * m_NxT)[..., None] * spec_NxTxF).sum(-2)
 
 
 def recency_features(age_N, dim=8, max_freq=50000.0):
@@ -119,19 +119,58 @@ def recency_features(age_N, dim=8, max_freq=50000.0):
   return jnp.concatenate([jnp.sin(a), jnp.cos(a)], -1)
 
 
-def bam_scores(z_NxZ, pos_N, valid_N, p, hidden=32):
+def bam_scores(z_NxZ, pos_N, valid_N, p, hidden=32, block=0):
   """BAM scorer for one (batch row, head): token i attends to j iff pos_j >= pos_i (itself and
-  newer tokens: the backward mask) and j is valid. No nonlinearity. Returns scores [N]."""
+  newer tokens: the backward mask) and both are valid. No nonlinearity. Returns scores [N]
+  (an empty slot's is that of a token seeing nothing; the keep rule never keeps it).
+
+  `block` > 0: keys in blocks of that many with an online softmax (memory O(N * block)
+  instead of the [N, N] logits; the same result up to float rounding)."""
   qkv = z_NxZ @ p['w_qkv'] + p['b_qkv']
   q, k, v = jnp.split(qkv, 3, -1)
-  logits_NxN = q @ k.T / jnp.sqrt(jnp.float32(hidden))
-  mask_NxN = (pos_N[None, :] >= pos_N[:, None]) & valid_N[None, :]
-  logits_NxN = jnp.where(mask_NxN, logits_NxN, -INF)
-  attn = jax.nn.softmax(logits_NxN, -1) * mask_NxN
-  u = (attn @ v) @ p['w_out'] + p['b_out']
+  q = q / jnp.sqrt(jnp.float32(hidden))
+  if block <= 0 or block >= z_NxZ.shape[0]:
+    mask_NxN = (pos_N[None, :] >= pos_N[:, None]) & valid_N[None, :] & valid_N[:, None]
+    logits_NxN = jnp.where(mask_NxN, q @ k.T, -INF)
+    o = (jax.nn.softmax(logits_NxN, -1) * mask_NxN) @ v
+  else:
+    o = _bam_blockwise(q, k, v, pos_N, valid_N, block)
+  u = o @ p['w_out'] + p['b_out']
   res, mult = jnp.split(u, 2, -1)
   z2 = z_NxZ * (1 + mult) + res
   return (z2 @ p['w_score'] + p['b_score'])[..., 0]
+
+
+def _bam_blockwise(q_NxH, k_NxH, v_NxH, pos_N, valid_N, block):
+  """Softmax-weighted values under the backward mask, in blocks with an online softmax.
+  Tokens sorted oldest first (empty slots last), query block a needs key blocks b >= a only:
+  the pairs a <= b, about half of all. Needs distinct positions among valid tokens (a cache's)."""
+  N, H = q_NxH.shape
+  nb = -(-N // block)
+  key_N = jnp.where(valid_N, pos_N, jnp.iinfo(jnp.int32).max)   # empty: last, sees nothing
+  order_N = jnp.argsort(key_N)
+  def blocks(a, fill):
+    a = jnp.concatenate([a[order_N], jnp.full((nb * block - N,) + a.shape[1:], fill, a.dtype)])
+    return a.reshape((nb, block) + a.shape[1:])
+  q, k, v, pos, valid = (blocks(q_NxH, 0), blocks(k_NxH, 0), blocks(v_NxH, 0),
+                         blocks(key_N, 0), blocks(valid_N, False))
+  pairs_Px2 = np.array([(a, b) for a in range(nb) for b in range(a, nb)], np.int32)
+
+  def body(carry, ab):
+    m, l, acc = carry                                 # [nb, block], [nb, block], [.., H]
+    a, b = ab[0], ab[1]
+    mask_QxB = (pos[b][None, :] >= pos[a][:, None]) & valid[b][None, :]
+    s_QxB = jnp.where(mask_QxB, q[a] @ k[b].T, -INF)
+    m_new = jnp.maximum(m[a], s_QxB.max(-1))
+    e_QxB = jnp.exp(s_QxB - m_new[:, None]) * mask_QxB
+    scale = jnp.exp(m[a] - m_new)
+    return (m.at[a].set(m_new), l.at[a].set(l[a] * scale + e_QxB.sum(-1)),
+            acc.at[a].set(acc[a] * scale[:, None] + e_QxB @ v[b])), None
+
+  init = (jnp.full((nb, block), -INF), jnp.zeros((nb, block)), jnp.zeros((nb, block, H)))
+  (_, l, acc), _ = jax.lax.scan(body, init, pairs_Px2)
+  o_sorted = (acc / jnp.where(l > 0, l, 1.0)[..., None]).reshape(nb * block, H)[:N]
+  return jnp.zeros_like(o_sorted).at[order_N].set(o_sorted)
 
 
 def keep_rule(score_BxKxS, valid_BxKxS, pos_BxKxS):
@@ -159,6 +198,7 @@ class NAMM:
   rec_dim: int = 8
   max_freq: float = 50000.0
   hidden: int = 32
+  block: int = 256              # BAM keys per block (memory O(S * block), not O(S^2))
   theta: FrozenArray | None = None
   mu: FrozenArray | None = None
   sigma: FrozenArray | None = None
@@ -173,21 +213,19 @@ class NAMM:
 
   def init(self, cache):
     B, K, S = cache.valid_BxKxS.shape
-    F, n = self.n_feat, self.update_interval
+    F, R = self.n_feat, self.hop + self.update_interval
     const = lambda f, default: jnp.asarray(f.a) if f is not None else default
-    token_state = dict(ema=jnp.zeros((B, K, S, F)), prev=jnp.zeros((B, K, S, self.hop)),
-                       rows=jnp.zeros((B, K, S, n)))
+    token_state = dict(ema=jnp.zeros((B, K, S, F)), rows=jnp.zeros((B, K, S, R)))
     policy_state = dict(theta=const(self.theta, jnp.zeros(self.n_params)),
                         mu=const(self.mu, jnp.zeros(F)), sigma=const(self.sigma, jnp.ones(F)),
-                        count=jnp.zeros((), jnp.int32), start_B=jnp.zeros((B,), jnp.int32),
-                        stats=jnp.zeros((3, F)))
+                        count=jnp.zeros((), jnp.int32), written=jnp.zeros((), jnp.int32),
+                        start_B=jnp.zeros((B,), jnp.int32), stats=jnp.zeros((3, F)))
     return cache.replace(token_state=token_state, policy_state=policy_state)
 
   def features(self, cache, newest_B):
     """Normalised z [B, K, S, R + F] and the updated EMA, from the buffered rows."""
     ts, ps = cache.token_state, cache.policy_state
-    x_BxKxSxL = jnp.concatenate([ts['prev'], ts['rows']], -1)
-    spec = stft_magnitudes(x_BxKxSxL, self.n_fft, self.hop)
+    spec = stft_magnitudes(ts['rows'], self.n_fft, self.hop, start=ps['written'])
     offset_BxKxS = cache.pos_BxKxS - ps['start_B'][:, None, None]
     ema = ema_update(ts['ema'], spec, offset_BxKxS, self.gamma, self.hop)
     e_hat = (ema - ps['mu']) / jnp.maximum(ps['sigma'], 1e-7)
@@ -198,36 +236,43 @@ class NAMM:
   def scores(self, cache, newest_B):
     z_BxKxSxZ, ema = self.features(cache, newest_B)
     p = unflatten(cache.policy_state['theta'], self.n_feat, self.rec_dim, self.hidden)
-    score = jax.vmap(jax.vmap(lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden)))(
+    score = jax.vmap(jax.vmap(lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden, self.block)))(
         z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
     return score, ema
 
   def _update(self, cache, newest_B):
+    """(keep, ema, stats) of an update (the rows buffer is only read)."""
     score, ema = self.scores(cache, newest_B)
     keep = keep_rule(score, cache.valid_BxKxS, cache.pos_BxKxS)
     v = cache.valid_BxKxS[..., None].astype(jnp.float32)
     stats = cache.policy_state['stats'] + jnp.stack(
         [jnp.broadcast_to(v.sum((0, 1, 2)), (self.n_feat,)), (ema * v).sum((0, 1, 2)),
          (ema ** 2 * v).sum((0, 1, 2))])
-    ts = dict(ema=ema, prev=cache.token_state['rows'][..., -self.hop:],
-              rows=jnp.zeros_like(cache.token_state['rows']))
-    ps = dict(cache.policy_state, count=jnp.zeros((), jnp.int32), stats=stats)
-    return keep, cache.replace(token_state=ts, policy_state=ps)
+    return keep, ema, stats
 
   def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    # The rows are a ring of the last hop + n attention rows, written in place and never
+    # cleared (`write` zeroes a new slot's), so an update reads [previous hop rows, n new
+    # rows] in ring order and the steps between updates copy nothing: the big buffer is
+    # neither moved nor an output of the cond.
     n, T = self.update_interval, probs_BxKxTxS.shape[2]
-    ps = cache.policy_state
-    start_B = jnp.where(ps['count'] == 0, pos_BxT[:, 0], ps['start_B'])
-    rows = jax.lax.dynamic_update_slice_in_dim(
-        cache.token_state['rows'], probs_BxKxTxS.swapaxes(2, 3).astype(jnp.float32)[..., -n:],
-        jnp.minimum(ps['count'], max(n - T, 0)), axis=3)
-    cache = cache.replace(token_state=dict(cache.token_state, rows=rows),
-                          policy_state=dict(ps, count=ps['count'] + T, start_B=start_B))
-    newest_B = pos_BxT.max(-1)
-    return jax.lax.cond(cache.policy_state['count'] >= n,
-                        lambda c: self._update(c, newest_B),
-                        lambda c: (jnp.ones_like(c.valid_BxKxS), c), cache)
-
+    ps, ts = cache.policy_state, cache.token_state
+    R = ts['rows'].shape[-1]
+    W = min(T, R)                                 # a chunk longer than the ring: its newest
+    new_BxKxSxW = probs_BxKxTxS[:, :, -W:].swapaxes(2, 3).astype(jnp.float32)
+    if W == 1:
+      rows = jax.lax.dynamic_update_slice_in_dim(ts['rows'], new_BxKxSxW, ps['written'], -1)
+    else:
+      rows = ts['rows'].at[..., (ps['written'] + jnp.arange(W)) % R].set(new_BxKxSxW)
+    count = ps['count'] + T
+    ps = dict(ps, count=count, written=(ps['written'] + W) % R,
+              start_B=jnp.where(ps['count'] == 0, pos_BxT[:, 0], ps['start_B']))
+    cache = cache.replace(token_state=dict(ts, rows=rows), policy_state=ps)
+    keep, ema, stats = jax.lax.cond(
+        count >= n, lambda: self._update(cache, pos_BxT.max(-1)),
+        lambda: (jnp.ones_like(cache.valid_BxKxS), ts['ema'], ps['stats']))
+    return keep, cache.replace(token_state=dict(ema=ema, rows=rows), policy_state=dict(
+        ps, count=jnp.where(count >= n, 0, count), stats=stats))
 
 def with_params(layer_states, theta_P, mu_F=None, sigma_F=None):
   """Every NAMM-managed layer cache with its scorer parameters / statistics replaced."""
@@ -259,12 +304,26 @@ def mean_std(stats_3xF):
 # --- Baselines ---------------------------------------------------------------------------
 
 def _top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
-  """Keep the `recent` newest positions plus the best-scoring others up to `budget` in all."""
+  """Keep the `recent` newest positions plus the best-scoring others up to `budget` in all
+  (ties: the lower slot). When at most one token per head is over budget (every decode step
+  after the first eviction) that is the worst-scoring other, found without a sort."""
   recent_BxKxS = valid_BxKxS & (pos_BxKxS > newest_B[:, None, None] - recent)
-  s = jnp.where(valid_BxKxS & ~recent_BxKxS, score_BxKxS, -INF)
-  rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
+  other_BxKxS = valid_BxKxS & ~recent_BxKxS
+  s = jnp.where(other_BxKxS, score_BxKxS, -INF)
   n_other = jnp.maximum(budget - recent_BxKxS.sum(-1, keepdims=True), 0)
-  return recent_BxKxS | ((rank < n_other) & valid_BxKxS & ~recent_BxKxS)
+  over_BxKx1 = other_BxKxS.sum(-1, keepdims=True) - n_other
+
+  def one_over():
+    S = s.shape[-1]
+    worst = S - 1 - jnp.argmin(jnp.where(other_BxKxS, s, INF)[..., ::-1], -1)   # last of ties
+    drop = (jnp.arange(S) == worst[..., None]) & (over_BxKx1 > 0)
+    return valid_BxKxS & ~drop
+
+  def sorted_keep():
+    rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
+    return recent_BxKxS | ((rank < n_other) & other_BxKxS)
+
+  return jax.lax.cond(over_BxKx1.max() <= 1, one_over, sorted_keep)
 
 
 @dataclasses.dataclass(frozen=True)
