@@ -23,9 +23,10 @@ and (0, 1) by default) into `cache.policy_state`, and `with_params(state, theta,
 replaces them in every layer's cache, so the evolution loop vmaps one compiled program over
 population members (training/evolve.py). Per-slot state (`cache.token_state`, zeroed when a
 slot is written): the EMA `ema` [.., F] and a ring `rows` [.., hop + n] of the latest
-attention rows (the previous update's last `hop` and the `n` since). `policy_state['stats']` accumulates
-[count, sum, sum of squares] of E over valid tokens at every update (pooled per layer; the
-evolution loop sums over layers and prompts of its keep-all pass and freezes mu, sigma).
+attention rows (the previous update's last `hop` and the `n` since). `policy_state['stats']`
+accumulates [count, sum, sum of squares] of E over valid tokens at every update (pooled per
+layer; the evolution loop sums over layers and prompts of its keep-all pass and freezes mu,
+sigma).
 
 Deviation (documented): K is the max over heads per batch row, not over the batch too (the
 official B = 1 makes them equal; this keeps prompts of one batch independent).
@@ -101,6 +102,7 @@ def stft_magnitudes(x_Nx_L, n_fft=32, hop=16, start=0):
 
 def ema_update(ema_NxF, spec_NxTxF, offset_N, gamma=0.99, hop=16):
   """Masked EMA over the T frames of one update (n = T hop new rows).
+
   offset_N: each token's position minus the first new query's position (< 0: old token).
   A new token at offset j contributes frame t only iff j < hop (t + 1)."""
   T = spec_NxTxF.shape[-2]
@@ -236,8 +238,8 @@ class NAMM:
   def scores(self, cache, newest_B):
     z_BxKxSxZ, ema = self.features(cache, newest_B)
     p = unflatten(cache.policy_state['theta'], self.n_feat, self.rec_dim, self.hidden)
-    score = jax.vmap(jax.vmap(lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden, self.block)))(
-        z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
+    bam = lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden, self.block)
+    score = jax.vmap(jax.vmap(bam))(z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
     return score, ema
 
   def _update(self, cache, newest_B):
@@ -273,6 +275,7 @@ class NAMM:
         lambda: (jnp.ones_like(cache.valid_BxKxS), ts['ema'], ps['stats']))
     return keep, cache.replace(token_state=dict(ema=ema, rows=rows), policy_state=dict(
         ps, count=jnp.where(count >= n, 0, count), stats=stats))
+
 
 def with_params(layer_states, theta_P, mu_F=None, sigma_F=None):
   """Every NAMM-managed layer cache with its scorer parameters / statistics replaced."""
