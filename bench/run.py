@@ -137,7 +137,7 @@ def train_section(kinds, plan, peak):
   jobs = [(k, L) for k in kinds for L in sorted(
       plan.train_lengths + (plan.scale_lengths if k in SCALE_KINDS else ()))
           if k in KINDS and not (k.startswith('plain') and L > max(plan.ratio_lengths))]
-  if 'plain_wide' in kinds:                             # plain stops there: quadratic
+  if 'plain_wide' in kinds:                 # (full attention stops at the last ratio length)
     jobs.append(('plain_wide', plan.wide_length))
   for kind, L in jobs:
     row = dict(kind=kind, length=L)
@@ -335,7 +335,7 @@ def decode_section(kinds, plan):
     if name == 'namm':
       r['update_ms'] = namm_update_parts(make_policy_for(cfg), B, cfg.model.n_kv_heads,
                                          P + plan.decode_new)
-      r['update_ms']['layers'] = cfg.model.n_layers
+      r['update_ms'].update(layers=cfg.model.n_layers, every=interval)
     rows.append(r)
     log(f"decode {kind}/{name:9s} {r['tokens_per_s']:8.1f} tok/s "
         f"KV {r['kv_bytes'][0] / 2**10:8.1f} -> {r['kv_bytes'][-1] / 2**10:8.1f} KiB")
@@ -481,7 +481,7 @@ def fmt(x, spec):
 def page(res):
   P = res['plan']
   runs = {}
-  for section, c in res['commands'].items():
+  for section, c in sorted(res['commands'].items(), key=lambda item: item[1]['started']):
     runs.setdefault(c['command'], []).append((section, c))
   lines = [f'## Side by side: every model kind ({"quick" if res["quick"] else "full"} run)', '',
            f"{res['machine']}. Seed {res['seed']}. All kinds: d_model 128, 2 layers, 4 heads "
@@ -569,7 +569,7 @@ def page(res):
     u = next((r['update_ms'] for r in rows if 'update_ms' in r), None)
     base = next((r for r in rows if r['policy'] == 'keep_all'), None)
     if u and base:
-      every = rows[0]['prompt'] // 8
+      every = u['every']
       per_step = u['total'] * u['layers'] / every
       lines += ['', f"One NAMM update of one layer's {u['slots']}-slot cache (batch "
                 f"{rows[0]['batch']}): features (ring -> STFT -> EMA) {u['features']:.0f} ms, "
