@@ -24,7 +24,12 @@ def load_config(spec, overrides=None):
   module_spec = importlib.util.spec_from_file_location('bench_cfg', os.path.join(ROOT, path))
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  cfg = module.get_config(arg or None)
+  return apply_overrides(module.get_config(arg or None), overrides)
+
+
+def apply_overrides(cfg, overrides=None):
+  """cfg with {'section.key': value} set in place; string values (from a command line) are
+  converted to the type of the key's current value."""
   for key, value in (overrides or {}).items():
     *parents, leaf = key.split('.')
     node = cfg
@@ -88,10 +93,13 @@ def compile_checked(lowered):
   return compiled
 
 
-def time_calls(fn, steps, compiled=False):
+def time_calls(fn, steps, compiled=False, best_of=1):
   """Seconds per call of fn() (fn returns arrays) after one warm-up call. With `compiled`
   (fn runs an ahead-of-time compiled program, so the warm-up compiles nothing), a warm-up
-  slower than 10 s is the measurement itself: warm-up effects are noise at that size."""
+  slower than 10 s is the measurement itself: warm-up effects are noise at that size.
+  `best_of` > 1: the fastest of that many such measurements (for noisy machines)."""
+  if best_of > 1:
+    return min(time_calls(fn, steps, compiled) for _ in range(best_of))
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   warm = time.perf_counter() - t0

@@ -285,7 +285,7 @@ def decode_one(cfg, prompt_BxP, n_new):
 
   logits, state = prefill(params, prompt_BxP)
   steps = steps.lower(params, logits, state).compile()
-  seconds = min(time_calls(lambda: steps(params, logits, state)[1], 1, True) for _ in range(3))
+  seconds = time_calls(lambda: steps(params, logits, state)[1], 1, True, best_of=3)
   _, kv_NxL = steps(params, logits, state)
   kv_caches = [s for s in state if hasattr(s, 'valid_BxKxS')]
   token_bytes = [2 * math.prod(s.k_BxKxSxH.shape[1::2]) * s.k_BxKxSxH.dtype.itemsize
@@ -305,16 +305,13 @@ def namm_update_parts(policy, B, K, S):
   cache = policy.init(KVCache.empty(B, K, S, 1).replace(pos_BxKxS=pos, valid_BxKxS=valid))
   cache = cache.replace(token_state=dict(cache.token_state, rows=jax.random.uniform(
       jax.random.key(0), cache.token_state['rows'].shape) / S))
-  p = nammlib.unflatten(cache.policy_state['theta'], policy.n_feat, policy.rec_dim, policy.hidden)
-  bam = jax.vmap(jax.vmap(lambda z, pos, v: nammlib.bam_scores(z, pos, v, p, policy.hidden,
-                                                               policy.block)))
   parts = (('features', lambda c: policy.features(c, pos[:, 0, -1])[0]),
-           ('bam', lambda z: bam(z, pos, valid)),
+           ('bam', lambda z: policy.bam(cache, z)),
            ('keep_rule', lambda score: nammlib.keep_rule(score, valid, pos)))
   out, x = dict(slots=S), cache
   for name, fn in parts:
     f = jax.jit(fn).lower(x).compile()
-    out[name] = 1e3 * min(time_calls(lambda: f(x), 1, True) for _ in range(3))
+    out[name] = 1e3 * time_calls(lambda: f(x), 1, True, best_of=3)
     x = f(x)
   out['total'] = out['features'] + out['bam'] + out['keep_rule']
   return out
@@ -701,13 +698,13 @@ def merged(path, res, sections, kinds):
       old = json.load(f)
   if old.get('quick') != res['quick']:
     return res
-  for name in set(SECTION_KEYS) - set(sections):
+  for name in [n for n in SECTION_KEYS if n not in sections]:        # a stable order
     for key in SECTION_KEYS[name]:
       if key in old:
         res[key] = old[key]
     res['commands'].update({key: c for key, c in old.get('commands', {}).items()
                             if key.split(' (')[0] == name})
-  for name in set(sections) & set(SECTION_KEYS):
+  for name in [n for n in SECTION_KEYS if n in sections]:
     kept = False
     for key in SECTION_KEYS[name]:
       if isinstance(old.get(key), list) and isinstance(res.get(key), list):
@@ -715,8 +712,10 @@ def merged(path, res, sections, kinds):
         res[key], kept = rows + res[key], kept or bool(rows)
       elif key == 'stream_fits' and key in old:
         res[key] = dict({k: f for k, f in old[key].items() if k not in kinds}, **res.get(key, {}))
-    earlier = [c for key, c in old.get('commands', {}).items() if kept and key.split(' (')[0]
-               == name and not set(c.get('kinds', ['?'])) <= set(kinds)]
+    if not kept:
+      continue
+    earlier = [c for key, c in old.get('commands', {}).items()
+               if key.split(' (')[0] == name and not set(c.get('kinds', ['?'])) <= set(kinds)]
     for i, c in enumerate(earlier):
       res['commands'][name + ' (other kinds' + (f' {i + 1})' if i else ')')] = c
   return res

@@ -11,7 +11,6 @@ L, and is evaluated on held-out seeds at L and 2L. Variants: MAC, MAC without mo
 MAC without forgetting, sliding-window attention (window = C, the same reach as MAC's
 attention), full causal attention. Writes OUT.json, OUT.png and prints a markdown table.
 """
-import ast
 import json
 import os
 import sys
@@ -26,6 +25,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from bench.common import apply_overrides
 from configs.base import get_base_config
 from models import titans
 from models.lm import LM
@@ -39,7 +39,8 @@ _CURRICULUM = flags.DEFINE_string(
     'curriculum', '', 'Shorter training sequences first: "LEN:STEPS,LEN:STEPS" (then L for the '
     'rest of the budget); the steps count in the budget.')
 _SET = flags.DEFINE_string('set', '', 'Model config overrides for every variant, '
-                           '"titans.theta_max=1.0,titans.grad_clip=0" (python literals).')
+                           '"titans.theta_max=1.0,titans.grad_clip=0" (each converted to the '
+                           'type of its key).')
 _GATE_BIAS = flags.DEFINE_string('gate_bias', '', 'Initial gate biases "theta,eta,alpha" (pre-'
                                  'sigmoid; models.titans.GATE_BIAS) for the memory variants.')
 _EVAL_BATCHES = flags.DEFINE_integer('eval_batches', 8, 'Held-out batches of 32 per length.')
@@ -87,11 +88,8 @@ def variant_config(name, L, C):
     m.mixer = 'sliding'
   else:
     m.mixer, m.segment_len = 'attention', 0
-  for item in filter(None, _SET.value.split(',')):
-    key, val = item.split('=')
-    node, *path = key.split('.')
-    tgt = m[node] if path else m
-    tgt[path[-1] if path else node] = ast.literal_eval(val)
+  apply_overrides(cfg, dict(('model.' + k, v) for k, v in (
+      item.split('=') for item in filter(None, _SET.value.split(',')))))
   cfg = resolve(cfg)
   validate(cfg, 1)
   return cfg
@@ -136,7 +134,8 @@ def run_variant(name):
 
   evaluate = nnx.jit(masked_loss)
   rng = np.random.default_rng(0)
-  stages = [(int(a), int(b)) for a, b in (x.split(':') for x in filter(None, _CURRICULUM.value.split(',')))]
+  stages = [(int(a), int(b)) for a, b in (
+      x.split(':') for x in filter(None, _CURRICULUM.value.split(',')))]
   length_at = _length_schedule(stages, L)
   t0, steps, curve = time.time(), 0, []
   budget_left = ((lambda: steps < _STEPS.value) if _STEPS.value

@@ -235,12 +235,15 @@ class NAMM:
     z = jnp.concatenate([recency_features(age, self.rec_dim, self.max_freq), e_hat], -1)
     return z, ema
 
-  def scores(self, cache, newest_B):
-    z_BxKxSxZ, ema = self.features(cache, newest_B)
+  def bam(self, cache, z_BxKxSxZ):
+    """BAM scores [B, K, S] of the features z, per (batch row, head)."""
     p = unflatten(cache.policy_state['theta'], self.n_feat, self.rec_dim, self.hidden)
     bam = lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden, self.block)
-    score = jax.vmap(jax.vmap(bam))(z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
-    return score, ema
+    return jax.vmap(jax.vmap(bam))(z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
+
+  def scores(self, cache, newest_B):
+    z_BxKxSxZ, ema = self.features(cache, newest_B)
+    return self.bam(cache, z_BxKxSxZ), ema
 
   def _update(self, cache, newest_B):
     """(keep, ema, stats) of an update (the rows buffer is only read)."""

@@ -502,7 +502,8 @@ class MAC(_PersistentAttention):
     o = attend_with_prefix(q, qraw, *self.prefix_kv(q.dtype), jnp.concatenate([k_h, k_x], 2),
                            jnp.concatenate([v_h, v_x], 2), mask)                  # Eq 22-23
     y = self.out(o)
-    m, mem = self.memory.forward(x_BxLxD + y if self.write_residual else y, mem)                                       # Eq 24
+    w = x_BxLxD + y if self.write_residual else y
+    m, mem = self.memory.forward(w, mem)                                         # Eq 24
     o = self.norm_y(y) * jax.nn.sigmoid(self.norm_m(self.memory.out(m, y.dtype)))  # Eq 25
     return o, MACState(mem, conv_x, state.buf_BxCxD)
 
