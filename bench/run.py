@@ -1,6 +1,6 @@
 """The results page in one command: speed, memory, decode and capability of every model kind.
 
-  python bench/run.py --quick       # ~35 min on one CPU core (small lengths, few steps)
+  python bench/run.py --quick       # ~30 min on one CPU core (small lengths, few steps)
   python bench/run.py               # the full page (2K..64K training, streams to 1M tokens)
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
   python bench/report.py            # then fold bench/results/*.md into README.md
@@ -44,7 +44,7 @@ from bench.common import (ROOT, TooBig, at_length, compile_checked, load_config,
 from training import flops
 from training.config import resolve, validate
 
-_QUICK = flags.DEFINE_bool('quick', False, 'Small lengths and few steps (~35 min on one CPU core).')
+_QUICK = flags.DEFINE_bool('quick', False, 'Small lengths and few steps (~30 min on one CPU core).')
 _KINDS = flags.DEFINE_list('kinds', None, 'Model kinds (default: all of KINDS, and plain_wide, '
                            'the MFU row of the train section). Rows of other kinds stay as an '
                            'earlier run of the same sections wrote them.')
@@ -75,7 +75,8 @@ KINDS = {
 }
 # Width 512, 8 layers: the MFU target. No rematerialisation: recomputing the forward in the
 # backward costs 8 instead of 6 FLOPs per parameter and token while MFU counts 6 (MaxText's
-# convention), and at this size (7.5 GiB at 2048 x 8) memory does not call for it.
+# convention), and at this size memory does not call for it (7.3 GiB of XLA buffers at
+# 2048 x 8, against 6.7 GiB with remat).
 WIDE = ('configs/transformer.py:small', dict(CHUNKED, **{'model.remat': 'none'}))
 TRAIN_ONLY = ('plain_xla', 'plain_wide')
 RECURRENT = ('sliding', 'titans_mac', 'titans_mag', 'titans_mal', 'infini', 'infini_delta')
