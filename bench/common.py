@@ -35,8 +35,10 @@ def apply_overrides(cfg, overrides=None):
     node = cfg
     for p in parents:
       node = node[p]
-    if isinstance(value, str) and not isinstance(node[leaf], str):   # from the command line
-      value = value == 'True' if isinstance(node[leaf], bool) else type(node[leaf])(value)
+    if isinstance(value, str):                                        # from a command line
+      value = value.strip('\'"')
+      if not isinstance(node[leaf], str):
+        value = value == 'True' if isinstance(node[leaf], bool) else type(node[leaf])(value)
     node[leaf] = value
   return cfg
 

@@ -47,6 +47,8 @@ def get_base_config():
   ti.conv = 4                   # causal depthwise conv kernel on q, k, v (0: none)
   ti.theta_max = 0.1            # cap of the inner learning rate theta
   ti.grad_clip = 1.0            # soft cap of each token's inner gradient norm (0: off)
+  ti.gate_bias = (-2.0, 0.0, -5.0)  # initial pre-sigmoid theta, eta, alpha: theta/theta_max
+                                # ~ 0.12, eta 0.5, alpha ~ 0.007
   ti.momentum = True            # False: eta = 0 (ablation)
   ti.forget = True              # False: alpha = 0 (ablation)
   ti.mac_write = 'residual'      # MAC write (Eq 24): residual (x + y) | y (attention output only)

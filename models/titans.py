@@ -58,9 +58,6 @@ from flax import nnx, struct
 from models.attention import NEG_INF, Attention, KVCache, position_mask, write
 from models.layers import DTYPES, RMSNorm, param, rope
 
-GATE_BIAS = (-2.0, 0.0, -5.0)    # initial theta / theta_max ~ 0.12, eta 0.5, alpha ~ 0.007
-
-
 # --- Fast weights: the memory MLP and its associative loss (pure functions) -----------------
 
 def mlp(w, x_BxNxTxH):
@@ -209,7 +206,8 @@ class NeuralMemory(nnx.Module):
         setattr(self, 'conv_' + name, _p(jnp.zeros((t.conv, N, H)).at[-1].set(1.0),
                                          ('conv', 'heads', 'head_dim')))
     self.w_gates = param(rngs, (D, 3, N), ('embed', 'gate', 'heads'), scale=0.1 * D ** -0.5)
-    self.b_gates = _p(jnp.broadcast_to(jnp.asarray(GATE_BIAS)[:, None], (3, N)), ('gate', 'heads'))
+    bias = jnp.asarray(t.gate_bias, jnp.float32)              # theta, eta, alpha (pre-sigmoid)
+    self.b_gates = _p(jnp.broadcast_to(bias[:, None], (3, N)), ('gate', 'heads'))
     dims = [H] + [E] * (t.depth - 1) + [H]
     for i in range(t.depth):
       setattr(self, f'init_w{i}', param(rngs, (N, dims[i], dims[i + 1]),

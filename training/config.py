@@ -243,6 +243,8 @@ def _validate_titans(cfg):
     _check(ti[key] >= 0, f'model.titans.{key}', f'must be >= 0, got {ti[key]}')
   _check(ti.theta_max > 0, 'model.titans.theta_max', f'must be > 0, got {ti.theta_max}')
   _check(ti.grad_clip >= 0, 'model.titans.grad_clip', f'must be >= 0, got {ti.grad_clip}')
+  _check(len(ti.gate_bias) == 3, 'model.titans.gate_bias',
+         f'must be 3 numbers (theta, eta, alpha), got {ti.gate_bias}')
   _check(ti.mac_write in ('y', 'residual'), 'model.titans.mac_write',
          f'{ti.mac_write!r} not y|residual')
   _check(ti.chunk_form in ('closed', 'scan'), 'model.titans.chunk_form',
