@@ -28,8 +28,11 @@ def tiny_config(**overrides):
           'train.eval_every': 3, 'train.ckpt_every': 3, 'train.peak_flops': 1e9,
           'train.async_ckpt': False}
   for key, value in {**base, **overrides}.items():
-    section, name = key.split('.')
-    cfg[section][name] = value
+    *sections, name = key.split('.')
+    node = cfg
+    for section in sections:
+      node = node[section]
+    node[name] = value
   return resolve(cfg)
 
 
