@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from training import flops, mesh as meshlib
-from training.config import resolve, validate
+from training.config import key_node, resolve, validate
 from training.loop import model_ctor, train_ctor
 from training.step import make_optimizer, make_train_step
 
@@ -31,10 +31,7 @@ def apply_overrides(cfg, overrides=None):
   """cfg with {'section.key': value} set in place; string values (from a command line) are
   converted to the type of the key's current value."""
   for key, value in (overrides or {}).items():
-    *parents, leaf = key.split('.')
-    node = cfg
-    for p in parents:
-      node = node[p]
+    node, leaf = key_node(cfg, key)
     if isinstance(value, str):                                        # from a command line
       value = value.strip('\'"')
       if not isinstance(node[leaf], str):

@@ -21,17 +21,14 @@ sys.path.insert(0, ROOT)
 def tiny_config(**overrides):
   """A seconds-scale config: {'model.d_model': 64, ...} overrides by dotted key."""
   from configs.transformer import get_config
-  from training.config import resolve
+  from training.config import key_node, resolve
   cfg = get_config('tiny')
   base = {'model.d_model': 64, 'model.n_layers': 2, 'data.seq_len': 64, 'data.eval_batches': 2,
           'train.batch_size': 8, 'train.steps': 6, 'train.warmup_steps': 2, 'train.log_every': 1,
           'train.eval_every': 3, 'train.ckpt_every': 3, 'train.peak_flops': 1e9,
           'train.async_ckpt': False}
   for key, value in {**base, **overrides}.items():
-    *sections, name = key.split('.')
-    node = cfg
-    for section in sections:
-      node = node[section]
+    node, name = key_node(cfg, key)
     node[name] = value
   return resolve(cfg)
 

@@ -24,6 +24,20 @@ def _unknown_keys(cfg, ref, prefix=''):
       yield from _unknown_keys(cfg[k], ref[k], prefix + k + '.')
 
 
+def key_node(cfg, key):
+  """(parent ConfigDict, leaf name) of a dotted key of cfg; ConfigError naming the key if any
+  part of it does not exist."""
+  *parents, leaf = key.split('.')
+  node = cfg
+  for p in parents:
+    if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+      raise ConfigError(f'config.{key}: unknown key')
+    node = node[p]
+  if leaf not in node:
+    raise ConfigError(f'config.{key}: unknown key')
+  return node, leaf
+
+
 def saved_config(saved):
   """A config dict saved with a checkpoint, over base defaults (typed like configs/base.py)."""
   cfg = get_base_config()

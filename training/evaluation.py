@@ -35,7 +35,7 @@ from models import decode
 from models.eviction import make_policy
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
-from training.config import ConfigError, resolve, saved_config, validate
+from training.config import ConfigError, key_node, resolve, saved_config, validate
 from training.step import token_nll
 
 # Model keys that change parameter shapes: they must equal the checkpoint's.
@@ -57,14 +57,7 @@ def build_config(saved, config=None, overrides=None):
   else:
     cfg = ml_collections.ConfigDict(config.to_dict())
   for key, value in (overrides or {}).items():
-    *parents, leaf = key.split('.')
-    node = cfg
-    for p in parents:
-      if p not in node:
-        raise ConfigError(f'config.{key}: unknown key')
-      node = node[p]
-    if leaf not in node:
-      raise ConfigError(f'config.{key}: unknown key')
+    node, leaf = key_node(cfg, key)
     try:
       node[leaf] = value
     except TypeError as e:
