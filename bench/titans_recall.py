@@ -127,12 +127,6 @@ def _length_schedule(stages, L):
   return length_at
 
 
-def depth(length):
-  """make_batch's C: 0 (pairs after BOS) or the reach of stacked windows, n_layers x C (a
-  2-layer sliding window of C sees 2C back: random-depth needles must lie before that)."""
-  return N_LAYERS * _SEG.value if _DEPTH.value == 'random' else 0
-
-
 def masked_loss(model, toks, mask):
   """(mean nll, accuracy) over the queried values, and the hits [B, L]."""
   logits, _ = model(toks[:, :-1])
@@ -144,6 +138,9 @@ def masked_loss(model, toks, mask):
 def run_variant(name, seed):
   L, C = _LEN.value, _SEG.value
   cfg = variant_config(name, L, C)
+  # make_batch's C: 0 (pairs after BOS) or the reach of stacked windows, n_layers x C (a
+  # 2-layer sliding window of C sees 2C back: random-depth needles must lie before that).
+  reach = N_LAYERS * C if _DEPTH.value == 'random' else 0
   model = LM(cfg.model, rngs=nnx.Rngs(seed))
   total = _STEPS.value or 4000
   warm = min(50, total // 4)
@@ -167,7 +164,7 @@ def run_variant(name, seed):
                  else (lambda: time.time() - t0 < _SECONDS.value))
   while budget_left():
     n = length_at(steps)
-    batch = make_batch(rng, _BATCH.value, n, _PAIRS.value, _VALUES.value, depth(n))
+    batch = make_batch(rng, _BATCH.value, n, _PAIRS.value, _VALUES.value, reach)
     loss, acc = step(model, opt, *batch)
     steps += 1
     if steps % 20 == 0:
@@ -179,7 +176,7 @@ def run_variant(name, seed):
     erng = np.random.default_rng(10_000 + length)            # held-out seeds
     hits = []                                # [queries, P]: the k-th query of each sequence
     for _ in range(_EVAL_BATCHES.value):
-      toks, mask = make_batch(erng, 32, length, _PAIRS.value, _VALUES.value, depth(length))
+      toks, mask = make_batch(erng, 32, length, _PAIRS.value, _VALUES.value, reach)
       hit = np.asarray(evaluate(model, toks, mask)[1][1])
       hits.append(hit[np.asarray(mask)].reshape(len(hit), _PAIRS.value))
     hits = np.concatenate(hits)
