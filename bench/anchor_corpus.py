@@ -4,7 +4,9 @@ Each document is one line of simple sentences ending in '.': a chain of fillers 
 sees the old map. the old map holds ...": most sentences start with the previous one's
 object) and facts ("mia has 7 cups."), each fact restated later ("again, mia has 7
 cups."), so predicting the restated digit needs a fact from k sentences back. The probe
-asks exactly that on held-out names/digits/fillers: accuracy vs k, chance 10%.
+asks exactly that on held-out names/digits/fillers: accuracy vs k, chance 10%. The chain probe
+asks for the object of the previous sentence as the next one's subject (one sentence back, so
+under AnSAN it must pass through that sentence's anchor).
 
   python bench/anchor_corpus.py DIR [N_DOCS]     # writes DIR/doc_00000.txt ...
 """
@@ -28,12 +30,16 @@ def filler(r, subject=None):
   return f'the {subject} {r.choice(VERB)} the {r.choice(ADJ)} {r.choice(NOUN)}.'
 
 
+def obj(sentence):
+  """A filler's object: 'the red fox sees the old map.' -> 'old map'."""
+  return sentence[:-1].split(' the ')[-1]
+
+
 def chain(r, n, p_continue=0.8):
   """n fillers; each continues the previous one's object with probability p_continue."""
   out = [filler(r)]
   for _ in range(n - 1):
-    prev = out[-1][:-1].split(' the ')[-1]
-    out.append(filler(r, prev if r.random() < p_continue else None))
+    out.append(filler(r, obj(out[-1]) if r.random() < p_continue else None))
   return out
 
 
@@ -76,6 +82,17 @@ def probe(k, n, seed=1):
     sents += [filler(r) for _ in range(k)]
     text = ' '.join(sents) + f' again, {names[0]} has '
     out.append((text, str(digits[0])))
+  return out
+
+
+def chain_probe(n, seed=1):
+  """n (prefix, answer) pairs: three chained fillers then " the "; the answer is the last
+  filler's object ("old map"), which a continuing sentence repeats (80% of them in training)."""
+  r = np.random.default_rng(1000 * seed + 999)
+  out = []
+  for _ in range(n):
+    sents = chain(r, 3, p_continue=1.0)
+    out.append((' '.join(sents) + ' the ', obj(sents[-1])))
   return out
 
 
