@@ -188,6 +188,8 @@ def main():
   ap.add_argument('--reuse', action='store_true',
                   help='keep rows/speed of an existing bench/results/anchor.json; '
                   'evaluate only what is missing')
+  ap.add_argument('--fillers', type=int, default=14, help='filler sentences per document')
+  ap.add_argument('--facts', type=int, default=3, help='facts (each restated) per document')
   ap.add_argument('--out', default='anchor', help='page name: bench/results/OUT.{md,json,png}')
   ap.add_argument('--render', default='', help='only re-render the page of this saved JSON')
   args = ap.parse_args()
@@ -199,7 +201,7 @@ def main():
   os.makedirs(W, exist_ok=True)
   pattern = os.path.join(W, 'corpus', '*.txt')
   if not os.path.isdir(os.path.join(W, 'corpus')):
-    write_corpus(os.path.join(W, 'corpus'))
+    write_corpus(os.path.join(W, 'corpus'), n_sentences=args.fillers, n_facts=args.facts)
   src = f'glob:{pattern}'
   log = os.path.join(W, 'train.log')
   fmt = dict(seq=SEQ, layers=args.n_layers)
@@ -258,7 +260,7 @@ def main():
   secs = {**old.get('train_seconds', {}), **{n: t for n, t in secs.items() if t > 60}}
   command = ' '.join(['python bench/anchor.py'] + sys.argv[1:])
   report = dict(rows=rows, speed=speed, commands=cmds, train_seconds=secs, steps=steps,
-                n_layers=args.n_layers,
+                n_layers=args.n_layers, fillers=args.fillers, facts=args.facts,
                 command=command,
                 seq_len=SEQ, probe_ks=ks, machine=platform.platform(),
                 cpu_count=os.cpu_count(), jax=jax.__version__)
@@ -274,7 +276,9 @@ def write(report, name='anchor'):
   ref = next(r['loss'] for r in rows if r['run'] == 'full')
   lines = [f"## AnSAN anchors (AnLLM-EP / AC), CPU scale, {report.get('n_layers', 2)} layers", '',
            f"Base: full-attention LM ({report.get('n_layers', 2)} layers, d_model 128, "
-           f"{report['steps']['base']} steps); each continuation "
+           f"{report['steps']['base']} steps) on documents of {report.get('fillers', 14)} "
+           f"chained fillers and {report.get('facts', 3)} facts, each restated later; each "
+           f"continuation "
            f"{report['steps']['full']} steps from it. Held-out loss in nats per original byte "
            f"(<AC> targets excluded); Δ vs the full-attention continuation. KV kept: tokens per "
            f"layer after a {report['seq_len']}-token prefill with `decode.policy=anchor`. "

@@ -60,12 +60,12 @@ def document(r, n_sentences=14, n_facts=3):
   return ' '.join(sents) + '\n'
 
 
-def write_corpus(directory, n_docs=3000, seed=0):
+def write_corpus(directory, n_docs=3000, seed=0, **document_kw):
   os.makedirs(directory, exist_ok=True)
   r = np.random.default_rng(seed)
   for i in range(n_docs):
     with open(os.path.join(directory, f'doc_{i:05d}.txt'), 'w') as f:
-      f.write(document(r))
+      f.write(document(r, **document_kw))
   return os.path.join(directory, '*.txt')
 
 
