@@ -1,4 +1,5 @@
-"""AnLLM / AnSAN reproduction at CPU scale (spec C2). Writes bench/results/anchor.{md,json,png}.
+"""AnLLM / AnSAN reproduction at CPU scale (spec C2). Writes bench/results/OUT.{md,json,png}
+(--out, default anchor).
 
   python bench/anchor.py [--work=/tmp/anchor_bench] [--base_steps=1500] [--cont_steps=300]
       [--n_layers=4]
@@ -186,7 +187,7 @@ def main():
                   'gather its sentence before the next sentence reads it)')
   ap.add_argument('--skip_speed', action='store_true')
   ap.add_argument('--reuse', action='store_true',
-                  help='keep rows/speed of an existing bench/results/anchor.json; '
+                  help='keep rows/speed of an existing bench/results/OUT.json; '
                   'evaluate only what is missing')
   ap.add_argument('--fillers', type=int, default=14, help='filler sentences per document')
   ap.add_argument('--facts', type=int, default=3, help='facts (each restated) per document')
@@ -274,10 +275,10 @@ def write(report, name='anchor'):
     json.dump(report, f, indent=1)
   rows, ks = report['rows'], report['probe_ks']
   ref = next(r['loss'] for r in rows if r['run'] == 'full')
-  lines = [f"## AnSAN anchors (AnLLM-EP / AC), CPU scale, {report.get('n_layers', 2)} layers", '',
-           f"Base: full-attention LM ({report.get('n_layers', 2)} layers, d_model 128, "
-           f"{report['steps']['base']} steps) on documents of {report.get('fillers', 14)} "
-           f"chained fillers and {report.get('facts', 3)} facts, each restated later; each "
+  lines = [f"## AnSAN anchors (AnLLM-EP / AC), CPU scale, {report['n_layers']} layers", '',
+           f"Base: full-attention LM ({report['n_layers']} layers, d_model 128, "
+           f"{report['steps']['base']} steps) on documents of {report['fillers']} "
+           f"chained fillers and {report['facts']} facts, each restated later; each "
            f"continuation "
            f"{report['steps']['full']} steps from it. Held-out loss in nats per original byte "
            f"(<AC> targets excluded); Δ vs the full-attention continuation. KV kept: tokens per "
