@@ -50,6 +50,16 @@ def at_length(cfg, length, tokens):
   return resolve(cfg)
 
 
+def infini_gates(state, model_cfg):
+  """sigmoid(beta) per layer and head of an Infini model's nnx state (None for other models
+  and for segment-local attention, whose gates are unused)."""
+  if model_cfg.mixer != 'infini' or not model_cfg.infini.memory:
+    return None
+  blocks = state['blocks']
+  return [np.asarray(jax.nn.sigmoid(blocks[i]['mixer']['beta'][...])).tolist()
+          for i in sorted(blocks.keys())]
+
+
 def machine():
   """One line naming the host, the device and the versions."""
   import flax

@@ -1,16 +1,19 @@
 """Infini-attention benchmark (CPU-sized): Infini vs segment-local vs full attention.
 
-  python bench/infini.py --out=bench/results            # everything (tens of minutes on CPU)
-  python bench/infini.py --parts=lm --lm_steps=400      # one part
+  python bench/infini.py --out=bench/results     # everything (about 2 core-hours on CPU)
+  python bench/infini.py --parts=lm --variants=infini,local --seeds=0 --lm_steps=400
 
-Parts:
-  lm       train each variant on the embedded corpus (stdlib) at seq_len = S x N, report the
-           held-out loss per segment (segments >= 2 are where the memory can help).
-  passkey  train each variant on synthetic passkey prompts, report exact-match accuracy
-           (teacher forcing) by needle depth at the training length and at 2x / 4x.
-  gates    histogram of sigmoid(beta) of the trained Infini models (starts at 0.5).
+Parts (each trains every --variants entry once per --seeds entry):
+  lm       train on the embedded corpus (stdlib) at seq_len = S x N, report the held-out
+           loss per segment (segments >= 2 are where the memory can help) and each variant
+           minus segment-local attention, paired by seed.
+  passkey  bench/titans_recall.py's task with one pair (a passkey) at a random depth beyond
+           the attention reach, loss on the value only: accuracy on held-out seeds at 1x, 2x
+           and 4x the training length (in segments).
   decode   state bytes and process RSS while prefilling 4K ... 1M tokens into the trained
            Infini model's state in aligned chunks, vs the KV cache full attention would hold.
+Every page also tabulates the gates sigmoid(beta) of the trained Infini models (init 0.5).
+Parts run apart (other --out) are joined with --parts= --merge=A/infini.json,B/infini.json.
 Writes OUT/infini.json, OUT/infini.md, OUT/infini_gates.png, OUT/infini_segments.png.
 """
 import argparse
@@ -27,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from bench.common import infini_gates  # noqa: E402
 from configs.infini import get_config  # noqa: E402
 from training.config import resolve, validate  # noqa: E402
 
@@ -69,65 +73,37 @@ def evaluator(workdir, **overrides):
   return load(workdir, overrides=overrides)[0]
 
 
-def gates(ev):
-  """sigmoid(beta) per layer and head of a restored Infini model (None for others)."""
-  state = ev.state
-  if 'infini' not in ev.cfg.model.mixer or not ev.cfg.model.infini.memory:
-    return None                          # no gates, or unused ones (segment-local baseline)
-  out = []
-  for i in sorted(state['blocks'].keys()):
-    mixer = state['blocks'][i]['mixer']
-    if 'beta' in mixer:
-      out.append(np.asarray(jax.nn.sigmoid(mixer['beta'][...])).tolist())
-  return out or None
-
-
 def part_lm(args, root):
+  """{variant: [one run per seed]}: eval loss and held-out loss per segment."""
   S, N = args.lm_segments, args.segment_len
   res = {}
   for name in args.variants:
-    cfg = variant_config(name, seq_len=S * N, segment_len=N, steps=args.lm_steps,
-                         source='stdlib', batch=args.batch, seed=args.seed)
-    wd = os.path.join(root, f'lm_{name}')
-    run = train_variant(cfg, wd)
-    ev = evaluator(wd, **{'eval.buckets': S})
-    loss = ev.loss()
-    res[name] = dict(run, eval_loss=loss['loss'], segment_loss=[b['loss'] for b in loss['buckets']],
-                     gates=gates(ev))
-    print(name, 'segment loss', np.round(res[name]['segment_loss'], 4), flush=True)
+    for seed in args.seeds:
+      cfg = variant_config(name, seq_len=S * N, segment_len=N, steps=args.lm_steps,
+                           source='stdlib', batch=args.batch, seed=seed)
+      wd = os.path.join(root, f'lm_{name}' + (f'_s{seed}' if seed else ''))
+      run = train_variant(cfg, wd)
+      ev = evaluator(wd, **{'eval.buckets': S})
+      loss = ev.loss()
+      res.setdefault(name, []).append(dict(
+          run, seed=seed, eval_loss=loss['loss'], gates=infini_gates(ev.state, ev.cfg.model),
+          segment_loss=[b['loss'] for b in loss['buckets']]))
+      print(name, seed, 'segment loss', np.round(res[name][-1]['segment_loss'], 4), flush=True)
   return res
-
-
-def answer_nll(ev, length, depth, n):
-  """Mean teacher-forced nll (nats) of the answer digits: graded where exact match is 0."""
-  from data import synthetic
-  from training.step import token_nll
-  batch = synthetic.make_task_batch('passkey', n, length, depth, seed=ev.cfg.seed, split='eval')
-  tokens_BxL = jnp.asarray(batch['tokens_BxL'])
-  mask_BxL = jnp.asarray(batch['answer_mask_BxL'][:, :-1])
-  nll_BxL, _ = jax.jit(lambda st, t: token_nll(nnx.merge(ev.graphdef, st), t))(ev.state, tokens_BxL)
-  return float((nll_BxL * mask_BxL).sum() / mask_BxL.sum())
 
 
 def part_passkey(args, root):
-  S, N = args.passkey_segments, args.segment_len
-  L = S * N
-  depths = tuple(round((i + 0.5) / S, 3) for i in range(S))     # the needle in segment i
-  res = {}
-  for name in args.variants:
-    cfg = variant_config(name, seq_len=L, segment_len=N, steps=args.passkey_steps,
-                         source='synthetic:passkey', batch=args.batch, seed=args.seed)
-    wd = os.path.join(root, f'passkey_{name}')
-    run = train_variant(cfg, wd)
-    ev = evaluator(wd, **{'eval.tasks': ('passkey',), 'eval.examples': args.examples,
-                          'eval.lengths': (L + 1, 2 * L + 1, 4 * L + 1), 'eval.depths': depths})
-    cells = ev.tasks()
-    for c in cells:
-      c['answer_nll'] = answer_nll(ev, c['length'], c['depth'], args.examples)
-    res[name] = dict(run, cells=cells, gates=gates(ev), steps=args.passkey_steps, length=L)
-    for c in cells:
-      print(name, c['length'], c['depth'], c.get('accuracy'), flush=True)
-  return res
+  """{variant: [one run per seed]}: bench/titans_recall.py's task with one key/value pair (a
+  passkey) at a random depth before the last 2 segments, loss on the answer only; accuracy
+  on held-out seeds at 1x, 2x and 4x the training length."""
+  del root                                    # trained in memory, nothing to restore
+  from bench import titans_recall as recall
+  o = recall.options(length=args.passkey_segments * args.segment_len, segment=args.segment_len,
+                     pairs=1, depth='random', steps=args.passkey_steps, lr=args.passkey_lr,
+                     curriculum=args.passkey_curriculum, batch=args.batch, eval_lengths=(1, 2, 4))
+  return {name: [dict(recall.run_variant(name, seed, o), length=o.length, values=o.values,
+                      curriculum=o.curriculum, lr=o.lr)
+                 for seed in args.seeds] for name in args.variants}
 
 
 def part_decode(args, root):
@@ -165,20 +141,32 @@ def part_decode(args, root):
   return rows
 
 
+def gate_runs(results):
+  """{'part:variant[ sSEED]': sigmoid(beta) of every head} of the runs that have gates."""
+  out = {}
+  for part, by_name in results.items():
+    if part in ('decode', 'commands'):
+      continue
+    for name, runs in by_name.items():
+      for r in runs if isinstance(runs, list) else [runs]:
+        if r.get('gates'):
+          out[f"{part}:{name}" + (f" s{r['seed']}" if r.get('seed') else '')] = np.ravel(r['gates'])
+  return out
+
+
 def plot(results, out):
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   if 'lm' in results:
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, r in results['lm'].items():
-      ax.plot(range(1, len(r['segment_loss']) + 1), r['segment_loss'], 'o-', label=name)
+    for name, runs in results['lm'].items():
+      seg = np.mean([r['segment_loss'] for r in runs], 0)
+      ax.plot(range(1, len(seg) + 1), seg, 'o-', label=f'{name} ({len(runs)} seeds)')
     ax.set_xlabel('segment'), ax.set_ylabel('held-out loss (nats/token)'), ax.legend()
     ax.set_title('stdlib: loss per segment')
     fig.tight_layout(), fig.savefig(os.path.join(out, 'infini_segments.png'), dpi=120)
-  skip = ('decode', 'commands')
-  g = [(f'{part}:{name}', np.ravel(r['gates'])) for part in results if part not in skip
-       for name, r in results[part].items() if r.get('gates')]
+  g = list(gate_runs(results).items())
   if g:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.hist([v for _, v in g], bins=np.linspace(0, 1, 21), label=[k for k, _ in g])
@@ -188,45 +176,89 @@ def plot(results, out):
     fig.tight_layout(), fig.savefig(os.path.join(out, 'infini_gates.png'), dpi=120)
 
 
+def lm_tables(lm, args):
+  """Per-seed and mean held-out loss per segment, and each variant minus segment-local
+  attention paired by seed, per segment (the segments' own difficulty cancels). Spec C1's
+  target: lower loss on segments >= 2 by more than the seed spread."""
+  S = args.lm_segments
+  seeds = sorted({r['seed'] for runs in lm.values() for r in runs})
+  later = lambda r: float(np.mean(r['segment_loss'][1:]))
+  segs = ' | '.join(f'seg {i + 1}' for i in range(S))
+  lines = [f'## Language modelling (stdlib, {S} segments x {args.segment_len}, '
+           f'{args.lm_steps} steps, seeds {", ".join(map(str, seeds))})', '',
+           f'| variant | seed | eval loss | {segs} | mean seg >= 2 | train s |',
+           '|---' * (S + 5) + '|']
+  for name, runs in lm.items():
+    rows = [(r['seed'], r['eval_loss'], r['segment_loss'], f"{r['seconds']:.0f}") for r in runs]
+    if len(runs) > 1:
+      rows.append(('mean', np.mean([r['eval_loss'] for r in runs]),
+                   np.mean([r['segment_loss'] for r in runs], 0), ''))
+    for seed, loss, seg, secs in rows:
+      lines.append(f'| {name} | {seed} | {loss:.4f} | ' + ' | '.join(f'{x:.4f}' for x in seg) +
+                   f' | {np.mean(seg[1:]):.4f} | {secs} |')
+  base = {r['seed']: r for r in lm.get('local', [])}
+  others = [n for n in lm if n != 'local']
+  if base and others:
+    spread = float(np.std([later(r) for r in base.values()])) if len(base) > 1 else float('nan')
+    lines += ['', 'Each variant minus segment-local, paired by seed: per segment (mean over the '
+              'paired seeds) and on the mean of segments >= 2 (per seed). Target: lower on '
+              f'segments >= 2 in every seed, by more than the seed spread (the std of local '
+              f'over its seeds: {spread:.4f}).', '',
+              f'| variant | seeds | {segs} | mean seg >= 2 | per seed | target |',
+              '|---' * (S + 5) + '|']
+    for name in others:
+      pairs = [(r, base[r['seed']]) for r in lm[name] if r['seed'] in base]
+      diff = np.mean([np.subtract(r['segment_loss'], b['segment_loss']) for r, b in pairs], 0)
+      d = [later(r) - later(b) for r, b in pairs]
+      met = len(d) > 1 and max(d) < 0 and -np.mean(d) > spread
+      lines.append(f'| {name} | {len(d)} | ' + ' | '.join(f'{x:+.4f}' for x in diff) +
+                   f' | {np.mean(d):+.4f} | ' + ', '.join(f'{x:+.4f}' for x in d) +
+                   ' | ' + ('- (upper bound)' if not name.startswith('infini') else
+                            'met' if met else 'missed' if len(d) > 1 else 'one seed') + ' |')
+  return lines + ['']
+
+
+def passkey_table(runs_by_name, args):
+  """Accuracy by evaluation length (in segments) per variant and seed; the target (>= 90% at
+  8 segments where segment-local attention is at chance)."""
+  first = next(iter(runs_by_name.values()))[0]
+  L, N, chance = first['length'], args.segment_len, 1 / first['values']
+  lengths = sorted(int(k[4:]) for k in first if k.startswith('acc_') and k[4:].isdigit())
+  lines = [f"## Passkey beyond the attention reach (train {L // N} segments x {N}, "
+           f"{first['steps']} steps, curriculum {first['curriculum'] or 'none'}, lr {first['lr']})",
+           '', 'bench/titans_recall.py\'s task with one key/value pair: a key token and its value '
+           '(one of 32) at a random depth before the last 2 segments, random filler tokens, then '
+           'the key again; loss and accuracy on the value only, 256 held-out prompts per length. '
+           f'Model: d_model 64, 2 layers, 4 heads (2 KV heads) x 16. Chance = {chance:.3f}.', '',
+           '| variant | seed | ' + ' | '.join(f'{n // N} segments ({n})' for n in lengths) +
+           ' | train s |', '|---' * (len(lengths) + 3) + '|']
+  for name, runs in runs_by_name.items():
+    for r in runs:
+      lines.append(f"| {name} | {r['seed']} | " + ' | '.join(
+          f"{r[f'acc_{n}']:.3f}" for n in lengths) + f" | {r['train_seconds']:.0f} |")
+  at8 = lambda name: np.mean([r[f'acc_{8 * N}'] for r in runs_by_name[name]])
+  if 8 * N in lengths and 'local' in runs_by_name:
+    local = at8('local')
+    lines += ['', f'Target: >= 0.90 at 8 segments while segment-local is at chance '
+              f'(local: {local:.3f}, {"at" if local < 2 * chance else "above"} chance).']
+    for name in [n for n in runs_by_name if n.startswith('infini')]:
+      lines.append(f"- {name}: {at8(name):.3f} (mean of {len(runs_by_name[name])} seeds): "
+                   f"{'met' if at8(name) >= 0.9 and local < 2 * chance else 'missed'}")
+  return lines + ['']
+
+
 def markdown(results, args):
   cmds = results.get('commands', ['python bench/infini.py ' + ' '.join(sys.argv[1:])])
   lines = ['# Infini-attention benchmark (CPU)', '', 'Commands:', '', '```',
            *cmds, '```', '',
-           f'Model: configs/infini.py:tiny (d_model 128, 2 layers, 4 heads x 32), '
-           f'N = {args.segment_len}, batch {args.batch}, gate lr x10 without weight decay.', '']
+           f'Segments of N = {args.segment_len} tokens, batch {args.batch}, gate lr x10 '
+           'without weight decay. LM and decode model: configs/infini.py:tiny (d_model 128, '
+           '2 layers, 4 heads x 32).', '']
   if 'lm' in results:
-    r = results['lm']
-    S = args.lm_segments
-    lines += [f'## Language modelling (stdlib, {S} segments x {args.segment_len}, '
-              f'{args.lm_steps} steps, 1 seed)', '',
-              '| variant | eval loss | ' + ' | '.join(f'seg {i + 1}' for i in range(S)) +
-              ' | mean seg >= 2 | train s |', '|---' * (S + 4) + '|']
-    for name, v in r.items():
-      seg = v['segment_loss']
-      lines.append(f'| {name} | {v["eval_loss"]:.4f} | ' + ' | '.join(f'{x:.4f}' for x in seg) +
-                   f' | {np.mean(seg[1:]):.4f} | {v["seconds"]:.0f} |')
-    lines.append('')
+    lines += lm_tables(results['lm'], args)
   for key in [k for k in results if k.startswith('passkey')]:
-    r = results[key]
-    lines += [f'## Passkey ({key}: train {args.passkey_segments} segments x {args.segment_len}; '
-              f'exact match of the 5 digits (mean nll of the digits in nats), teacher forcing, '
-              f'{args.examples} held-out prompts per cell; needle depth = middle of segment i '
-              'of the training length)', '',
-              '| variant | train steps | eval length | ' + ' | '.join(
-                  f'depth {i + 1}' for i in range(args.passkey_segments)) + ' |',
-              '|---' * (args.passkey_segments + 3) + '|']
-    for name, v in r.items():
-      by_len = {}
-      for c in v['cells']:
-        by_len.setdefault(c['length'], []).append(c)
-      for length, cs in by_len.items():
-        lines.append(f'| {name} | {v.get("steps", "?")} | {length} | ' + ' | '.join(
-            '-' if c.get('accuracy') is None else
-            f"{c['accuracy']:.2f} ({c.get('answer_nll', float('nan')):.2f})" for c in cs) + ' |')
-    lines.append('')
-  skip = ('decode', 'commands')
-  g = {f'{p}:{n}': np.ravel(v['gates']) for p in results if p not in skip
-       for n, v in results[p].items() if v.get('gates')}
+    lines += passkey_table(results[key], args)
+  g = gate_runs(results)
   if g:
     lines += ['## Gates sigmoid(beta) after training (init 0.5 for every head)', '',
               '| model | min | mean | max | mean abs(g - 0.5) |', '|---|---|---|---|---|']
@@ -241,7 +273,11 @@ def markdown(results, args):
     for d in results['decode']:
       lines.append(f"| {d['tokens']} | {d['state_bytes']} | {d['full_kv_bytes']} | "
                    f"{d['max_rss_mib']:.0f} | {d['seconds']:.0f} | {d['finite']} |")
-    lines.append('')
+    d0, d1 = results['decode'][0], results['decode'][-1]
+    flat = d0['state_bytes'] == d1['state_bytes'] and d1['finite']
+    lines += ['', f"Target: decode memory flat from {d0['tokens']} to {d1['tokens']} tokens: "
+              f"state {d0['state_bytes']} -> {d1['state_bytes']} bytes, peak RSS "
+              f"{d1['max_rss_mib'] - d0['max_rss_mib']:+.0f} MiB: {'met' if flat else 'missed'}.", '']
   return '\n'.join(lines)
 
 
@@ -249,21 +285,25 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument('--parts', default='lm,passkey,decode')
   p.add_argument('--variants', default=','.join(VARIANTS))
-  p.add_argument('--segment_len', type=int, default=64)
-  p.add_argument('--lm_segments', type=int, default=4)
-  p.add_argument('--lm_steps', type=int, default=400)
+  p.add_argument('--segment_len', type=int, default=32)
+  p.add_argument('--lm_segments', type=int, default=8)
+  p.add_argument('--lm_steps', type=int, default=1000)
   p.add_argument('--passkey_segments', type=int, default=4)
-  p.add_argument('--passkey_steps', type=int, default=400)
+  p.add_argument('--passkey_steps', type=int, default=5000)
+  p.add_argument('--passkey_lr', type=float, default=1e-3)
+  p.add_argument('--passkey_curriculum', default='', help='shorter sequences first, '
+                 '"LEN:STEPS,..." (bench/titans_recall.py --curriculum)')
   p.add_argument('--batch', type=int, default=16)
-  p.add_argument('--examples', type=int, default=16)
   p.add_argument('--decode_marks', type=int, default=5)
   p.add_argument('--workdir', default='/tmp/infini_bench')
   p.add_argument('--out', default='bench/results')
-  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--seeds', default='0,1,2', help='comma list: the lm part trains each variant '
+                 'once per seed (init and data order)')
   p.add_argument('--merge', default='', help='infini.json files to merge into OUT')
   p.add_argument('--tag', default='', help='suffix of the result key and workdir')
   args = p.parse_args()
   args.variants = args.variants.split(',')
+  args.seeds = [int(x) for x in args.seeds.split(',')]
   os.makedirs(args.out, exist_ok=True)
   json_path = os.path.join(args.out, 'infini.json')
   results = {}

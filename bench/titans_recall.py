@@ -13,13 +13,16 @@ variant trains for the same number of steps (or wall-clock seconds) at length L,
 and is evaluated on held-out seeds at L and 2L, also per query rank (k-th query of a
 sequence: a model that knows the values but not their keys scores 1/P, 1/(P-1), .., 1).
 Variants: MAC, MAC without momentum / forgetting, LMM, MAG, MAL, sliding-window attention
-(window = C, the reach of MAC's attention), full causal attention. Writes OUT.json,
-OUT.png and prints a markdown table.
+(window = C, the reach of MAC's attention), full causal attention, and Infini-attention with
+segments of C (infini, infini_delta; local: its attention inside the segment only; its gates
+get their own lr and no weight decay as in configs/infini.py). Writes OUT.json, OUT.png and
+prints a markdown table. bench/infini.py runs the passkey case through run_variant.
 """
 import json
 import os
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,10 +33,12 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from bench.common import apply_overrides
+from bench.common import apply_overrides, infini_gates
 from configs.base import get_base_config
+from configs.infini import GATES
 from models.lm import LM
 from training.config import resolve, validate
+from training.step import make_optimizer
 
 _STEPS = flags.DEFINE_integer('steps', 0, 'Optimizer steps per variant (machine-independent '
                                'budget); 0: use --seconds.')
@@ -90,7 +95,7 @@ def make_batch(rng, B, L, P, V, C=0):
   return jnp.asarray(toks, jnp.int32), jnp.asarray(mask)
 
 
-def variant_config(name, L, C):
+def variant_config(name, L, C, o):
   cfg = get_base_config()
   m = cfg.model
   m.update(dict(d_model=64, n_layers=N_LAYERS, n_heads=4, n_kv_heads=2, segment_len=C, window=C))
@@ -104,12 +109,16 @@ def variant_config(name, L, C):
     m.mixer = 'titans_' + name                  # MAG / MAL: sliding window C + memory
   elif name == 'sliding':
     m.mixer = 'sliding'
+  elif name.startswith('infini') or name == 'local':   # Infini-attention, segments of C
+    m.mixer = 'infini'
+    m.infini.update_rule = 'delta' if name == 'infini_delta' else 'linear'
+    m.infini.memory = name != 'local'          # local: attention inside the segment only
   else:
     m.mixer, m.segment_len = 'attention', 0
   apply_overrides(cfg, dict(('model.' + k, v) for k, v in (
-      item.split('=') for item in filter(None, _SET.value.split(',')))))
-  if _GATE_BIAS.value:
-    m.titans.gate_bias = tuple(float(b) for b in _GATE_BIAS.value.split(','))
+      item.split('=') for item in filter(None, o.set.split(',')))))
+  if o.gate_bias:
+    m.titans.gate_bias = tuple(float(b) for b in o.gate_bias.split(','))
   cfg = resolve(cfg)
   validate(cfg, 1)
   return cfg
@@ -135,18 +144,33 @@ def masked_loss(model, toks, mask):
   return (nll * mask).sum() / mask.sum(), ((acc * mask).sum() / mask.sum(), acc)
 
 
-def run_variant(name, seed):
-  L, C = _LEN.value, _SEG.value
-  cfg = variant_config(name, L, C)
+def options(**changes):
+  """The run's settings: the flags' values, with `changes` (other bench scripts' settings)."""
+  names = ('steps', 'seconds', 'lr', 'curriculum', 'set', 'gate_bias', 'eval_batches', 'length',
+           'segment', 'pairs', 'values', 'batch', 'depth')
+  o = SimpleNamespace(**{n: flags.FLAGS[n].value for n in names}, eval_lengths=(1, 2))
+  return SimpleNamespace(**{**vars(o), **changes})
+
+
+def run_variant(name, seed, o):
+  """Trains one variant on the recall task and evaluates it on held-out seeds at o.length
+  times each of o.eval_lengths."""
+  L, C = o.length, o.segment
+  cfg = variant_config(name, L, C, o)
   # make_batch's C: 0 (pairs after BOS) or the reach of stacked windows, n_layers x C (a
   # 2-layer sliding window of C sees 2C back: random-depth needles must lie before that).
-  reach = N_LAYERS * C if _DEPTH.value == 'random' else 0
+  reach = N_LAYERS * C if o.depth == 'random' else 0
   model = LM(cfg.model, rngs=nnx.Rngs(seed))
-  total = _STEPS.value or 4000
+  total = o.steps or 4000
   warm = min(50, total // 4)
-  sched = optax.warmup_cosine_decay_schedule(0, _LR.value, warm, total, _LR.value / 10)
-  opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched)),
-                      wrt=nnx.Param)
+  sched = optax.warmup_cosine_decay_schedule(0, o.lr, warm, total, o.lr / 10)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched))
+  if cfg.model.mixer == 'infini':      # the gates' own lr and no weight decay (configs/infini.py)
+    t = cfg.train.copy_and_resolve_references()
+    t.update(lr=o.lr, steps=total, warmup_steps=warm, weight_decay=1e-4, b2=0.999,
+             param_groups=GATES)
+    tx = make_optimizer(t)[0]
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
   def step(model, opt, toks, mask):
@@ -157,14 +181,14 @@ def run_variant(name, seed):
   evaluate = nnx.jit(masked_loss)
   rng = np.random.default_rng(seed)
   stages = [(int(a), int(b)) for a, b in (
-      x.split(':') for x in filter(None, _CURRICULUM.value.split(',')))]
+      x.split(':') for x in filter(None, o.curriculum.split(',')))]
   length_at = _length_schedule(stages, L)
   t0, steps, curve = time.time(), 0, []
-  budget_left = ((lambda: steps < _STEPS.value) if _STEPS.value
-                 else (lambda: time.time() - t0 < _SECONDS.value))
+  budget_left = ((lambda: steps < o.steps) if o.steps
+                 else (lambda: time.time() - t0 < o.seconds))
   while budget_left():
     n = length_at(steps)
-    batch = make_batch(rng, _BATCH.value, n, _PAIRS.value, _VALUES.value, reach)
+    batch = make_batch(rng, o.batch, n, o.pairs, o.values, reach)
     loss, acc = step(model, opt, *batch)
     steps += 1
     if steps % 20 == 0:
@@ -172,16 +196,17 @@ def run_variant(name, seed):
       print(name, seed, curve[-1], flush=True)
   result = dict(variant=name, seed=seed, steps=steps, train_seconds=round(time.time() - t0, 1),
                 curve=curve)
-  for length in (L, 2 * L):
+  for length in (m * L for m in o.eval_lengths):
     erng = np.random.default_rng(10_000 + length)            # held-out seeds
     hits = []                                # [queries, P]: the k-th query of each sequence
-    for _ in range(_EVAL_BATCHES.value):
-      toks, mask = make_batch(erng, 32, length, _PAIRS.value, _VALUES.value, reach)
+    for _ in range(o.eval_batches):
+      toks, mask = make_batch(erng, 32, length, o.pairs, o.values, reach)
       hit = np.asarray(evaluate(model, toks, mask)[1][1])
-      hits.append(hit[np.asarray(mask)].reshape(len(hit), _PAIRS.value))
+      hits.append(hit[np.asarray(mask)].reshape(len(hit), o.pairs))
     hits = np.concatenate(hits)
     result[f'acc_{length}'] = float(hits.mean())
     result[f'acc_{length}_by_query'] = hits.mean(0).round(3).tolist()
+  result['gates'] = infini_gates(nnx.state(model), cfg.model)
   print(json.dumps({k: v for k, v in result.items() if k != 'curve'}), flush=True)
   return result
 
@@ -243,7 +268,7 @@ def main(argv):
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   for name in _VARIANTS.value.split(','):
     for seed in map(int, _SEEDS.value.split(',')):
-      results.append(run_variant(name, seed))
+      results.append(run_variant(name, seed, options()))
       run = dict(config=dict(length=_LEN.value, segment=_SEG.value, pairs=_PAIRS.value,
                              values=_VALUES.value, batch=_BATCH.value, depth=_DEPTH.value,
                              steps=_STEPS.value, seconds=_SECONDS.value, lr=_LR.value, curriculum=_CURRICULUM.value,

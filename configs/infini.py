@@ -18,13 +18,13 @@ Presets: tiny (CPU minutes: 4 segments of 64), local (tiny without memory), smal
 from configs.base import apply_preset, get_base_config
 
 GATE_LR_MULT = 10.0      # gate lr = 10x the global lr (HF: 0.01 vs 3e-4), no weight decay
-_GATES = (('mixer/beta$', GATE_LR_MULT, False),)
+GATES = (('mixer/beta$', GATE_LR_MULT, False),)
 
 _TINY = dict(model=dict(mixer='infini', d_model=128, n_layers=2, n_heads=4, n_kv_heads=4,
                         segment_len=64, remat='segment'),
              data=dict(seq_len=256),
              train=dict(batch_size=16, steps=300, lr=3e-3, warmup_steps=30, log_every=10,
-                        eval_every=100, ckpt_every=100, param_groups=_GATES))
+                        eval_every=100, ckpt_every=100, param_groups=GATES))
 PRESETS = {
     'tiny': _TINY,
     'local': dict(_TINY, model=dict(_TINY['model'], infini=dict(memory=False))),
@@ -32,13 +32,13 @@ PRESETS = {
                              segment_len=256, remat='segment'),
                   data=dict(seq_len=2048),
                   train=dict(batch_size=32, steps=20000, lr=1e-3, warmup_steps=1000,
-                             eval_every=1000, ckpt_every=1000, param_groups=_GATES)),
+                             eval_every=1000, ckpt_every=1000, param_groups=GATES)),
     'paper': dict(model=dict(mixer='infini', d_model=1024, n_layers=12, n_heads=8, n_kv_heads=8,
                              head_dim=128, mlp_dim=4096, segment_len=2048, remat='segment',
                              dtype='bfloat16'),
                   data=dict(seq_len=32768),
                   train=dict(batch_size=64, steps=100000, lr=1e-2, warmup_steps=1000,
-                             eval_every=2000, ckpt_every=1000, param_groups=_GATES)),
+                             eval_every=2000, ckpt_every=1000, param_groups=GATES)),
 }
 
 
