@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench.common import infini_gates  # noqa: E402
+from bench.common import infini_gates, machine  # noqa: E402
 from configs.infini import get_config  # noqa: E402
 from training.config import resolve, validate  # noqa: E402
 
@@ -256,13 +256,15 @@ def passkey_table(runs_by_name, args, local=None):
 
 def markdown(results, args):
   cmds = results.get('commands', ['python bench/infini.py ' + ' '.join(sys.argv[1:])])
-  lines = ['# Infini-attention benchmark (CPU)', '', 'Commands:', '', '```',
+  lines = ['# Infini-attention benchmark (CPU)', '', f'{machine()}. Runs shared the 2 cores '
+           'with one or two other jobs, so train seconds are indicative. Commands:', '', '```',
            *cmds, '```', '',
            f'Segments of N = {args.segment_len} tokens, batch {args.batch}, gate lr x10 '
            'without weight decay. LM and decode model: configs/infini.py:tiny (d_model 128, '
            '2 layers, 4 heads x 32).', '']
   if 'lm' in results:
     lines += lm_tables(results['lm'], args)
+    lines += ['![held-out loss per segment](bench/results/infini_segments.png)', '']
   for key in [k for k in results if k.startswith('passkey')]:
     lines += passkey_table(results[key], args, results.get('passkey', {}).get('local'))
   g = gate_runs(results)
@@ -272,10 +274,13 @@ def markdown(results, args):
     for k, v in g.items():
       lines.append(f'| {k} | {v.min():.3f} | {v.mean():.3f} | {v.max():.3f} | '
                    f'{np.abs(v - 0.5).mean():.3f} |')
+    lines += ['', '![gates after training](bench/results/infini_gates.png)']
     v = np.concatenate(list(g.values()))
     lines += ['', f'Target: the gates move away from 0.5: {np.mean(np.abs(v - 0.5) > 0.1):.0%} '
               f'of the {len(v)} heads are more than 0.1 away; {np.sum(v >= 0.9)} read mostly '
-              f'memory (>= 0.9), {np.sum(v <= 0.1)} mostly local attention (<= 0.1).']
+              f'memory (>= 0.9), {np.sum(v <= 0.1)} mostly local attention (<= 0.1); mean '
+              'abs(g - 0.5) >= 0.1 in every model: '
+              f"{'met' if all(np.abs(x - 0.5).mean() >= 0.1 for x in g.values()) else 'missed'}."]
     lines.append('')
   if 'decode' in results:
     lines += ['## Decode state while reading a long input (lm_infini model, batch 1)', '',
@@ -337,10 +342,13 @@ def main():
       'python bench/infini.py ' + ' '.join(sys.argv[1:])]
   parts = [p for p in args.parts.split(',') if p]
   fns = dict(lm=part_lm, passkey=part_passkey, decode=part_decode)
-  for part in parts:                     # in the order given
-    results[part + args.tag] = fns[part](args, args.workdir + args.tag)
+  def save():
     with open(json_path, 'w') as f:
       json.dump(dict(args=vars(args), results=results), f, indent=1)
+  for part in parts:                     # in the order given; saved after each
+    results[part + args.tag] = fns[part](args, args.workdir + args.tag)
+    save()
+  save()                                 # merged runs and this command
   plot(results, args.out)
   md = markdown(results, args)
   with open(os.path.join(args.out, 'infini.md'), 'w') as f:
