@@ -148,7 +148,7 @@ def gate_runs(results):
     if part in ('decode', 'commands'):
       continue
     for name, runs in by_name.items():
-      for r in runs if isinstance(runs, list) else [runs]:
+      for r in runs:
         if r.get('gates'):
           out[f"{part}:{name}" + (f" s{r['seed']}" if r.get('seed') else '')] = np.ravel(r['gates'])
   return out
@@ -162,7 +162,8 @@ def plot(results, out):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for name, runs in results['lm'].items():
       seg = np.mean([r['segment_loss'] for r in runs], 0)
-      ax.plot(range(1, len(seg) + 1), seg, 'o-', label=f"{name} ({len(runs)} seed{'s' * (len(runs) > 1)})")
+      n = len(runs)
+      ax.plot(range(1, len(seg) + 1), seg, 'o-', label=f"{name} ({n} seed{'s' * (n > 1)})")
     ax.set_xlabel('segment'), ax.set_ylabel('held-out loss (nats/token)'), ax.legend()
     ax.set_title('stdlib: loss per segment')
     fig.tight_layout(), fig.savefig(os.path.join(out, 'infini_segments.png'), dpi=120)
@@ -231,8 +232,9 @@ def passkey_table(runs_by_name, args, local=None):
   lines = [f"## Passkey beyond the attention reach (train {L // N} segments x {N}, "
            f"{first['steps']} steps, curriculum {first['curriculum'] or 'none'}, lr {first['lr']})",
            '', 'bench/titans_recall.py\'s task with one key/value pair: a key token and its value '
-           '(one of 32) at a random depth before the last 2 segments, random filler tokens, then '
-           'the key again; loss and accuracy on the value only, 256 held-out prompts per length. '
+           f"(one of {first['values']}) at a random depth before the last 2 segments, random "
+           'filler tokens, then the key again; loss and accuracy on the value only, 256 '
+           'held-out prompts per length. '
            f'Model: d_model 64, 2 layers, 4 heads (2 KV heads) x 16. Chance = {chance:.3f}.', '',
            '| variant | seed | ' + ' | '.join(f'{n // N} segments ({n})' for n in lengths) +
            ' | train s |', '|---' * (len(lengths) + 3) + '|']
@@ -293,7 +295,8 @@ def markdown(results, args):
     flat = d0['state_bytes'] == d1['state_bytes'] and d1['finite']
     lines += ['', f"Target: decode memory flat from {d0['tokens']} to {d1['tokens']} tokens: "
               f"state {d0['state_bytes']} -> {d1['state_bytes']} bytes, peak RSS "
-              f"{d1['max_rss_mib'] - d0['max_rss_mib']:+.0f} MiB: {'met' if flat else 'missed'}.", '']
+              f"{d1['max_rss_mib'] - d0['max_rss_mib']:+.0f} MiB: "
+              f"{'met' if flat else 'missed'}.", '']
   return '\n'.join(lines)
 
 
