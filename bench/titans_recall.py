@@ -264,17 +264,13 @@ def main(argv):
       with open(path) as f:
         runs.append(json.load(f))
     return render(runs, _OUT.value)
-  results = []
+  results, o = [], options()
+  config = dict(vars(o), seeds=_SEEDS.value, eval_queries=32 * o.eval_batches * o.pairs)
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   for name in _VARIANTS.value.split(','):
     for seed in map(int, _SEEDS.value.split(',')):
-      results.append(run_variant(name, seed, options()))
-      run = dict(config=dict(length=_LEN.value, segment=_SEG.value, pairs=_PAIRS.value,
-                             values=_VALUES.value, batch=_BATCH.value, depth=_DEPTH.value,
-                             steps=_STEPS.value, seconds=_SECONDS.value, lr=_LR.value, curriculum=_CURRICULUM.value,
-                             set=_SET.value, gate_bias=_GATE_BIAS.value, seeds=_SEEDS.value,
-                             eval_queries=32 * _EVAL_BATCHES.value * _PAIRS.value),
-                 argv=sys.argv[1:], results=results)
+      results.append(run_variant(name, seed, o))
+      run = dict(config=config, argv=sys.argv[1:], results=results)
       with open(_OUT.value + '.json', 'w') as f:
         json.dump(run, f, indent=1)
   render([run], _OUT.value)
