@@ -211,6 +211,15 @@ def run_variant(name, seed, o):
   return result
 
 
+def escape_step(curve, level=0.5, k=5):
+  """The first logged step whose trailing k-point mean train accuracy reaches `level` (the
+  step a run leaves the chance plateau), or None."""
+  acc = np.array([p[3] for p in curve])
+  means = np.convolve(acc, np.ones(k) / k, 'valid') if len(acc) >= k else []
+  hit = np.flatnonzero(np.asarray(means) >= level)
+  return curve[hit[0] + k - 1][0] if len(hit) else None
+
+
 def render(runs, out):
   """Markdown table (printed) and OUT.png of the results of one or more runs' JSON."""
   def label(run, r):                   # runs with overrides get their own rows
@@ -220,9 +229,10 @@ def render(runs, out):
   results = [dict(r, variant=label(run, r)) for run in runs for r in run['results']]
   L = runs[0]['config']['length']
   P = runs[0]['config']['pairs']
-  lines = [f'| variant | steps | seeds | acc @ {L} (mean; per seed) | acc @ {2 * L} |' +
-           (f' acc @ {L} by query, 1st .. {P}th |' if P > 1 else ''),
-           '|---|---|---|---|---|' + ('---|' if P > 1 else '')]
+  lines = [f'| variant | steps | seeds | acc @ {L} (mean; per seed) | acc @ {2 * L} | '
+           'train acc >= 0.5 from step |' + (f' acc @ {L} by query, 1st .. {P}th |' if P > 1
+                                             else ''),
+           '|---|---|---|---|---|---|' + ('---|' if P > 1 else '')]
   for name in dict.fromkeys(r['variant'] for r in results):
     rs = [r for r in results if r['variant'] == name]
     cell = lambda k: f"{np.mean([r[k] for r in rs]):.3f}" + (
@@ -230,8 +240,9 @@ def render(runs, out):
     by = [r[f'acc_{L}_by_query'] for r in rs if f'acc_{L}_by_query' in r]
     by = (' / '.join(f'{a:.2f}' for a in np.mean(by, 0)) +
           (f' ({len(by)} of the seeds)' if len(by) < len(rs) else '')) if by else '-'
+    escapes = ', '.join(str(escape_step(r['curve']) or 'never') for r in rs)
     lines.append(f"| {name} | {rs[0]['steps']} | {len(rs)} | {cell(f'acc_{L}')} | "
-                 f"{cell(f'acc_{2 * L}')} |" + (f' {by} |' if P > 1 else ''))
+                 f"{cell(f'acc_{2 * L}')} | {escapes} |" + (f' {by} |' if P > 1 else ''))
   lines.append(f"\nChance = {1 / runs[0]['config']['values']:.3f}.")
   if P > 1:
     lines[-1] += (f' Values known but not bound to their keys (guess among the values not yet '
