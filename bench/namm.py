@@ -51,9 +51,8 @@ def compare(base, run_arrays, namm_cfg, ev, seed, n):
   policy = nammlib.namm_from_config(namm_cfg)
   chunk = policy.update_interval
   tasks = evo.all_tasks(ev)
-  source = base[2].data.source
-  source = 'stdlib' if source.startswith('synthetic:') else source
-  sets = {t: evo.task_examples(t, n, ev.length, seed, 'eval', source) for t in tasks}
+  sets = {t: evo.task_examples(t, n, ev.length, seed, 'eval', evo.corpus_source(base[2]))
+          for t in tasks}
   tokens = {t: v['tokens'] for t, v in sets.items()}
   contexts = {t: v['context'] for t, v in sets.items()}
   F = policy.n_feat

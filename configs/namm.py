@@ -11,6 +11,7 @@ base_tiny trains a small LM on passkey retrieval + text for the tiny evolution.
 """
 from configs.base import apply_preset, get_base_config
 
+BASE_DATA = 'mix:stdlib+synthetic:passkey'
 PRESETS = {
     'tiny': dict(namm=dict(update_interval=64),
                  evolve=dict(population=16, stages=('passkey', 'passkey,corpus'),
@@ -26,15 +27,16 @@ PRESETS = {
                                                                    'passkey,niah,corpus'),
                               generations=(300, 300, 300), length=4096, prompts=64, pool=256,
                               eval_prompts=64, eval_every=10, ckpt_every=10)),
-    # A base LM for the tiny evolution: 4 layers, GQA 4/2 heads, passkey retrieval at 320.
+    # A base LM for the tiny evolution: 4 layers, GQA 4/2 heads, the stdlib corpus mixed
+    # with passkey retrieval at 320 (so both fitness tasks are in its training distribution).
     'base_tiny': dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
-                      data=dict(source='synthetic:passkey', seq_len=320),
-                      train=dict(batch_size=16, steps=600, lr=3e-3, warmup_steps=50,
+                      data=dict(source=BASE_DATA, seq_len=320),
+                      train=dict(batch_size=16, steps=2000, lr=3e-3, warmup_steps=50,
                                  log_every=50, eval_every=200, ckpt_every=200)),
     # A second base LM (other depth and head count) for zero-shot transfer.
     'base_tiny_b': dict(model=dict(d_model=128, n_layers=3, n_heads=8, n_kv_heads=4),
-                        data=dict(source='synthetic:passkey', seq_len=320),
-                        train=dict(batch_size=16, steps=400, lr=3e-3, warmup_steps=50,
+                        data=dict(source=BASE_DATA, seq_len=320),
+                        train=dict(batch_size=16, steps=1000, lr=3e-3, warmup_steps=50,
                                    log_every=50, eval_every=200, ckpt_every=200)),
 }
 

@@ -108,6 +108,10 @@ def test_bam_blockwise_equals_dense():
   for block in (1, 8, 16):
     np.testing.assert_allclose(namm.bam_scores(z, pos, valid, p, block=block), dense,
                                rtol=1e-5, atol=1e-5)
+    # skipping the key blocks past the valid tokens (one or more blocks of empty slots)
+    skipped = jax.jit(namm.bam_scores, static_argnums=(4, 5))(z, pos, valid, p, 32, block,
+                                                              valid.sum())
+    np.testing.assert_allclose(skipped, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_budget_rule_fast_path_equals_sorted_rule():

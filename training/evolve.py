@@ -83,6 +83,13 @@ def task_examples(task, n, length, seed, split, source='stdlib'):
   return dict(tokens=b['tokens_BxL'], context=prompt_len - 1)
 
 
+def corpus_source(base_cfg):
+  """The text the corpus task reads: the base LM's training text, or stdlib if that was
+  synthetic or a mix (a mix's windows would include synthetic examples)."""
+  source = base_cfg.data.source
+  return source if pipeline.is_text(source) else 'stdlib'
+
+
 def make_task_sets(cfg, tasks, split, n, source):
   return {t: task_examples(t, n, cfg.evolve.length, cfg.seed, split, source) for t in tasks}
 
@@ -247,8 +254,7 @@ class Evolution:
       raise ValueError(f'config.evolve.population: {self.ev.population} is not divisible by '
                        f'the pop mesh size {self.mesh.shape["pop"]}')
     self.model_state = jax.device_put(model_state, NamedSharding(self.mesh, P()))
-    source = self.base_cfg.data.source
-    source = source if pipeline.is_text(source) else 'stdlib'
+    source = corpus_source(self.base_cfg)
     tasks = all_tasks(self.ev)
     self.pool = make_task_sets(cfg, tasks, 'train', self.ev.pool, source)
     self.held = make_task_sets(cfg, tasks, 'eval', self.ev.eval_prompts, source)
