@@ -99,7 +99,8 @@ def stft_magnitudes(x_Nx_L, n_fft=32, hop=16, start=0):
   """|STFT| of each row, torch.stft(center=False, periodic Hann, onesided) semantics:
   frame t = |rfft(hann * x[hop t : hop t + n_fft])|. [..., L] -> [..., T, n_fft//2 + 1], fp32.
   `start` (may be traced): the rows are a ring whose oldest column is `start`. The DFT is
-  one matmul with the window folded in (2x faster than jnp.fft.rfft of 32-point frames on CPU)."""
+  one matmul with the window folded in (the features of a 3072-slot cache took 184 ms
+  instead of 249 ms with jnp.fft.rfft of the 32-point frames, on CPU)."""
   L = x_Nx_L.shape[-1]
   T, F = (L - n_fft) // hop + 1, n_fft // 2 + 1
   idx_TxW = (start + hop * jnp.arange(T)[:, None] + jnp.arange(n_fft)[None]) % L
