@@ -211,13 +211,21 @@ def run_variant(name, seed, o):
   return result
 
 
+def smoothed(curve, k=5):
+  """(steps, trailing k-point mean train accuracy) of a run's logged curve; empty when the
+  curve has fewer than k points (or k < 1)."""
+  steps, acc = np.array([p[0] for p in curve]), np.array([p[3] for p in curve])
+  if k < 1 or len(acc) < k:
+    return steps[:0], acc[:0]
+  return steps[k - 1:], np.convolve(acc, np.ones(k) / k, 'valid')
+
+
 def escape_step(curve, level=0.5, k=5):
   """The first logged step whose trailing k-point mean train accuracy reaches `level` (the
   step a run leaves the chance plateau), or None."""
-  acc = np.array([p[3] for p in curve])
-  means = np.convolve(acc, np.ones(k) / k, 'valid') if len(acc) >= k else []
-  hit = np.flatnonzero(np.asarray(means) >= level)
-  return curve[hit[0] + k - 1][0] if len(hit) else None
+  steps, means = smoothed(curve, k)
+  hit = np.flatnonzero(means >= level)
+  return int(steps[hit[0]]) if len(hit) else None
 
 
 def render(runs, out):
@@ -254,11 +262,9 @@ def render(runs, out):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(5.5, 3.4))
   for r in results:
-    steps, acc = np.array([p[0] for p in r['curve']]), np.array([p[3] for p in r['curve']])
-    k = min(5, len(acc))                                   # trailing 5-point mean
-    if k:
-      ax.plot(steps[k - 1:], np.convolve(acc, np.ones(k) / k, 'valid'),
-              label=f"{r['variant']} s{r.get('seed', 0)}")
+    steps, means = smoothed(r['curve'], min(5, len(r['curve'])))   # trailing 5-point mean
+    if len(means):
+      ax.plot(steps, means, label=f"{r['variant']} s{r.get('seed', 0)}")
   ax.axhline(1 / runs[0]['config']['values'], ls=':', c='gray', label='chance')
   ax.set(xlabel='step', ylabel='train recall accuracy (5-point mean)',
          title=f"recall at distance ~{L} (C={runs[0]['config']['segment']})")
