@@ -191,26 +191,36 @@ def main():
                   'evaluate only what is missing')
   ap.add_argument('--fillers', type=int, default=14, help='filler sentences per document')
   ap.add_argument('--facts', type=int, default=3, help='facts (each restated) per document')
+  ap.add_argument('--corpus', default='chain', choices=('chain', 'mix'),
+                  help='chain: the chained-sentence documents only; mix: half natural English '
+                  '(the Python docs and docstrings of this interpreter), half chained documents; '
+                  'the loss target is read on the first corpus')
+  ap.add_argument('--chain_docs', type=int, default=3000, help='chained documents written')
   ap.add_argument('--out', default='anchor', help='page name: bench/results/OUT.{md,json,png}')
   ap.add_argument('--render', default='', help='only re-render the page of this saved JSON')
   args = ap.parse_args()
   if args.render:
     with open(args.render) as f:
       return write(json.load(f), args.out)
-  from anchor_corpus import write_corpus
+  from anchor_corpus import write_corpus, write_prose
   W = args.work
   os.makedirs(W, exist_ok=True)
-  pattern = os.path.join(W, 'corpus', '*.txt')
   if not os.path.isdir(os.path.join(W, 'corpus')):
-    write_corpus(os.path.join(W, 'corpus'), n_sentences=args.fillers, n_facts=args.facts)
-  src = f'glob:{pattern}'
+    write_corpus(os.path.join(W, 'corpus'), n_docs=args.chain_docs, n_sentences=args.fillers,
+                 n_facts=args.facts)
+  texts = {'chain': f"glob:{os.path.join(W, 'corpus', '*.txt')}"}  # name -> held-out source
+  if args.corpus == 'mix':
+    texts = {'prose': f'glob:{write_prose(os.path.join(W, "prose"))}', **texts}
+  ac = lambda source: '+'.join(f'ac:{p}' for p in source.split('+'))
+  src = ('mix:' if len(texts) > 1 else '') + '+'.join(texts.values())
+  src_ac = ('mix:' if len(texts) > 1 else '') + ac('+'.join(texts.values()))
   log = os.path.join(W, 'train.log')
   fmt = dict(seq=SEQ, layers=args.n_layers)
   cmds = {'base': BASE.format(w=f'{W}/base', steps=args.base_steps, source=f"'{src}'", **fmt)}
   for name, config in RUNS.items():
-    s = f"'ac:{src}'" if name == 'ac' else f"'{src}'"
     cmds[name] = CONT.format(config=config, w=f'{W}/{name}', base=f'{W}/base',
-                             steps=args.cont_steps, source=s, **fmt)
+                             steps=args.cont_steps, source=f"'{src_ac if name == 'ac' else src}'",
+                             **fmt)
   secs = {name: sh(cmd, log) for name, cmd in cmds.items()}
   old = {}
   json_path = os.path.join(ROOT, 'bench', 'results', f'{args.out}.json')
@@ -223,20 +233,20 @@ def main():
   from training.metrics import read_metrics
   ks = (0, 2, 4, 8)
   rows = []
-  views = [  # (run, evaluated as, mixer, anchor mode, data source)
-      ('base', 'full attention', 'attention', 'ep', src),
-      ('base', 'EP mask, zero-shot', 'anchor', 'ep', src),
-      ('base', 'AC mask, zero-shot', 'anchor', 'ac', 'ac:' + src),
-      ('full', 'full attention', 'attention', 'ep', src),
-      ('ep', 'EP mask', 'anchor', 'ep', src),
-      ('ep', 'full attention', 'attention', 'ep', src),
-      ('ac', 'AC mask', 'anchor', 'ac', 'ac:' + src),
-      ('ac', 'full attention', 'attention', 'ac', 'ac:' + src),
+  views = [  # (run, evaluated as, mixer, anchor mode, <AC> in the text)
+      ('base', 'full attention', 'attention', 'ep', False),
+      ('base', 'EP mask, zero-shot', 'anchor', 'ep', False),
+      ('base', 'AC mask, zero-shot', 'anchor', 'ac', True),
+      ('full', 'full attention', 'attention', 'ep', False),
+      ('ep', 'EP mask', 'anchor', 'ep', False),
+      ('ep', 'full attention', 'attention', 'ep', False),
+      ('ac', 'AC mask', 'anchor', 'ac', True),
+      ('ac', 'full attention', 'attention', 'ac', True),
   ]
   done = {(r['run'], r['view']): r for r in old.get('rows', [])}
   from models.anchor import init_ac_embedding
   from flax import nnx
-  for run, view, mixer, mode, source in views:
+  for run, view, mixer, mode, with_ac in views:
     if (run, view) in done:
       rows.append(done[(run, view)])
       continue
@@ -244,17 +254,18 @@ def main():
     model = restore(f'{W}/{run}', cfg)
     if run == 'base' and mode == 'ac':      # the conversion train.init_from applies
       nnx.update(model, init_ac_embedding(cfg.model, nnx.state(model, nnx.Param)))
-    row = dict(run=run, view=view, loss=held_out_loss(model, source),
-               probe=probe_accuracy(model, ks, ac=mode == 'ac' and mixer == 'anchor'
-                                    or run == 'ac'))
+    sources = {k: f'ac:{v}' if with_ac else v for k, v in texts.items()}
+    losses = {k: held_out_loss(model, v) for k, v in sources.items()}
+    row = dict(run=run, view=view, loss=losses[next(iter(texts))], losses=losses,
+               probe=probe_accuracy(model, ks, ac=with_ac))
     if mixer == 'anchor':
-      row['kv_kept'] = kv_kept(model, source)
+      row['kv_kept'] = kv_kept(model, next(iter(sources.values())))
     rows.append(row)
     print(row, flush=True)
   speed = old.get('speed', {})
   if not args.skip_speed and not speed:
     model = restore(f'{W}/ep', model_cfg('anchor', 'ep', args.n_layers))
-    speed, same = decode_speed(model, src)
+    speed, same = decode_speed(model, next(iter(texts.values())))
     speed['outputs_identical'] = same
     print(speed, flush=True)
   steps = {n: max(read_metrics(f'{W}/{n}')) for n in cmds}
@@ -262,6 +273,7 @@ def main():
   command = ' '.join(['python bench/anchor.py'] + sys.argv[1:])
   report = dict(rows=rows, speed=speed, commands=cmds, train_seconds=secs, steps=steps,
                 n_layers=args.n_layers, fillers=args.fillers, facts=args.facts,
+                corpus=args.corpus, chain_docs=args.chain_docs,
                 command=command,
                 seq_len=SEQ, probe_ks=ks, machine=platform.platform(),
                 cpu_count=os.cpu_count(), jax=jax.__version__)
@@ -275,11 +287,17 @@ def write(report, name='anchor'):
     json.dump(report, f, indent=1)
   rows, ks = report['rows'], report['probe_ks']
   ref = next(r['loss'] for r in rows if r['run'] == 'full')
-  lines = [f"## AnSAN anchors (AnLLM-EP / AC), CPU scale, {report['n_layers']} layers", '',
+  mix = report.get('corpus') == 'mix'
+  chain_docs = (f"documents of {report['fillers']} chained fillers and {report['facts']} facts, "
+                f"each restated later")
+  data = (f"a round-robin mix of natural English (the Python docs topics and standard-library "
+          f"docstrings of this interpreter, line-wrapped paragraphs joined; held-out files "
+          f"give the *prose* loss the target is read on) and {report['chain_docs']} {chain_docs} "
+          f"(*chain* loss)" if mix else chain_docs)
+  lines = [f"## AnSAN anchors (AnLLM-EP / AC), CPU scale, {report['n_layers']} layers"
+           + (', natural text' if mix else ''), '',
            f"Base: full-attention LM ({report['n_layers']} layers, d_model 128, "
-           f"{report['steps']['base']} steps) on documents of {report['fillers']} "
-           f"chained fillers and {report['facts']} facts, each restated later; each "
-           f"continuation "
+           f"{report['steps']['base']} steps) on {data}; each continuation "
            f"{report['steps']['full']} steps from it. Held-out loss in nats per original byte "
            f"(<AC> targets excluded); Δ vs the full-attention continuation. KV kept: tokens per "
            f"layer after a {report['seq_len']}-token prefill with `decode.policy=anchor`. "
@@ -287,14 +305,18 @@ def write(report, name='anchor'):
            f"of a fact k+2 sentences back (two distractor facts; chance 10%); chain = the previous "
            f"sentence's object as the next one's subject (\"... the old map. the\" -> \"old "
            f"map\"; one sentence back, so under the mask only that sentence's anchor carries it).",
-           '', '| run | evaluated as | loss | Δ vs full | KV kept / reduction | '
+           '', f"| run | evaluated as | {'prose loss' if mix else 'loss'} | Δ vs full | "
+           + ('chain loss | Δ vs full | ' if mix else '') + 'KV kept / reduction | '
            + ' | '.join(f'fact k={k}' for k in ks) + ' | chain |',
-           '|---|---|---|---|---|' + '---|' * (len(ks) + 1)]
+           '|---|---|---|---|---|' + '---|---|' * mix + '---|' * (len(ks) + 1)]
+  ref_chain = next(r for r in rows if r['run'] == 'full').get('losses', {}).get('chain')
   for r in rows:
     kv = (f"{r['kv_kept']:.1f} / {100 * (1 - r['kv_kept'] / report['seq_len']):.1f}%"
           if 'kv_kept' in r else '-')
+    chain_loss = (f"{r['losses']['chain']:.4f} | {100 * (r['losses']['chain'] / ref_chain - 1):+.1f}"
+                  "% | " if mix else '')
     lines.append(f"| {r['run']} | {r['view']} | {r['loss']:.4f} | "
-                 f"{100 * (r['loss'] / ref - 1):+.1f}% | {kv} | "
+                 f"{100 * (r['loss'] / ref - 1):+.1f}% | {chain_loss}{kv} | "
                  + ' | '.join(f"{100 * report_probe(r, k):.0f}%" for k in (*ks, 'chain')) + ' |')
   loss = {(r['run'], r['view']): r['loss'] for r in rows}
   base, n = loss[('base', 'full attention')], report['steps']['full']

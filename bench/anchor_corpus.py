@@ -8,10 +8,17 @@ asks exactly that on held-out names/digits/fillers: accuracy vs k, chance 10%. T
 asks for the object of the previous sentence as the next one's subject (one sentence back, so
 under AnSAN it must pass through that sentence's anchor).
 
+`write_prose` writes natural English instead: the Python docs shipped with every
+interpreter (pydoc_data topics) and the standard library's docstrings, one file per topic or
+module, line-wrapped paragraphs joined into one line each (code blocks kept as they are).
+
   python bench/anchor_corpus.py DIR [N_DOCS]     # writes DIR/doc_00000.txt ...
 """
+import ast
 import os
+import re
 import sys
+import sysconfig
 
 import numpy as np
 
@@ -66,6 +73,41 @@ def write_corpus(directory, n_docs=3000, seed=0, **document_kw):
   for i in range(n_docs):
     with open(os.path.join(directory, f'doc_{i:05d}.txt'), 'w') as f:
       f.write(document(r, **document_kw))
+  return os.path.join(directory, '*.txt')
+
+
+def unwrap(text):
+  """Paragraphs (blank-line separated) with no indented line become one line each."""
+  paras = [p.strip('\n') for p in text.split('\n\n')]
+  return '\n\n'.join(p if any(l[:1].isspace() for l in p.splitlines()) else
+                      ' '.join(p.split('\n')) for p in paras if p.strip())
+
+
+def write_prose(directory, skip=('test', 'tests', 'idlelib', 'site-packages', 'lib2to3',
+                                 'turtledemo', '__pycache__')):
+  """The interpreter's own English prose: pydoc topics and module/class/function docstrings."""
+  import pydoc_data.topics
+  os.makedirs(directory, exist_ok=True)
+  docs = {f'topic_{k}': v for k, v in pydoc_data.topics.topics.items()}
+  root = sysconfig.get_paths()['stdlib']
+  for dirpath, dirnames, files in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in skip)
+    for name in sorted(f for f in files if f.endswith('.py')):
+      path = os.path.join(dirpath, name)
+      try:
+        with open(path, encoding='utf-8') as f:
+          tree = ast.parse(f.read())
+      except (SyntaxError, UnicodeDecodeError, ValueError):
+        continue
+      strings = [ast.get_docstring(n) for n in ast.walk(tree) if isinstance(
+          n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+      text = '\n\n'.join(d for d in strings if d)
+      if len(text) > 200:
+        docs['doc_' + os.path.relpath(path, root).replace(os.sep, '.')] = text
+  for key, text in docs.items():
+    safe = re.sub(r'[^A-Za-z0-9_.-]', '_', key)
+    with open(os.path.join(directory, f'{safe}.txt'), 'w') as f:
+      f.write(unwrap(text) + '\n')
   return os.path.join(directory, '*.txt')
 
 

@@ -60,7 +60,8 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of model init, data order and task
 # kind -> (config, overrides). Same width and depth (d_model 128, 2 layers, 4 heads); the
 # memory kinds use segments / windows of 64 tokens. 'plain' is full causal attention with the
 # blockwise (flash-style) kernel; 'plain_xla' the same model with jax.nn.dot_product_attention
-# (materialises the scores; training speed only).
+# (materialises the scores; training speed only). 'ansan' trains with the same kernel, its
+# anchor rule applied block by block.
 CHUNKED = {'model.attention_impl': 'chunked'}
 KINDS = {
     'plain': ('configs/transformer.py:tiny', CHUNKED),
@@ -71,7 +72,7 @@ KINDS = {
     'titans_mal': ('configs/titans_mal.py:tiny', {}),
     'infini': ('configs/infini.py:tiny', {}),
     'infini_delta': ('configs/infini.py:tiny', {'model.infini.update_rule': 'delta'}),
-    'ansan': ('configs/anchor_ep.py:tiny', {}),
+    'ansan': ('configs/anchor_ep.py:tiny', CHUNKED),
 }
 # Width 512, 8 layers: the MFU target. No rematerialisation: recomputing the forward in the
 # backward costs 8 instead of 6 FLOPs per parameter and token while MFU counts 6 (MaxText's

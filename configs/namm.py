@@ -8,10 +8,17 @@
 Presets: tiny (CPU, minutes), small (one GPU), paper (official hyper-parameters: update
 interval 512, CMA-ES pop 32, sigma0 0.065; LongBench-scale prompts need a GPU host).
 base_tiny trains a small LM on passkey retrieval + text for the tiny evolution.
+
+The spec's CPU task set (key -> value among filler, a distractor needle, a local control),
+staged a -> a+b -> a+b+c, on a base LM trained on those tasks only:
+  python train.py --config=configs/namm.py:base_tasks --workdir=runs/base_tasks
+  python evolve.py --config=configs/namm.py:tasks --workdir=runs/namm_tasks \
+      --config.evolve.base=runs/base_tasks
 """
 from configs.base import apply_preset, get_base_config
 
 BASE_DATA = 'mix:stdlib+synthetic:passkey'
+TASK_DATA = 'mix:synthetic:passkey+synthetic:niah2+synthetic:copy'
 PRESETS = {
     'tiny': dict(namm=dict(update_interval=64),
                  evolve=dict(population=16, stages=('passkey', 'passkey,corpus'),
@@ -27,6 +34,13 @@ PRESETS = {
                                                                    'passkey,niah,corpus'),
                               generations=(300, 300, 300), length=4096, prompts=64, pool=256,
                               eval_prompts=64, eval_every=10, ckpt_every=10)),
+    # passkey (a), niah2 (b: two needles, one queried), copy (c: the needle is the last
+    # sentence, so only recent tokens matter).
+    'tasks': dict(namm=dict(update_interval=64),
+                  evolve=dict(population=16, stages=('passkey', 'passkey,niah2',
+                                                     'passkey,niah2,copy'),
+                              generations=(20, 20, 20), length=320, prompts=8, pool=64,
+                              eval_prompts=32, eval_every=10, ckpt_every=5, log_every=1)),
     # A base LM for the tiny evolution: 4 layers, GQA 4/2 heads, the stdlib corpus mixed
     # with passkey retrieval at 320 (so both fitness tasks are in its training distribution).
     'base_tiny': dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
@@ -38,6 +52,16 @@ PRESETS = {
                         data=dict(source=BASE_DATA, seq_len=320),
                         train=dict(batch_size=16, steps=1000, lr=3e-3, warmup_steps=50,
                                    log_every=50, eval_every=200, ckpt_every=200)),
+    # Base LMs for 'tasks': trained on those tasks only (all tokens scored; the filler is
+    # predictable, so what is left to learn is the retrieval).
+    'base_tasks': dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
+                       data=dict(source=TASK_DATA, seq_len=320),
+                       train=dict(batch_size=8, steps=3000, lr=3e-3, warmup_steps=50,
+                                  log_every=50, eval_every=250, ckpt_every=250)),
+    'base_tasks_b': dict(model=dict(d_model=128, n_layers=3, n_heads=8, n_kv_heads=4),
+                         data=dict(source=TASK_DATA, seq_len=320),
+                         train=dict(batch_size=8, steps=1500, lr=3e-3, warmup_steps=50,
+                                    log_every=50, eval_every=250, ckpt_every=250)),
 }
 
 

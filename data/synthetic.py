@@ -1,4 +1,6 @@
-"""Synthetic long-context tasks on the byte tokenizer: passkey, multi-needle S-NIAH, MQAR.
+"""Synthetic long-context tasks on the byte tokenizer: passkey, multi-needle S-NIAH, MQAR, and
+for short contexts niah2 (S-NIAH with 2 needles, one a distractor) and copy (the passkey right
+before the question: a control that needs only recent tokens).
 
 Each task maps (seed, length, ...) to `{'prompt': int32[length] (starts with BOS), 'answer': int32[A]}`
 deterministically; the prompt is exactly `length` tokens (filler sentences, then space padding).
@@ -8,11 +10,13 @@ Held-out seed split: example `index` of base `seed` uses the generator seed
 eval prompts are never trained on.
 """
 
+import functools
+
 import numpy as np
 
 from data.tokenizer import ByteTokenizer
 
-TASKS = ("passkey", "niah", "mqar")
+TASKS = ("passkey", "niah", "mqar", "niah2", "copy")
 _TOK = ByteTokenizer()
 _FILLER = (
     "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -83,6 +87,11 @@ def _passkey_parts(rng, depth=None):
   return needles, "What is the pass key? The pass key is", f" {key}"
 
 
+def _copy_parts(rng, depth=None):
+  del depth  # always the last sentence before the question
+  return _passkey_parts(rng, 1.0)
+
+
 def _niah_parts(rng, depth=None, n_needles=4):
   keys = [f"{a}-{b}" for a, b in rng.choice(_WORDS, size=(n_needles, 2))]
   keys = [f"{k}-{i}" if keys.count(k) > 1 else k for i, k in enumerate(keys)]  # unique
@@ -111,7 +120,8 @@ def _mqar_parts(rng, n_pairs=16, n_queries=4):
   return [(0.0, pairs)], question, "".join(f" {values[q]}" for q in queries)
 
 
-_PARTS = {"passkey": _passkey_parts, "niah": _niah_parts, "mqar": _mqar_parts}
+_PARTS = {"passkey": _passkey_parts, "niah": _niah_parts, "mqar": _mqar_parts,
+          "niah2": functools.partial(_niah_parts, n_needles=2), "copy": _copy_parts}
 
 
 def passkey(rng_or_seed, length: int, depth: float | None = None) -> dict:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import Attention, KVCache, attend, write
+from models.chunked_attention import chunked_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,12 @@ def ansan_mask(q, k):
   Kk = {n: a[:, :, None, :] for n, a in k.items()}
   visible = (Kk['seg'] == Q['seg']) | (Kk['anc'] & ~Q['anc'])
   return (Kk['pos'] <= Q['pos']) & (Kk['doc'] == Q['doc']) & Q['ok'] & Kk['ok'] & visible
+
+
+def _block_rule(q, k):
+  """ansan_mask without positions (the blockwise kernel applies causality): [B, Q, C]."""
+  pos = lambda d: dict(d, pos=jnp.zeros_like(d['seg']))
+  return ansan_mask(pos(q), {n: a[:, None] for n, a in pos(k).items()})[:, 0]
 
 
 def anchor_mask(tokens_BxT, rule, pos_BxT=None):
@@ -112,9 +119,13 @@ class AnchorAttention(Attention):
     counts = cache.policy_state
     seg, doc = sentence_and_document(anc, bos, counts['n_anc'], counts['n_bos'])
     new = dict(pos=pos_BxT.astype(jnp.int32), seg=seg, doc=doc, anc=anc, ok=~pad)
+    if cache.capacity == 0 and self.impl == 'chunked':
+      # Training fast path, blockwise: the rule is applied block by block, O(T * block).
+      info = {n: a for n, a in new.items() if n != 'pos'}   # positions are 0..T-1 here
+      o = chunked_attention(q, k, v, block=self.block, rule=(_block_rule, info))
+      return self.out(o), cache
     if cache.capacity == 0 and self.impl != 'masked':
-      # Training fast path: one chunk, mask [B, 1, T, T] broadcast over heads (dense for
-      # every attention_impl: chunked / cudnn handle causal and sliding masks only).
+      # Training fast path, dense: mask [B, 1, T, T] broadcast over heads.
       mask = ansan_mask(new, {n: a[:, None] for n, a in new.items()})
       o = jax.nn.dot_product_attention(q, k, v, mask=mask)
       return self.out(o), cache

@@ -10,21 +10,27 @@ the saved log-sum-exp, so neither pass keeps anything larger than O(T * block).
 
 Loops are `lax.fori_loop`s with dynamic bounds (the visible key range of each query
 block), so the compiled program does not grow with T and skipped blocks cost nothing.
+
+A per-token rule can narrow the causal mask further: `rule=(fn, info)` with info a dict of
+[B, T] arrays and fn(info_q, info_k) -> bool [B, Q, C] (AnSAN's anchor mask, models/anchor.py).
+A row it masks entirely (padding) gives zeros.
 Layout inside: q/o [B, K, G, T, H] (G = N / K query heads per KV head), k/v [B, K, T, H].
 """
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 NEG_INF = -1e30
 
 
-def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=512):
+def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=512, rule=None):
   """Causal softmax attention over one contiguous chunk (positions 0..T-1), GQA.
 
   window > 0: key j is visible to query i iff i - window < j <= i (sliding window).
+  rule: (fn, {name: [B, T]}): key j is also visible only where fn(info_q, info_k) holds.
   T need not be a multiple of `block`: the chunk is padded at the end; padded keys are in
   the future of every real query, so causality masks them. Returns [B, T, N, H].
   """
@@ -36,7 +42,9 @@ def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=512):
   q_BxKxGxTxH = pad(q_BxTxNxH).reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
   k_BxKxTxH = pad(k_BxTxKxH).transpose(0, 2, 1, 3)
   v_BxKxTxH = pad(v_BxTxKxH).transpose(0, 2, 1, 3)
-  o_BxKxGxTxH = _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b)
+  fn, info = rule or (None, {})
+  info = {n: jnp.pad(a, ((0, 0), (0, Tp - T))) for n, a in info.items()}
+  o_BxKxGxTxH = _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, (window, fn), b)
   return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
 
 
@@ -56,9 +64,10 @@ def _kv_range(i, b, window):
   return lo, i + 1
 
 
-def _masked_logits(q_BxKxGxQxH, k_BxKxCxH, i, j, b, window):
+def _masked_logits(q_BxKxGxQxH, k_BxKxCxH, i, j, b, mask_spec, info):
   """Scaled fp32 logits of query block i against key block j, NEG_INF where invisible;
-  and the visibility mask [Q, C]."""
+  and the visibility mask ([Q, C], or [B, 1, 1, Q, C] under a rule)."""
+  window, fn = mask_spec
   H = q_BxKxGxQxH.shape[-1]
   s = jnp.einsum('bkgqh,bkch->bkgqc', q_BxKxGxQxH, k_BxKxCxH,
                  preferred_element_type=jnp.float32) * H ** -0.5
@@ -67,15 +76,20 @@ def _masked_logits(q_BxKxGxQxH, k_BxKxCxH, i, j, b, window):
   mask_QxC = k_pos_1xC <= q_pos_Qx1
   if window:
     mask_QxC &= q_pos_Qx1 - k_pos_1xC < window
+  if fn is not None:
+    rule_BxQxC = fn({n: _block(a, i, b, -1) for n, a in info.items()},
+                    {n: _block(a, j, b, -1) for n, a in info.items()})
+    mask_QxC = (mask_QxC & rule_BxQxC)[:, None, None]
   return jnp.where(mask_QxC, s, NEG_INF), mask_QxC
 
 
-def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, i, b, window):
+def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
   """Online softmax of query block i over its visible key blocks: out (fp32), lse."""
 
   def body(j, carry):
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = carry
-    s, mask_QxC = _masked_logits(q_BxKxGxQxH, _block(k_BxKxTxH, j, b, -2), i, j, b, window)
+    s, mask_QxC = _masked_logits(q_BxKxGxQxH, _block(k_BxKxTxH, j, b, -2), i, j, b,
+                                 mask_spec, info)
     m_new = jnp.maximum(m_BxKxGxQ, s.max(-1))
     # where: a row with no visible key yet has m_new = NEG_INF, and exp(s - m_new) = 1.
     p = jnp.where(mask_QxC, jnp.exp(s - m_new[..., None]), 0.)
@@ -88,38 +102,41 @@ def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, i, b, window):
   shape = q_BxKxGxQxH.shape[:-1]
   init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(q_BxKxGxQxH.shape, jnp.float32))
-  m, l, acc = lax.fori_loop(*_kv_range(i, b, window), body, init)
-  return acc / l[..., None], m + jnp.log(l)   # l > 0: every query sees itself
+  m, l, acc = lax.fori_loop(*_kv_range(i, b, mask_spec[0]), body, init)
+  # l > 0 unless a rule masks the whole row (padding): that row gives 0, lse 0.
+  seen = l > 0
+  l = jnp.where(seen, l, 1.)
+  return acc / l[..., None], jnp.where(seen, m + jnp.log(l), 0.)
 
 
-def _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b):
+def _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
   """All query blocks: out [B, K, G, T, H] (q's dtype) and the fp32 log-sum-exp [B, K, G, T]."""
 
   def body(i, carry):
     o, lse = carry
-    o_blk, lse_blk = _forward_block(_block(q_BxKxGxTxH, i, b, -2), k_BxKxTxH, v_BxKxTxH, i,
-                                    b, window)
+    o_blk, lse_blk = _forward_block(_block(q_BxKxGxTxH, i, b, -2), k_BxKxTxH, v_BxKxTxH,
+                                    info, i, b, mask_spec)
     return _put(o, o_blk, i, b, -2), _put(lse, lse_blk, i, b, -1)
 
   init = (jnp.zeros_like(q_BxKxGxTxH), jnp.zeros(q_BxKxGxTxH.shape[:-1], jnp.float32))
   return lax.fori_loop(0, q_BxKxGxTxH.shape[-2] // b, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b):
-  return _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
+  return _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b)[0]
 
 
-def _flash_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b):
-  o, lse = _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, window, b)
-  return o, (q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, o, lse)
+def _flash_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
+  o, lse = _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b)
+  return o, (q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, o, lse, info)
 
 
-def _flash_bwd(window, b, residuals, do_BxKxGxTxH):
+def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
   """dq, dk, dv in one pass over query blocks: each (query block, visible key block) pair
   recomputes p = exp(s - lse), adds its dq to the query block's accumulator and its dk,
   dv into fp32 [B, K, T, H] buffers."""
-  q, k, v, o, lse_BxKxGxT = residuals
+  q, k, v, o, lse_BxKxGxT, info = residuals
   H = q.shape[-1]
   delta_BxKxGxT = jnp.einsum('bkgth,bkgth->bkgt', do_BxKxGxTxH.astype(jnp.float32),
                              o.astype(jnp.float32))        # rowsum(dO * O) = sum_j p_j dp_j
@@ -132,7 +149,7 @@ def _flash_bwd(window, b, residuals, do_BxKxGxTxH):
     def kv_body(j, inner):
       dq_blk, dk, dv = inner
       k_blk, v_blk = _block(k, j, b, -2), _block(v, j, b, -2)
-      s, mask_QxC = _masked_logits(q_blk, k_blk, i, j, b, window)
+      s, mask_QxC = _masked_logits(q_blk, k_blk, i, j, b, mask_spec, info)
       p = jnp.where(mask_QxC, jnp.exp(s - lse_blk[..., None]), 0.)
       dp = jnp.einsum('bkgqh,bkch->bkgqc', do_blk, v_blk, preferred_element_type=jnp.float32)
       ds = p * (dp - delta_blk[..., None]) * H ** -0.5    # d loss / d (q.k), fp32
@@ -147,13 +164,14 @@ def _flash_bwd(window, b, residuals, do_BxKxGxTxH):
       return dq_blk, dk, dv
 
     init = (jnp.zeros(q_blk.shape, jnp.float32), dk, dv)
-    dq_blk, dk, dv = lax.fori_loop(*_kv_range(i, b, window), kv_body, init)
+    dq_blk, dk, dv = lax.fori_loop(*_kv_range(i, b, mask_spec[0]), kv_body, init)
     return _put(dq, dq_blk, i, b, -2), dk, dv
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
           jnp.zeros(v.shape, jnp.float32))
   dq, dk, dv = lax.fori_loop(0, q.shape[-2] // b, q_body, init)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), info))
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

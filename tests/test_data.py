@@ -1,5 +1,7 @@
 """Tests for data/: tokenizer, sources, tfds offline round trip, synthetic tasks, grain pipeline."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -125,6 +127,17 @@ def test_niah_needles():
   assert text.count("The special magic number for") == 5 + 1  # needles + the question's answer stem
   value = TOK.decode(example["answer"]).strip()
   assert len(value) == 7 and abs(text.index(f"is {value}.") / len(text) - 0.3) < 0.05
+
+
+def test_short_context_tasks():
+  """niah2: two needles, one queried; copy: the needle is the last sentence before the question."""
+  for seed in range(4):
+    text = TOK.decode(synthetic.make_example("niah2", seed, 320)["prompt"])
+    assert text.count("The special magic number for") == 2 + 1
+    e = synthetic.make_example("copy", seed, 320)
+    key = TOK.decode(e["answer"]).strip()
+    assert re.search(rf"The pass key is {key}\. Remember it\. +What is the pass key\? "
+                     r"The pass key is$", TOK.decode(e["prompt"]))
 
 
 def test_synthetic_split_and_determinism():

@@ -4,6 +4,7 @@ import math
 import ml_collections
 
 from configs.base import get_base_config
+from data import synthetic
 from models.layers import DTYPES
 
 
@@ -305,8 +306,9 @@ def _validate_namm(cfg):
          f'one generation count per stage: {len(ev.stages)} stages, {len(ev.generations)} counts')
   for stage in ev.stages:
     for task in stage.split(','):
-      _check(task.strip() in ('passkey', 'niah', 'mqar', 'corpus'), 'evolve.stages',
-             f'unknown task {task.strip()!r} in stage {stage!r}; tasks: passkey|niah|mqar|corpus')
+      _check(task.strip() in synthetic.TASKS + ('corpus',), 'evolve.stages',
+             f'unknown task {task.strip()!r} in stage {stage!r}; tasks: '
+             f"{'|'.join(synthetic.TASKS + ('corpus',))}")
   for key in ('length', 'prompts', 'pool', 'eval_prompts', 'eval_every', 'ckpt_every',
               'keep_ckpts', 'log_every'):
     _check(ev[key] >= 1, f'evolve.{key}', f'must be >= 1, got {ev[key]}')

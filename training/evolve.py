@@ -42,7 +42,6 @@ from training.config import resolve, saved_config
 from training.metrics import MetricWriter
 
 CORPUS_TARGET = 32          # scored tokens at the end of a corpus window
-RETRIEVAL = ('passkey', 'niah', 'mqar')
 
 
 # --- Base model ----------------------------------------------------------------------------
