@@ -131,13 +131,14 @@ def measure_train(cfg, peak, steps):
   step = make_train_step(graphdef, schedule, shardings, batch_sh)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
+  weights = jax.device_put(jnp.ones((B, L)), batch_sh)
   t0 = time.perf_counter()
-  compiled = compile_checked(step.lower(state, tokens))
+  compiled = compile_checked(step.lower(state, tokens, weights))
   compile_s = time.perf_counter() - t0
   box = [state]
 
   def one():
-    box[0], m = compiled(box[0], tokens)
+    box[0], m = compiled(box[0], tokens, weights)
     return m['loss']
   dt = time_calls(one, steps, compiled=True)
   fpt = flops.train_flops_per_token(abstract_model(cfg), L)

@@ -11,7 +11,8 @@ import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ['foundation', 'run', 'titans', 'infini', 'anchor', 'anchor_2layer', 'namm', 'hf']
+ORDER = ['foundation', 'run', 'titans', 'infini', 'anchor_prose', 'anchor', 'anchor_2layer', 'namm',
+         'hf']
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
 

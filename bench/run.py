@@ -24,9 +24,11 @@ Writes OUT.md (the page, with the command, machine, versions, seeds and the targ
 missed by how much), OUT.json and OUT_*.png.
 """
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,6 +58,9 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Where capability runs train (defa
 _NAMM_RUN = flags.DEFINE_string('namm_run', '', 'evolve.py workdir for the NAMM policy (default: '
                                 'a random parameter vector drawn like a CMA-ES population member).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of model init, data order and task examples.')
+_JOBS = flags.DEFINE_integer('jobs', 1, 'Run the sections in this many processes side by side, '
+                             'each pinned to its share of the CPU cores (2 on a 2-core '
+                             'machine: capability in one, the rest in the other).')
 
 # kind -> (config, overrides). Same width and depth (d_model 128, 2 layers, 4 heads); the
 # memory kinds use segments / windows of 64 tokens. 'plain' is full causal attention with the
@@ -688,6 +693,43 @@ def plots(res, prefix):
 
 SECTION_KEYS = dict(train=('train',), stream=('stream', 'stream_fits'), decode=('decode',),
                     capability=('capability',), profile=('profile',))
+# Core-minutes of each section in a full run on this 2-core host (the page's commands list
+# what each took); only used to share the sections out between --jobs processes.
+SECTION_COST = dict(train=25, stream=9, decode=5, capability=40, profile=5)
+
+
+def share_sections(sections, jobs):
+  """Sections in `jobs` groups of about equal cost, longest first; profile goes with train
+  (it reads train's rows). Each group keeps the page's section order."""
+  units = [[s] + (['profile'] if s == 'train' and 'profile' in sections else [])
+           for s in sections if s != 'profile']
+  if 'profile' in sections and 'train' not in sections:
+    units.append(['profile'])
+  groups, load = [[] for _ in range(jobs)], [0] * jobs
+  for unit in sorted(units, key=lambda u: -sum(SECTION_COST[s] for s in u)):
+    i = load.index(min(load))
+    groups[i] += unit
+    load[i] += sum(SECTION_COST[s] for s in unit)
+  return [[s for s in SECTION_KEYS if s in g] for g in groups if g]
+
+
+def run_jobs(groups):
+  """One `bench/run.py --sections=GROUP --jobs=1` process per group, each pinned to its own
+  slice of this process's cores; they merge into the same page (save() locks the file)."""
+  cores = sorted(os.sched_getaffinity(0))
+  share = max(len(cores) // len(groups), 1)
+  args = [a for a in sys.argv[1:] if not a.startswith(('--jobs', '--sections'))]
+  procs = []
+  for i, group in enumerate(groups):
+    mine = set(cores[(i * share) % len(cores):][:share])
+    cmd = [sys.executable, os.path.abspath(__file__), *args, '--jobs=1',
+           '--sections=' + ','.join(group)]
+    log(f"job {i}: sections {','.join(group)} on cores {sorted(mine)}")
+    procs.append(subprocess.Popen(cmd, cwd=ROOT, preexec_fn=lambda m=mine: os.sched_setaffinity(
+        0, m)))
+  failed = [g for g, p in zip(groups, procs) if p.wait()]
+  if failed:
+    raise SystemExit(f'bench/run.py: the job(s) running {failed} failed (see above)')
 
 
 def merged(path, res, sections, kinds):
@@ -732,6 +774,14 @@ def main(argv):
     if k not in KINDS and k != 'plain_wide':
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS) + ["plain_wide"]}')
   prefix = os.path.join(ROOT, _OUT.value)
+  if _JOBS.value > 1 and len(_SECTIONS.value) > 1:
+    run_jobs(share_sections(_SECTIONS.value, _JOBS.value))
+    res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
+               seed=_SEED.value, commands={}, kinds=kinds)
+    save(prefix, res, [], plan)               # the page of everything the jobs wrote
+    log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min '
+        f'({_JOBS.value} jobs)')
+    return
   peak = flops.measure_peak_flops()
   command = ' '.join(['python bench/run.py'] + sys.argv[1:])
   res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
@@ -776,15 +826,18 @@ def slowest(res, path):
 
 
 def save(prefix, res, sections, plan):
-  """Writes OUT.json / OUT.md / OUT_*.png from res laid over the other sections on disk."""
-  res = merged(prefix + '.json', res, sections, res['kinds'])
-  res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
-                           res.get('decode', []), plan)
-  with open(prefix + '.json', 'w') as f:
-    json.dump(res, f, indent=1, default=str)
-  plots(res, prefix)
-  with open(prefix + '.md', 'w') as f:
-    f.write(page(res) + '\n')
+  """Writes OUT.json / OUT.md / OUT_*.png from res laid over the other sections on disk
+  (under a lock: jobs running other sections merge into the same files)."""
+  with open(prefix + '.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    res = merged(prefix + '.json', res, sections, res['kinds'])
+    res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
+                             res.get('decode', []), plan)
+    with open(prefix + '.json', 'w') as f:
+      json.dump(res, f, indent=1, default=str)
+    plots(res, prefix)
+    with open(prefix + '.md', 'w') as f:
+      f.write(page(res) + '\n')
   return res
 
 

@@ -73,6 +73,7 @@ def get_base_config():
                                 # train.init_from=hf:DIR model's own, else byte
   d.seq_len = 256
   d.eval_batches = 8
+  d.loss = 'all'                # all | answer: train on synthetic examples' answer tokens only
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 16             # global batch (sequences)

@@ -41,7 +41,8 @@ def token_stream(source: str, split: str, tfds_data_dir: str | None = None,
 
 
 class _Windows:
-  """Random access to windows of `width` tokens: item i = {'tokens': int32[width]}."""
+  """Random access to windows of `width` tokens: item i = {'tokens': int32[width],
+  'weights': float32[width - 1]} (every target weighted 1)."""
 
   def __init__(self, stream: np.ndarray, width: int):
     self.stream, self.width = stream, width
@@ -51,20 +52,27 @@ class _Windows:
 
   def __getitem__(self, index: int) -> dict:
     start = int(index) * self.width
-    return {"tokens": self.stream[start:start + self.width].astype(np.int32)}
+    return {"tokens": self.stream[start:start + self.width].astype(np.int32),
+            "weights": np.ones(self.width - 1, np.float32)}
 
 
 class _SyntheticWindows:
-  """Item i = {'tokens': int32[width]}, one synthetic example."""
+  """Item i = {'tokens': int32[width], 'weights': float32[width - 1]}, one synthetic example;
+  with answer_loss only its answer targets weigh (1), else every target."""
 
-  def __init__(self, documents: synthetic.SyntheticDocuments):
-    self.documents = documents
+  def __init__(self, documents: synthetic.SyntheticDocuments, answer_loss: bool = False):
+    self.documents, self.answer_loss = documents, answer_loss
 
   def __len__(self) -> int:
     return len(self.documents)
 
   def __getitem__(self, index: int) -> dict:
-    return {"tokens": self.documents[index]}
+    e = self.documents.example(index)
+    tokens = np.concatenate([e["prompt"], e["answer"]])
+    weights = np.ones(len(tokens) - 1, np.float32)
+    if self.answer_loss:
+      weights[:len(e["prompt"]) - 1] = 0.
+    return {"tokens": tokens, "weights": weights}
 
 
 class _Mixed:
@@ -87,16 +95,18 @@ def is_text(source: str) -> bool:
 
 
 def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int = 0,
-             tokenizer: str = "byte"):
+             tokenizer: str = "byte", answer_loss: bool = False):
   if source.startswith("mix:"):
     parts = source[len("mix:"):].split("+")
     if len(parts) < 2 or any(p.startswith("mix:") for p in parts):
       raise ValueError(f"data.source: {source!r}: a mix needs two or more '+'-separated parts "
                        "(no nested mix:)")
-    return _Mixed([_windows(p, split, width, tfds_data_dir, seed, tokenizer) for p in parts])
+    return _Mixed([_windows(p, split, width, tfds_data_dir, seed, tokenizer, answer_loss)
+                   for p in parts])
   if source.startswith("synthetic:"):
     return _SyntheticWindows(
-        synthetic.synthetic_documents(source[len("synthetic:"):], width, split, seed))
+        synthetic.synthetic_documents(source[len("synthetic:"):], width, split, seed),
+        answer_loss)
   windows = _Windows(token_stream(source, split, tfds_data_dir, tokenizer), width)
   if not len(windows):
     raise ValueError(f"data.source: {source!r} split {split!r} has fewer than {width} tokens")
@@ -111,18 +121,19 @@ def _local_batch(batch: int, process_count: int) -> int:
 
 def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
-                        tfds_data_dir: str | None = None,
-                        tokenizer: str = "byte") -> grain.DatasetIterator:
+                        tfds_data_dir: str | None = None, tokenizer: str = "byte",
+                        answer_loss: bool = False) -> grain.DatasetIterator:
   """An endless, deterministic, checkpointable iterator of this process's batches.
 
-  Yields {'tokens': int32 [global_batch // process_count, seq_len + 1]}; inputs = [:, :-1],
-  targets = [:, 1:]. Windows are shuffled with `seed` (reshuffled every epoch), then element j of
+  Yields {'tokens': int32 [global_batch // process_count, seq_len + 1], 'weights': float32
+  [.., seq_len]}; inputs = [:, :-1], targets = [:, 1:], weights per target (answer_loss:
+  only synthetic examples' answers count). Windows are shuffled with `seed` (reshuffled every epoch), then element j of
   the endless stream goes to process j % process_count, so processes see disjoint windows and
   global step k covers global elements [k * global_batch, (k + 1) * global_batch).
   Save/restore with `it.get_state()` / `it.set_state(state)` or grain.checkpoint.CheckpointSave.
   """
   local_batch = _local_batch(global_batch, process_count)
-  windows = _windows(source, split, seq_len + 1, tfds_data_dir, seed, tokenizer)
+  windows = _windows(source, split, seq_len + 1, tfds_data_dir, seed, tokenizer, answer_loss)
   ds = grain.MapDataset.source(windows).shuffle(seed=seed % 2**32).repeat()
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   return iter(ds.to_iter_dataset())
@@ -130,9 +141,10 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
 
 def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
                       split: str = "eval", process_index: int = 0, process_count: int = 1,
-                      tfds_data_dir: str | None = None,
-                      tokenizer: str = "byte") -> list[np.ndarray]:
-  """`n_batches` fixed int32 arrays [batch // process_count, seq_len + 1] from the held-out split.
+                      tfds_data_dir: str | None = None, tokenizer: str = "byte",
+                      field: str = "tokens", answer_loss: bool = False) -> list[np.ndarray]:
+  """`n_batches` fixed int32 arrays [batch // process_count, seq_len + 1] from the held-out split
+  (field='weights': their float32 target weights [.., seq_len], see make_train_iterator).
 
   Text sources: batch * n_batches windows evenly spaced over the split (in order; if the split has
   fewer windows, they repeat cyclically, with a warning). Synthetic sources: eval-seed examples
@@ -141,10 +153,13 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
   _local_batch(batch, process_count)  # validates divisibility
   total = batch * n_batches
   if source.startswith("synthetic:"):
-    tokens = synthetic.make_task_batch(source[len("synthetic:"):], total, seq_len + 1,
-                                       split=split)["tokens_BxL"]
+    b = synthetic.make_task_batch(source[len("synthetic:"):], total, seq_len + 1, split=split)
+    tokens = b["tokens_BxL"] if field == "tokens" else (
+        b["answer_mask_BxL"][:, :-1] if answer_loss else np.ones((total, seq_len))).astype(
+            np.float32)
   else:
-    windows = _windows(source, split, seq_len + 1, tfds_data_dir, tokenizer=tokenizer)
+    windows = _windows(source, split, seq_len + 1, tfds_data_dir, tokenizer=tokenizer,
+                       answer_loss=answer_loss)
     n = len(windows)
     if total <= n:
       index = np.arange(total) * n // total
@@ -152,8 +167,8 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
       logging.warning("data: %s %s has %d windows of %d tokens < %d requested; repeating.",
                       source, split, n, seq_len + 1, total)
       index = np.arange(total) % n
-    tokens = np.stack([windows[i]["tokens"] for i in index])
-  tokens = tokens.reshape(n_batches, batch, seq_len + 1)
+    tokens = np.stack([windows[i][field] for i in index])
+  tokens = tokens.reshape(n_batches, batch, -1)
   return [b[process_index::process_count] for b in tokens]
 
 

@@ -209,9 +209,13 @@ class SyntheticDocuments:
   def __len__(self) -> int:
     return self.size
 
+  def example(self, index: int) -> dict:
+    """{'prompt', 'answer'} of item `index`."""
+    return make_example(self.task, example_seed(self.seed, int(index), self.split), self.length,
+                        **self.kwargs)
+
   def __getitem__(self, index: int) -> np.ndarray:
-    e = make_example(self.task, example_seed(self.seed, int(index), self.split), self.length,
-                     **self.kwargs)
+    e = self.example(index)
     return np.concatenate([e["prompt"], e["answer"]])
 
 

@@ -154,9 +154,24 @@ def test_synthetic_split_and_determinism():
 
 def test_synthetic_train_source():
   it = pipeline.make_train_iterator("synthetic:passkey", "train", 255, 4, seed=1)
-  tokens = next(it)["tokens"]
+  batch = next(it)
+  tokens = batch["tokens"]
   assert tokens.shape == (4, 256) and (tokens[:, 0] == TOK.BOS).all()
-  assert (tokens != TOK.PAD).all()
+  assert (tokens != TOK.PAD).all() and (batch["weights"] == 1).all()
+
+
+def test_answer_loss_weights_exactly_the_answer_targets():
+  """data.loss=answer: weight 1 on the targets that are answer tokens (the ' NNNNN' after
+  'The pass key is' at the end), 0 on every other target; same tokens as without."""
+  args = ("mix:synthetic:passkey+synthetic:copy", "train", 127, 4)
+  batch = next(pipeline.make_train_iterator(*args, seed=2, answer_loss=True))
+  plain = next(pipeline.make_train_iterator(*args, seed=2))
+  assert (batch["tokens"] == plain["tokens"]).all() and batch["weights"].shape == (4, 127)
+  for tokens, w in zip(batch["tokens"], batch["weights"]):
+    text = TOK.decode(tokens)
+    answer = text[text.rindex("The pass key is") + len("The pass key is"):]
+    assert re.fullmatch(r" \d{5}", answer)
+    assert w.tolist() == [0.] * (127 - len(answer)) + [1.] * len(answer)
 
 
 # --- pipeline ----------------------------------------------------------------------------------

@@ -195,6 +195,11 @@ def validate(cfg, n_devices, *, check_mesh=True):
   _check(m.remat in ('none', 'block', 'segment'), 'model.remat', f'{m.remat!r} not none|block|segment')
   _validate_attention(m, n_devices)
   _check(d.seq_len >= 1, 'data.seq_len', f'must be >= 1, got {d.seq_len}')
+  _check(d.loss in ('all', 'answer'), 'data.loss', f'{d.loss!r} not all|answer')
+  if d.loss == 'answer':
+    parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]
+    _check(all(p.startswith('synthetic:') for p in parts), 'data.loss',
+           f"'answer' needs synthetic examples only, got data.source={d.source!r}")
   _check(m.segment_len >= 0, 'model.segment_len', f'must be >= 0, got {m.segment_len}')
   if m.segment_len:
     _check(d.seq_len % m.segment_len == 0, 'data.seq_len',

@@ -59,11 +59,14 @@ def train(cfg, workdir):
   d = cfg.data
   data_iter = pipeline.make_train_iterator(
       d.source, 'train', d.seq_len, t.batch_size, cfg.seed, jax.process_index(),
-      jax.process_count(), d.tfds_data_dir or None, tokenizer=d.tokenizer)
-  eval_batches = pipeline.make_eval_batches(
-      d.source, d.seq_len, t.batch_size, d.eval_batches, process_index=jax.process_index(),
-      process_count=jax.process_count(), tfds_data_dir=d.tfds_data_dir or None,
-      tokenizer=d.tokenizer)
+      jax.process_count(), d.tfds_data_dir or None, tokenizer=d.tokenizer,
+      answer_loss=d.loss == 'answer')
+  eval_args = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                   tfds_data_dir=d.tfds_data_dir or None, tokenizer=d.tokenizer,
+                   answer_loss=d.loss == 'answer')
+  eval_batches = list(zip(*(pipeline.make_eval_batches(
+      d.source, d.seq_len, t.batch_size, d.eval_batches, field=f, **eval_args)
+      for f in ('tokens', 'weights'))))
   batch_sh = meshlib.batch_sharding(mesh)
 
   # --- Restore or initialise ----------------------------------------------------------------
@@ -84,7 +87,8 @@ def train(cfg, workdir):
   eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh, pad_id)
 
   def evaluate(model_state):
-    tot = [eval_step(model_state, global_batch(b, batch_sh)) for b in eval_batches]
+    tot = [eval_step(model_state, global_batch(b, batch_sh), global_batch(w, batch_sh))
+           for b, w in eval_batches]
     return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
 
   # --- Loop -------------------------------------------------------------------------------
@@ -103,8 +107,10 @@ def train(cfg, workdir):
   pending = None                              # step t's metrics are read after t+1 dispatch
   last_saved = start
   for step in range(start + 1, t.steps + 1):
-    tokens = global_batch(next(data_iter)['tokens'], batch_sh)
-    state, m = train_step(state, tokens)
+    batch = next(data_iter)
+    tokens = global_batch(batch['tokens'], batch_sh)
+    weights = global_batch(batch['weights'], batch_sh)
+    state, m = train_step(state, tokens, weights)
     if pending is not None:
       metrics = _finish(pending, ckpt, last_saved)
     pending = (step, m)
@@ -149,10 +155,11 @@ def compile_only(cfg):
   tx, schedule = make_optimizer(cfg.train)
   graphdef, abs_state, shardings = meshlib.abstract_state(train_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
-  tokens = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len + 1), jax.numpy.int32,
-                                sharding=batch_sh)
+  B, L = cfg.train.batch_size, cfg.data.seq_len
+  tokens = jax.ShapeDtypeStruct((B, L + 1), jax.numpy.int32, sharding=batch_sh)
+  weights = jax.ShapeDtypeStruct((B, L), jax.numpy.float32, sharding=batch_sh)
   step = make_train_step(graphdef, schedule, shardings, batch_sh)
-  compiled = step.lower(abs_state, tokens).compile()
+  compiled = step.lower(abs_state, tokens, weights).compile()
   mem = compiled.memory_analysis()
   flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)
   report = dict(

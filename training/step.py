@@ -56,22 +56,26 @@ def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
   return nll_BxL, targets_BxL != pad_id
 
 
-def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
+def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, weights_BxL=None):
+  """Mean nll over the real targets, each weighted by weights_BxL (default 1; data.loss=
+  'answer' gives 1 on a synthetic example's answer targets, 0 elsewhere)."""
   nll_BxL, mask_BxL = token_nll(model, tokens_BxL1, pad_id)
-  return (nll_BxL * mask_BxL).sum() / jnp.maximum(mask_BxL.sum(), 1)
+  w_BxL = mask_BxL if weights_BxL is None else mask_BxL * weights_BxL
+  return (nll_BxL * w_BxL).sum() / jnp.maximum(w_BxL.sum(), 1)
 
 
 def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
                     pad_id=ByteTokenizer.PAD):
-  """step(state, tokens) -> (state, metrics). A non-finite loss or gradient leaves the
-  state untouched and reports finite=0, so a bad update never reaches a checkpoint."""
+  """step(state, tokens [B, L+1], weights [B, L]) -> (state, metrics): weights scale each
+  target's loss (see loss_fn). A non-finite loss or gradient leaves the state untouched and
+  reports finite=0, so a bad update never reaches a checkpoint."""
 
   @functools.partial(jax.jit, donate_argnums=0,
-                     in_shardings=(state_shardings, batch_sharding),
+                     in_shardings=(state_shardings, batch_sharding, batch_sharding),
                      out_shardings=(state_shardings, None))
-  def train_step(state, tokens_BxL1):
+  def train_step(state, tokens_BxL1, weights_BxL):
     model, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id)
+    loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id, weights_BxL)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = opt.step[...]
@@ -85,11 +89,12 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
 
 
 def make_eval_step(graphdef, model_shardings, batch_sharding, pad_id=ByteTokenizer.PAD):
-  """eval(model_state, tokens) -> (sum of nll, number of tokens)."""
+  """eval(model_state, tokens, weights) -> (weighted sum of nll, sum of weights)."""
 
-  @functools.partial(jax.jit, in_shardings=(model_shardings, batch_sharding))
-  def eval_step(model_state, tokens_BxL1):
+  @functools.partial(jax.jit, in_shardings=(model_shardings, batch_sharding, batch_sharding))
+  def eval_step(model_state, tokens_BxL1, weights_BxL):
     nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, model_state), tokens_BxL1, pad_id)
-    return (nll_BxL * mask_BxL).sum(), mask_BxL.sum()
+    w_BxL = mask_BxL * weights_BxL
+    return (nll_BxL * w_BxL).sum(), w_BxL.sum()
 
   return eval_step
