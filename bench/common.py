@@ -131,7 +131,7 @@ def measure_train(cfg, peak, steps):
   step = make_train_step(graphdef, schedule, shardings, batch_sh)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
-  weights = jax.device_put(jnp.ones((B, L)), batch_sh)
+  weights = jax.device_put(np.ones((B, L), np.float32), batch_sh)
   t0 = time.perf_counter()
   compiled = compile_checked(step.lower(state, tokens, weights))
   compile_s = time.perf_counter() - t0

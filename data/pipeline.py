@@ -127,7 +127,8 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
 
   Yields {'tokens': int32 [global_batch // process_count, seq_len + 1], 'weights': float32
   [.., seq_len]}; inputs = [:, :-1], targets = [:, 1:], weights per target (answer_loss:
-  only synthetic examples' answers count). Windows are shuffled with `seed` (reshuffled every epoch), then element j of
+  only synthetic examples' answers count). Windows are shuffled with `seed` (reshuffled every
+  epoch), then element j of
   the endless stream goes to process j % process_count, so processes see disjoint windows and
   global step k covers global elements [k * global_batch, (k + 1) * global_batch).
   Save/restore with `it.get_state()` / `it.set_state(state)` or grain.checkpoint.CheckpointSave.

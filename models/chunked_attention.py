@@ -14,6 +14,7 @@ block), so the compiled program does not grow with T and skipped blocks cost not
 A per-token rule can narrow the causal mask further: `rule=(fn, info)` with info a dict of
 [B, T] arrays and fn(info_q, info_k) -> bool [B, Q, C] (AnSAN's anchor mask, models/anchor.py).
 A row it masks entirely (padding) gives zeros.
+
 Layout inside: q/o [B, K, G, T, H] (G = N / K query heads per KV head), k/v [B, K, T, H].
 """
 import functools
