@@ -148,12 +148,10 @@ def sentence_lengths(source, rule):
   from data.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
   lengths = []
-  for doc in get_documents(source, 'eval'):
-    anc = np.asarray(rule.classify(tok.encode(doc)[None])[0][0])
-    ends = np.flatnonzero(anc)
-    lengths += list(np.diff(np.concatenate([[-1], ends, [len(anc) - 1]]))[:-1] if len(ends)
-                    else [])
-  L = np.asarray([n for n in lengths if n > 0], float)
+  for doc in get_documents(source, 'eval'):      # completed sentences: anchor to anchor
+    ends = np.flatnonzero(np.asarray(rule.classify(tok.encode(doc)[None])[0][0]))
+    lengths += list(np.diff(np.concatenate([[-1], ends])))
+  L = np.asarray(lengths, float)
   return float(L.mean()), float((L ** 2).mean() / L.mean())
 
 
@@ -251,9 +249,9 @@ def main():
   texts = {'chain': f"glob:{os.path.join(W, 'corpus', '*.txt')}"}  # name -> held-out source
   if args.corpus == 'mix':
     texts = {'prose': f'glob:{write_prose(os.path.join(W, "prose"))}', **texts}
-  ac = lambda source: '+'.join(f'ac:{p}' for p in source.split('+'))
-  src = ('mix:' if len(texts) > 1 else '') + '+'.join(texts.values())
-  src_ac = ('mix:' if len(texts) > 1 else '') + ac('+'.join(texts.values()))
+  joined = lambda parts: ('mix:' if len(parts) > 1 else '') + '+'.join(parts)
+  src = joined(list(texts.values()))
+  src_ac = joined([f'ac:{p}' for p in texts.values()])
   log = os.path.join(W, 'train.log')
   fmt = dict(seq=SEQ, layers=args.n_layers)
   cmds = {'base': BASE.format(w=f'{W}/base', steps=args.base_steps, source=f"'{src}'", **fmt)}
@@ -304,7 +302,6 @@ def main():
       first = next(iter(sources.values()))
       row['kv_kept'] = kv_kept(model, first)
       row['kv_kept_long'] = kv_kept(model, first, LONG)
-    if mixer == 'anchor' and 'sentence' not in row:
       row['sentence'] = sentence_lengths(first, model.blocks[0].mixer.rule)
     rows.append(row)
     print(row, flush=True)

@@ -775,18 +775,16 @@ def main(argv):
     if k not in KINDS and k != 'plain_wide':
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS) + ["plain_wide"]}')
   prefix = os.path.join(ROOT, _OUT.value)
+  res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
+             seed=_SEED.value, commands={}, kinds=kinds)
   if _JOBS.value > 1 and len(_SECTIONS.value) > 1:
     run_jobs(share_sections(_SECTIONS.value, _JOBS.value))
-    res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
-               seed=_SEED.value, commands={}, kinds=kinds)
     save(prefix, res, [], plan)               # the page of everything the jobs wrote
     log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min '
         f'({_JOBS.value} jobs)')
     return
   peak = flops.measure_peak_flops()
   command = ' '.join(['python bench/run.py'] + sys.argv[1:])
-  res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
-             seed=_SEED.value, commands={}, kinds=kinds)
   log(f"{res['machine']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
   sections = _SECTIONS.value
   for name in sections:
