@@ -7,8 +7,8 @@ For each evolve.py run (one per seed) and task of its curriculum, on held-out pr
 (eval split, a base seed no run has seen): the full-cache score, the NAMM score (shipped
 mean) and its cache fraction at the end of the prefill, then each baseline with its budget
 set to NAMM's mean cache size on that task (so caches match). Scores are normalised by the
-full cache (mean score / mean full-cache score), as in the fitness. Prints a markdown table,
-writes OUT.json and OUT.png.
+full cache (mean score / mean full-cache score), as in the fitness. Writes the results page
+OUT.md (tables, evolution curve, the targets met or missed), OUT.json and OUT.png.
 """
 import json
 import os
@@ -24,8 +24,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from bench.common import machine
 from models import eviction, namm as nammlib
 from training import evolve as evo
+from training.metrics import read_metrics
 
 _BASE = flags.DEFINE_string('base', None, 'train.py workdir of the base LM the runs evolved on.')
 _RUNS = flags.DEFINE_list('runs', None, 'evolve.py workdirs (one per seed).')
@@ -41,8 +43,9 @@ def evaluate(base, policy, theta, mu, sigma, tokens, contexts, chunk):
   score = jax.jit(evo.make_scorer(graphdef, policy, contexts, chunk))
   out = {}
   for t, tok in tokens.items():
-    s, frac, _ = score(state, theta, mu, sigma, {t: tok})
-    out[t] = dict(score=float(np.mean(s[t])), cache=float(frac))
+    s, frac_L, _ = score(state, theta, mu, sigma, {t: tok})
+    out[t] = dict(score=float(np.mean(s[t])), cache=float(np.mean(frac_L)),
+                  layers=np.asarray(frac_L).round(4).tolist())
   return out
 
 
@@ -81,47 +84,150 @@ def summarise(res):
           for name, by in res.items()}
 
 
+def run_info(run):
+  """The evolve.py run's saved config and its per-generation metrics."""
+  ck = evo.EvolveCheckpointer(run, read_only=True)
+  try:
+    saved = ck.read_config(ck.latest())
+  finally:
+    ck.close()
+  rows = read_metrics(run)
+  gens = sorted(rows)
+  held = [dict(gen=g, stage=int(rows[g]['stage']), score=rows[g]['heldout_score'],
+               cache=rows[g]['heldout_cache']) for g in gens if 'heldout_score' in rows[g]]
+  return saved, dict(generations=len(gens), held=held,
+                     seconds=rows[gens[-1]]['time'] - rows[gens[0]]['time'] if gens else 0)
+
+
+def base_info(base):
+  c = base[2]
+  return dict(layers=c.model.n_layers, d_model=c.model.d_model, heads=c.model.n_heads,
+              kv_heads=c.model.n_kv_heads, steps=c.train.steps, seq_len=c.data.seq_len,
+              source=c.data.source, loss=c.data.loss)
+
+
 def main(argv):
   del argv
   t0 = time.time()
   base = evo.load_base(_BASE.value)
-  report = dict(base=_BASE.value, runs=[], transfer=[])
+  other = evo.load_base(_TRANSFER.value) if _TRANSFER.value else None
+  report = dict(command=' '.join(['python bench/namm.py'] + sys.argv[1:]), machine=machine(),
+                date=time.strftime('%Y-%m-%d'), prompts=_PROMPTS.value, seed=_SEED.value,
+                base=dict(path=_BASE.value, **base_info(base)), runs=[], transfer=[])
+  if other:
+    report['transfer_base'] = dict(path=_TRANSFER.value, **base_info(other))
   for run in _RUNS.value:
     arrays, namm_dict = evo.load_policy_arrays(run)
-    ck = evo.EvolveCheckpointer(run, read_only=True)
-    saved = ck.read_config(ck.latest())
-    ck.close()
+    saved, evolution = run_info(run)
     ev = ml_collections.ConfigDict(saved['evolve'])
     namm_cfg = ml_collections.ConfigDict(namm_dict)
     res = compare(base, arrays, namm_cfg, ev, _SEED.value, _PROMPTS.value)
-    report['runs'].append(dict(run=run, seed=saved['seed'], results=res, summary=summarise(res)))
+    settings = dict(strategy=ev.strategy, population=ev.population, stages=list(ev.stages),
+                    generations=list(ev.generations), prompts=ev.prompts, length=ev.length,
+                    cache_weight=ev.get('cache_weight', 0.0),
+                    update_interval=namm_cfg.update_interval)
+    report['runs'].append(dict(run=run, seed=saved['seed'], results=res, summary=summarise(res),
+                               settings=settings, evolution=evolution))
     print(run, json.dumps(summarise(res)), flush=True)
-    if _TRANSFER.value:
-      other = evo.load_base(_TRANSFER.value)
+    if other:
       res = compare(other, arrays, namm_cfg, ev, _SEED.value, _PROMPTS.value)
-      report['transfer'].append(dict(run=run, base=_TRANSFER.value, results=res,
+      report['transfer'].append(dict(run=run, seed=saved['seed'], results=res,
                                      summary=summarise(res)))
       print('transfer', run, json.dumps(summarise(res)), flush=True)
   report['seconds'] = time.time() - t0
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(report, f, indent=2)
-  print(table(report))
+  page = render(report, os.path.basename(_OUT.value) + '.png')
+  with open(_OUT.value + '.md', 'w') as f:
+    f.write(page)
+  print(page)
   plot(report, _OUT.value + '.png')
 
 
+NAMES = ('full', 'namm', 'recency', 'h2o', 'l2')
+
+
 def table(report):
-  names = ('full', 'namm', 'recency', 'h2o', 'l2')
-  lines = ['| base | run (seed) | ' + ' | '.join(f'{n} score / cache' for n in names) + ' |',
-           '|---' * (len(names) + 2) + '|']
+  lines = ['| base | seed | ' + ' | '.join(f'{n} score / cache' for n in NAMES) + ' |',
+           '|---' * (len(NAMES) + 2) + '|']
   for kind in ('runs', 'transfer'):
     for r in report[kind]:
       s = r['summary']
-      lines.append(f"| {'transfer' if kind == 'transfer' else 'same'} | {r.get('seed', '')} "
-                   f"{os.path.basename(r['run'])} | " +
-                   ' | '.join(f"{s[n]['normalised']:.3f} / {s[n]['cache']:.2f}" for n in names)
+      lines.append(f"| {'B (transfer)' if kind == 'transfer' else 'A'} | {r['seed']} | " +
+                   ' | '.join(f"{s[n]['normalised']:.3f} / {s[n]['cache']:.2f}" for n in NAMES)
                    + ' |')
   return '\n'.join(lines)
+
+
+def task_table(runs):
+  """Per task, mean over seeds: raw full-cache score, then normalised score / cache."""
+  tasks = list(runs[0]['results']['full'])
+  mean = lambda name, t, key: np.mean([r['results'][name][t][key] for r in runs])
+  lines = ['| task | full-cache score | ' + ' | '.join(f'{n} score / cache' for n in NAMES[1:])
+           + ' | NAMM cache per layer |', '|---' * (len(NAMES) + 2) + '|']
+  for t in tasks:
+    layers = np.mean([r['results']['namm'][t]['layers'] for r in runs], 0)
+    lines.append(f"| {t} | {mean('full', t, 'score'):.3f} | " + ' | '.join(
+        f"{mean(n, t, 'normalised'):.3f} / {mean(n, t, 'cache'):.2f}" for n in NAMES[1:])
+        + ' | ' + ' '.join(f'{x:.2f}' for x in layers) + ' |')
+  return '\n'.join(lines)
+
+
+def _base_line(name, b):
+  return (f"- base LM {name} (`{b['path']}`): {b['layers']} layers, d {b['d_model']}, "
+          f"{b['heads']} query / {b['kv_heads']} KV heads, {b['steps']} steps at {b['seq_len']} "
+          f"tokens on `{b['source']}` (data.loss={b['loss']}).")
+
+
+def render(report, png):
+  runs, st = report['runs'], report['runs'][0]['settings']
+  lines = ['## NAMM (evolved KV-cache eviction): CPU-scale run', '',
+           f"{report['machine']}; {report['date']}. Held-out prompts: eval split, base seed "
+           f"{report['seed']}, {report['prompts']} per task. Produced by", '',
+           f"    {report['command']}", '', 'from:',
+           _base_line('A', report['base'])]
+  if 'transfer_base' in report:
+    lines.append(_base_line('B, for zero-shot transfer', report['transfer_base']))
+  lines += [f"- NAMM runs (seeds {', '.join(str(r['seed']) for r in runs)}; `python evolve.py "
+            f"--config=configs/namm.py:tasks --config.seed=S --config.evolve.base=A`): "
+            f"{st['strategy']}, population {st['population']}, stages "
+            + ' -> '.join(f'{s} ({g} generations)' for s, g in zip(st['stages'], st['generations']))
+            + f", {st['prompts']} prompts per task per generation, {st['length']} tokens, update "
+            f"interval {st['update_interval']}, cache_weight {st['cache_weight']}; "
+            + ', '.join(f"{r['evolution']['seconds'] / 60:.0f}" for r in runs)
+            + ' min of evolution each (one core).', '',
+           'Score = teacher-forced answer-token accuracy (corpus: exp(-nll) of the last tokens), '
+           'normalised by the full cache on the same prompts, mean over tasks; cache = mean '
+           'fraction of the context kept per layer and KV head at the end of the prefill. '
+           "Recency, H2O (half recent window) and L2 (8 recent tokens) get a budget equal to "
+           "NAMM's mean cache on each task, so caches match.", '', table(report), '',
+           'Per task, mean over seeds (base A):', '', task_table(runs)]
+  if report['transfer']:
+    lines += ['', 'Per task, mean over seeds (zero-shot on base B):', '',
+              task_table(report['transfer'])]
+  lines += ['', 'Held-out score / cache of the CMA mean during evolution (generation: value):',
+            '']
+  for r in runs:
+    lines.append(f"- seed {r['seed']}: " + ', '.join(
+        f"{h['gen']}: {h['score']:.3f} / {h['cache']:.2f}" for h in r['evolution']['held']))
+  met = lambda ok: 'met' if ok else 'missed'
+  lines += ['', 'Against the targets:']
+  for r in runs:
+    s = r['summary']
+    ok = s['namm']['normalised'] >= 1.0 and s['namm']['cache'] <= 0.5
+    margins = ', '.join(f"{n} {s['namm']['normalised'] - s[n]['normalised']:+.3f}"
+                        for n in NAMES[2:])
+    beats = all(s['namm']['normalised'] > s[n]['normalised'] for n in NAMES[2:])
+    lines.append(f"- seed {r['seed']}: NAMM {s['namm']['normalised']:.3f} at cache "
+                 f"{s['namm']['cache']:.2f} (target >= 1.0 at <= 0.50: {met(ok)}); margin over "
+                 f"the baselines at equal cache: {margins} (beats all three: {met(beats)}).")
+  for r in report['transfer']:
+    s = r['summary']
+    lines.append(f"- zero-shot transfer of seed {r['seed']} to B: {s['namm']['normalised']:.3f} "
+                 f"at cache {s['namm']['cache']:.2f}.")
+  lines += ['', f'![namm]({os.path.join("bench/results", png)})']
+  return '\n'.join(lines) + '\n'
 
 
 def plot(report, path):

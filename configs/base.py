@@ -137,6 +137,7 @@ def get_base_config():
   ev.population = 32
   ev.sigma0 = 0.065
   ev.lr = 0.01                  # open_es only (adam)
+  ev.cache_weight = 0.0         # fitness -= this x mean cache fraction (0: official, score only)
   ev.stages = ('passkey', 'passkey,niah', 'passkey,niah,corpus')   # task curriculum
   ev.generations = (100, 100, 100)   # per stage
   ev.length = 512               # tokens per prompt (context + answer)

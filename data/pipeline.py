@@ -148,7 +148,7 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
   (field='weights': their float32 target weights [.., seq_len], see make_train_iterator).
 
   Text sources: batch * n_batches windows evenly spaced over the split (in order; if the split has
-  fewer windows, they repeat cyclically, with a warning). Synthetic sources: eval-seed examples
+  fewer windows, they repeat cyclically, with a warning); mixes: each part in turn. Synthetic sources: eval-seed examples
   0, 1, ... (depth 0.5). Row r of global batch k goes to process r % process_count.
   """
   _local_batch(batch, process_count)  # validates divisibility
@@ -163,7 +163,11 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
                        answer_loss=answer_loss)
     n = len(windows)
     if total <= n:
-      index = np.arange(total) * n // total
+      # evenly spaced rounds; a mix takes every part in each round (a plain stride over the
+      # round robin could land on one part only)
+      k = len(windows.parts) if isinstance(windows, _Mixed) else 1
+      i = np.arange(total)
+      index = (i // k) * (n // k) // -(-total // k) * k + i % k
     else:
       logging.warning("data: %s %s has %d windows of %d tokens < %d requested; repeating.",
                       source, split, n, seq_len + 1, total)
@@ -187,3 +191,11 @@ def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None 
   log_p = np.log(counts / counts.sum())
   eval_counts = np.bincount(token_stream(source, split, tfds_data_dir, tokenizer), minlength=vocab)
   return float(-(eval_counts * log_p).sum() / eval_counts.sum())
+
+
+def make_eval_pairs(source: str, seq_len: int, batch: int, n_batches: int, answer_loss=False,
+                    **kwargs) -> list[tuple[np.ndarray, np.ndarray]]:
+  """The held-out (tokens, weights) batches of make_eval_batches, paired."""
+  return list(zip(*(make_eval_batches(source, seq_len, batch, n_batches, field=f,
+                                      answer_loss=answer_loss, **kwargs)
+                    for f in ("tokens", "weights"))))

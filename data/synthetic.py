@@ -1,6 +1,9 @@
 """Synthetic long-context tasks on the byte tokenizer: passkey, multi-needle S-NIAH, MQAR, and
-for short contexts niah2 (S-NIAH with 2 needles, one a distractor) and copy (the passkey right
-before the question: a control that needs only recent tokens).
+the token-level key -> value set of the NAMM CPU reproduction (specs/namm.md section 7):
+kv (one key -> value pair among random filler, plus lone distractor keys), kv4 (four pairs, one
+queried: the key must be bound to its value) and kvlocal (the queried pair among the last
+tokens: a control that needs only recent tokens). Filler, keys and values each have their own
+sub-vocabulary.
 
 Each task maps (seed, length, ...) to `{'prompt': int32[length] (starts with BOS), 'answer': int32[A]}`
 deterministically; the prompt is exactly `length` tokens (filler sentences, then space padding).
@@ -10,13 +13,11 @@ Held-out seed split: example `index` of base `seed` uses the generator seed
 eval prompts are never trained on.
 """
 
-import functools
-
 import numpy as np
 
 from data.tokenizer import ByteTokenizer
 
-TASKS = ("passkey", "niah", "mqar", "niah2", "copy")
+TASKS = ("passkey", "niah", "mqar", "kv", "kv4", "kvlocal")
 _TOK = ByteTokenizer()
 _FILLER = (
     "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.",
@@ -87,11 +88,6 @@ def _passkey_parts(rng, depth=None):
   return needles, "What is the pass key? The pass key is", f" {key}"
 
 
-def _copy_parts(rng, depth=None):
-  del depth  # always the last sentence before the question
-  return _passkey_parts(rng, 1.0)
-
-
 def _niah_parts(rng, depth=None, n_needles=4):
   keys = [f"{a}-{b}" for a, b in rng.choice(_WORDS, size=(n_needles, 2))]
   keys = [f"{k}-{i}" if keys.count(k) > 1 else k for i, k in enumerate(keys)]  # unique
@@ -120,8 +116,50 @@ def _mqar_parts(rng, n_pairs=16, n_queries=4):
   return [(0.0, pairs)], question, "".join(f" {values[q]}" for q in queries)
 
 
-_PARTS = {"passkey": _passkey_parts, "niah": _niah_parts, "mqar": _mqar_parts,
-          "niah2": functools.partial(_niah_parts, n_needles=2), "copy": _copy_parts}
+_PARTS = {"passkey": _passkey_parts, "niah": _niah_parts, "mqar": _mqar_parts}
+
+# Token-level key -> value tasks: filler letters, key letters and one-symbol values. Keys and
+# values come in 4 matching groups (a key's value is drawn from its group's symbols).
+_KV_FILL = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8).astype(np.int32)
+_KV_KEYS = np.array_split(
+    np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8).astype(np.int32), 4)
+_KV_VALUES = np.array_split(
+    np.frombuffer(b"0123456789!#$%&*+-/:;<=>@[]^_{|}", np.uint8).astype(np.int32), 4)
+_KV_QUERY = ord("?")
+_KV_LOCAL = 24          # kvlocal: the queried pair ends at most this many tokens before "?"
+_KV = {"kv": dict(n_pairs=1, n_lone=2), "kv4": dict(n_pairs=4, n_lone=0),
+       "kvlocal": dict(n_pairs=1, n_lone=2, local=True)}
+
+
+def _kv_example(rng, length: int, depth=None, n_pairs=1, n_lone=2, local=False) -> dict:
+  """BOS, random filler letters holding `n_pairs` needles "K v" (key letter, value symbol of
+  the key's group; every pair from another group) and `n_lone` distractor keys without a
+  value, then "?K" for the first pair's key; the answer is its value. The queried pair sits at
+  relative `depth` of the filler (None: random; local: ending within the last `_KV_LOCAL`
+  tokens), the others at random depths. With 4 pairs, one per group, the right needle is the
+  one of the query's group: retrieval among distractors that needs no key -> value binding."""
+  groups = rng.permutation(len(_KV_KEYS))[:n_pairs + n_lone]      # at most 4 items
+  keys = [rng.choice(_KV_KEYS[g]) for g in groups]
+  values = [rng.choice(_KV_VALUES[g]) for g in groups[:n_pairs]]
+  items = [[k, v] for k, v in zip(keys, values)] + [[k] for k in keys[n_pairs:]]
+  n_fill = length - 1 - 2 - 1 - sum(map(len, items))       # BOS, "?K", the answer
+  if n_fill < _KV_LOCAL:
+    raise ValueError(f"synthetic kv: length {length} is too short (needs "
+                     f"{length - n_fill + _KV_LOCAL})")
+  at = rng.integers(0, n_fill + 1, len(items))            # insertion points in the filler
+  if local:
+    at[0] = n_fill - rng.integers(0, _KV_LOCAL - 1)
+  elif depth is not None:
+    at[0] = round(depth * n_fill)
+  filler = rng.choice(_KV_FILL, n_fill)
+  body = []
+  for i in range(n_fill + 1):
+    for j in np.flatnonzero(at == i):
+      body += items[j]
+    if i < n_fill:
+      body.append(filler[i])
+  prompt = np.array([ByteTokenizer.BOS, *body, _KV_QUERY, keys[0]], np.int32)
+  return {"prompt": prompt, "answer": np.array([values[0]], np.int32)}
 
 
 def passkey(rng_or_seed, length: int, depth: float | None = None) -> dict:
@@ -156,6 +194,8 @@ def make_example(task: str, seed: int, length: int, depth: float | None = None, 
 
   Same prompt as e.g. `passkey(seed, length - len(answer), depth)`.
   """
+  if task in _KV:
+    return _kv_example(np.random.default_rng(seed), length, depth, **_KV[task], **kwargs)
   if task not in _PARTS:
     raise ValueError(f"data.source: unknown synthetic task {task!r}; expected one of {TASKS}")
   if task != "mqar":

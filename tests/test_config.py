@@ -23,6 +23,7 @@ from training.loop import train
     ({'model.attention_impl': 'flash'}, 1, r"config.model.attention_impl: 'flash' not xla"),
     ({'model.attention_block': 0}, 1, r'config.model.attention_block: must be >= 1, got 0'),
     ({'data.loss': 'answer'}, 1, r"config.data.loss: 'answer' needs synthetic examples only"),
+    ({'evolve.cache_weight': -0.1}, 1, r'config.evolve.cache_weight: must be >= 0, got -0.1'),
     ({'model.mixer': 'titans_mac', 'model.titans.gate_bias': (0.0, 0.0)}, 1,
      r'config.model.titans.gate_bias: must be 3 numbers'),
     ({'model.attention_impl': 'cudnn'}, 1, r'config.model.attention_impl: cudnn needs model.dtype'),

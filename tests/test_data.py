@@ -129,15 +129,28 @@ def test_niah_needles():
   assert len(value) == 7 and abs(text.index(f"is {value}.") / len(text) - 0.3) < 0.05
 
 
-def test_short_context_tasks():
-  """niah2: two needles, one queried; copy: the needle is the last sentence before the question."""
+def test_kv_tasks():
+  """kv / kv4 / kvlocal: letters filler, "K v" needles, lone distractor keys, "?K" -> v; kvlocal's
+  pair is among the last tokens, kv's sits at the requested depth; every key from another
+  group, each value from its key's group."""
   for seed in range(4):
-    text = TOK.decode(synthetic.make_example("niah2", seed, 320)["prompt"])
-    assert text.count("The special magic number for") == 2 + 1
-    e = synthetic.make_example("copy", seed, 320)
-    key = TOK.decode(e["answer"]).strip()
-    assert re.search(rf"The pass key is {key}\. Remember it\. +What is the pass key\? "
-                     r"The pass key is$", TOK.decode(e["prompt"]))
+    for task, n_pairs in (("kv", 1), ("kv4", 4), ("kvlocal", 1)):
+      e = synthetic.make_example(task, seed, 320, depth=0.25)
+      text, value = TOK.decode(e["prompt"]), TOK.decode(e["answer"])
+      assert len(e["prompt"]) == 319 and len(value) == 1 and not value.isalpha()
+      assert text[-2] == "?" and text[-1].isupper()
+      key = text[-1]
+      assert len(re.findall(r"[A-Z][^a-zA-Z?]", text)) == n_pairs     # key + value needles
+      assert len(re.findall(r"[A-Z]", text[:-1])) == (3 if n_pairs == 1 else 4)
+      at = text.index(key + value)
+      group = lambda c, parts: [ord(c) in p for p in parts].index(True)
+      keys = re.findall(r"[A-Z]", text[:-1])
+      assert len({group(k, synthetic._KV_KEYS) for k in keys}) == len(keys)
+      assert group(key, synthetic._KV_KEYS) == group(value, synthetic._KV_VALUES)
+      if task == "kvlocal":
+        assert len(text) - 2 - at <= synthetic._KV_LOCAL + 2
+      elif task == "kv":
+        assert abs(at / len(text) - 0.25) < 0.05
 
 
 def test_synthetic_split_and_determinism():
@@ -162,16 +175,28 @@ def test_synthetic_train_source():
 
 def test_answer_loss_weights_exactly_the_answer_targets():
   """data.loss=answer: weight 1 on the targets that are answer tokens (the ' NNNNN' after
-  'The pass key is' at the end), 0 on every other target; same tokens as without."""
-  args = ("mix:synthetic:passkey+synthetic:copy", "train", 127, 4)
+  'The pass key is' at the end, or kv's value after '?K'), 0 on every other target; same
+  tokens as without."""
+  args = ("mix:synthetic:passkey+synthetic:kv", "train", 127, 4)
   batch = next(pipeline.make_train_iterator(*args, seed=2, answer_loss=True))
   plain = next(pipeline.make_train_iterator(*args, seed=2))
   assert (batch["tokens"] == plain["tokens"]).all() and batch["weights"].shape == (4, 127)
   for tokens, w in zip(batch["tokens"], batch["weights"]):
     text = TOK.decode(tokens)
-    answer = text[text.rindex("The pass key is") + len("The pass key is"):]
-    assert re.fullmatch(r" \d{5}", answer)
+    if "The pass key is" in text:
+      answer = text[text.rindex("The pass key is") + len("The pass key is"):]
+      assert re.fullmatch(r" \d{5}", answer)
+    else:
+      answer = text[text.rindex("?") + 2:]
+      assert len(answer) == 1 and text[text.rindex("?") + 1].isupper()
     assert w.tolist() == [0.] * (127 - len(answer)) + [1.] * len(answer)
+
+
+def test_eval_batches_of_a_mix_take_every_part():
+  """Held-out batches of a mix hold every part in turn (not only the first)."""
+  batches = pipeline.make_eval_batches("mix:stdlib+synthetic:kv", 127, 4, 2)
+  is_kv = [TOK.decode(row)[-3] == "?" for b in batches for row in b]
+  assert is_kv == [False, True] * 4
 
 
 # --- pipeline ----------------------------------------------------------------------------------

@@ -62,7 +62,8 @@ def test_report_json_and_png(report):
 def test_loss_matches_direct_token_nll(evaluator, report):
   model = nnx.merge(evaluator.graphdef, evaluator.state)
   total, count = 0.0, 0
-  for tokens in evaluator.eval_batches():
+  for tokens, weights in evaluator.eval_batches():
+    assert (weights == 1).all()                                  # data.loss='all'
     nll, mask = token_nll(model, jax.numpy.asarray(tokens))
     total += float((nll * mask).sum())
     count += int(mask.sum())
@@ -73,6 +74,20 @@ def test_loss_matches_direct_token_nll(evaluator, report):
   assert [(b['start'], b['end']) for b in loss['buckets']] == [(0, 16), (16, 32), (32, 48),
                                                                (48, 64)]
   assert abs(np.mean([b['loss'] for b in loss['buckets']]) - loss['loss']) < 1e-4  # no PAD
+
+
+def test_answer_loss_config_scores_only_the_answers(workdir):
+  """data.loss=answer: the held-out loss is the mean nll of the answer tokens alone."""
+  ev, _ = evaluation.load(workdir, overrides={'data.source': 'synthetic:kv', 'data.loss': 'answer'})
+  model = nnx.merge(ev.graphdef, ev.state)
+  total, count = 0.0, 0
+  for tokens, weights in ev.eval_batches():
+    nll, mask = token_nll(model, jax.numpy.asarray(tokens))
+    total += float((nll * mask * weights).sum())
+    count += int(weights.sum())
+  loss = ev.loss()
+  assert count == ev.cfg.train.batch_size * ev.cfg.data.eval_batches    # one answer token each
+  assert loss['tokens'] == count and abs(loss['loss'] - total / count) < 1e-4
 
 
 def test_task_cells(report):

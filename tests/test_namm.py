@@ -216,7 +216,8 @@ def evolve_config(base, **evolve):
   cfg.evolve.update(dict(base=str(base), population=8, strategy='sep_cma_es',
                          stages=('passkey', 'passkey,corpus'),
                          generations=(2, 1), length=96, prompts=2, pool=2, eval_prompts=2,
-                         eval_every=3, ckpt_every=1, keep_ckpts=10, **evolve))
+                         eval_every=3, ckpt_every=1, keep_ckpts=10, cache_weight=0.1,
+                         **evolve))
   cfg = resolve(cfg)
   validate(cfg, 1, check_mesh=False)
   return cfg
@@ -264,6 +265,8 @@ def test_normalisation_frozen_after_keep_all_pass_and_evaluate_loads_run(evolved
   assert report['tasks'][0]['accuracy'] is not None and report['kv_cache']['kv_layers'] == 2
   rows = [json.loads(l) for l in open(work / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [1, 2, 3] and 'heldout_score' in rows[-1]
+  for r in rows:                                                # fitness = score - w * cache
+    assert abs(r['best_fitness'] - (r['best_score'] - 0.1 * r['best_cache'])) < 1e-5
   assert os.path.exists(work / 'evolve.png')
 
 

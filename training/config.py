@@ -307,6 +307,7 @@ def _validate_namm(cfg):
   if ev.strategy == 'open_es':
     _check(ev.population % 2 == 0, 'evolve.population', 'open_es needs an even population')
   _check(ev.sigma0 > 0, 'evolve.sigma0', f'must be > 0, got {ev.sigma0}')
+  _check(ev.cache_weight >= 0, 'evolve.cache_weight', f'must be >= 0, got {ev.cache_weight}')
   _check(len(ev.stages) == len(ev.generations) and len(ev.stages) >= 1, 'evolve.generations',
          f'one generation count per stage: {len(ev.stages)} stages, {len(ev.generations)} counts')
   for stage in ev.stages:

@@ -91,10 +91,11 @@ def make_programs(graphdef, prefill_chunk=0, pad_id=ByteTokenizer.PAD):
   """The jitted pieces for one model structure, taking its state as the first argument."""
 
   @jax.jit
-  def position_nll(state, tokens_BxL1):
-    """Sum of nll and count of real targets per position: ([L], [L])."""
+  def position_nll(state, tokens_BxL1, weights_BxL):
+    """Weighted sum of nll and of weights of real targets per position: ([L], [L])."""
     nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, state), tokens_BxL1, pad_id)
-    return (nll_BxL * mask_BxL).sum(0), mask_BxL.sum(0)
+    w_BxL = mask_BxL * weights_BxL
+    return (nll_BxL * w_BxL).sum(0), w_BxL.sum(0)
 
   @jax.jit
   def forward_predictions(state, tokens_BxL):
@@ -152,17 +153,20 @@ class Evaluator:
     return jax.make_array_from_callback(x_Bx_.shape, sharding, lambda index: x_Bx_[index])
 
   def eval_batches(self):
-    """The held-out batches training evaluates on: global [batch, seq_len + 1] arrays."""
+    """The held-out (tokens, weights) batches training evaluates on: global [batch,
+    seq_len + 1] and [batch, seq_len] arrays (data.loss=answer: only answers weigh)."""
     d = self.cfg.data
-    return pipeline.make_eval_batches(d.source, d.seq_len, self.cfg.train.batch_size,
-                                      d.eval_batches, tfds_data_dir=d.tfds_data_dir or None,
-                                      tokenizer=d.tokenizer)
+    return pipeline.make_eval_pairs(d.source, d.seq_len, self.cfg.train.batch_size,
+                                    d.eval_batches, tfds_data_dir=d.tfds_data_dir or None,
+                                    tokenizer=d.tokenizer, answer_loss=d.loss == 'answer')
 
   def loss(self):
-    """Per-token loss, perplexity and loss by equal position buckets on the held-out split."""
+    """Per-token loss, perplexity and loss by equal position buckets on the held-out split
+    (the targets training scores: with data.loss=answer, the answer tokens only)."""
     nll_L, count_L = 0.0, 0.0
-    for tokens_BxL1 in self.eval_batches():
-      s_L, n_L = self.programs.position_nll(self.state, self.put(tokens_BxL1))
+    for tokens_BxL1, weights_BxL in self.eval_batches():
+      s_L, n_L = self.programs.position_nll(self.state, self.put(tokens_BxL1),
+                                            self.put(weights_BxL))
       nll_L, count_L = nll_L + _fetch(s_L).astype(np.float64), count_L + _fetch(n_L)
     loss = float(nll_L.sum() / max(count_L.sum(), 1))
     edges = np.linspace(0, len(nll_L), self.cfg.eval.buckets + 1).round().astype(int)
@@ -205,7 +209,7 @@ class Evaluator:
   def cache(self):
     """Decode state after prefilling one held-out batch of seq_len tokens under the policy."""
     cfg = self.cfg
-    prompt_BxP = self.eval_batches()[0][:, :cfg.data.seq_len]
+    prompt_BxP = self.eval_batches()[0][0][:, :cfg.data.seq_len]
     capacity = cfg.decode.capacity or cfg.data.seq_len
     layers = self.programs.prefill_state(self.state, self.put(prompt_BxP), capacity, self.policy)
     kv = [s for s in layers if hasattr(s, 'valid_BxKxS')]
@@ -282,7 +286,8 @@ def format_report(r):
   l, c = r['loss'], r['kv_cache']
   lines = [f"step {r['step']} of {r['workdir']}  (mesh {r['mesh']}, decode policy "
            f"{r['decode_policy']}, {r['seconds']:.1f}s)",
-           f"held-out loss {l['loss']:.4f} nats/token | perplexity {l['perplexity']:.3f} | "
+           f"held-out loss{' (answer tokens)' * r['answer_loss']} {l['loss']:.4f} nats/token | "
+           f"perplexity {l['perplexity']:.3f} | "
            f"{l['bits_per_token']:.3f} bits/token | {l['tokens']} tokens",
            'loss by position: ' + '  '.join(f"[{b['start']},{b['end']}) {b['loss']:.4f}"
                                              for b in l['buckets']),
@@ -328,7 +333,7 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
   ev, step = load(workdir, step=step, config=config, overrides=overrides)
   cfg = ev.cfg
   report = dict(step=int(step), workdir=os.path.abspath(workdir), mesh=dict(ev.mesh.shape),
-                decode_policy=cfg.decode.policy,
+                decode_policy=cfg.decode.policy, answer_loss=cfg.data.loss == 'answer',
                 task_path='teacher forcing' if ev.policy is None else 'decode',
                 loss=ev.loss(), tasks=ev.tasks(), kv_cache=ev.cache())
   if sample is not None:

@@ -8,7 +8,8 @@ Protocol (SakanaAI/evo-memory memory_trainer.py; /work/shared/specs/namm.md sect
   * each generation samples `evolve.prompts` pool prompts per task of the current stage
     (the curriculum `evolve.stages`, `evolve.generations` each); every member runs on the
     same prompts; a task's normalised score is mean(score) / mean(full-cache score) on those
-    prompts; fitness = mean over tasks. evosax minimises, so it is told -fitness.
+    prompts; fitness = mean over tasks (minus `evolve.cache_weight` x the mean cache
+    fraction: 0 is the official score-only fitness). evosax minimises: it is told -fitness.
   * scores: retrieval tasks (passkey / niah / mqar) = teacher-forced answer-token accuracy,
     every answer token predicted from the evicted cache; corpus = exp(-mean nll) of the
     last `CORPUS_TARGET` tokens of a held-out text window.
@@ -100,8 +101,8 @@ def all_tasks(ev):
 # --- The population program ----------------------------------------------------------------
 
 def make_scorer(graphdef, policy, contexts, chunk=None):
-  """score(model_state, theta, mu, sigma, {task: tokens}) -> ({task: score_B}, cache_frac,
-  stats_3xF): one member on every task (contexts: {task: C}, static). The context is
+  """score(model_state, theta, mu, sigma, {task: tokens}) -> ({task: score_B}, cache_frac_L
+  (per layer), stats_3xF): one member on every task (contexts: {task: C}, static). The context is
   prefilled in chunks of `chunk` (default: the NAMM update interval); any policy works
   (theta / mu / sigma only reach NAMM caches)."""
   chunk = chunk or policy.update_interval
@@ -120,16 +121,16 @@ def make_scorer(graphdef, policy, contexts, chunk=None):
     else:
       score_B = (logits_BxAxV.argmax(-1) == target_BxA).mean(-1)
     kv = [s for s in state if hasattr(s, 'valid_BxKxS')]
-    frac = jnp.mean(jnp.stack([s.size_BxK().mean() for s in kv])) / C
-    return score_B, frac, nammlib.pooled_stats(state)
+    frac_L = jnp.stack([s.size_BxK().mean() for s in kv]) / C
+    return score_B, frac_L, nammlib.pooled_stats(state)
 
   def score(model_state, theta, mu, sigma, tokens):
     model = nnx.merge(graphdef, model_state)
     out = {t: run_task(model, theta, mu, sigma, tokens[t], contexts[t], t) for t in tokens}
     scores = {t: o[0] for t, o in out.items()}
-    frac = jnp.mean(jnp.stack([o[1] for o in out.values()]))
+    frac_L = jnp.mean(jnp.stack([o[1] for o in out.values()]), 0)
     stats = sum(o[2] for o in out.values())
-    return scores, frac, stats
+    return scores, frac_L, stats
 
   return score
 
@@ -140,16 +141,18 @@ def pop_mesh(ev):
 
 
 def make_population_eval(graphdef, policy, contexts, mesh):
-  """Jitted: (model_state, theta_PxD, mu, sigma, tokens) -> ({task: [P, B]}, frac_P,
+  """Jitted: (model_state, theta_PxD, mu, sigma, tokens) -> ({task: [P, B]}, frac_PxL,
   stats_Px3xF): members vmapped and sharded over the 'pop' axis; model and prompts
-  replicated. Called with one task at a time, so each task compiles once per shape (the
-  keep-all pass, the generations of every stage and the held-out evaluation share it)."""
+  replicated (a single member, as in the keep-all pass and the held-out checks, is
+  replicated too). Called with one task at a time, so each task compiles once per shape: the
+  generations of every stage share one, the single-member calls another."""
   score = make_scorer(graphdef, policy, contexts)
-  pop_sh = NamedSharding(mesh, P('pop'))
 
   @jax.jit
   def run(model_state, theta_PxD, mu, sigma, tokens):
-    theta_PxD = jax.lax.with_sharding_constraint(theta_PxD, pop_sh)
+    split = theta_PxD.shape[0] % mesh.shape['pop'] == 0 and theta_PxD.shape[0] > 1
+    theta_PxD = jax.lax.with_sharding_constraint(
+        theta_PxD, NamedSharding(mesh, P('pop') if split else P()))
     return jax.vmap(score, in_axes=(None, 0, None, None, None))(
         model_state, theta_PxD, mu, sigma, tokens)
 
@@ -270,11 +273,12 @@ class Evolution:
   def evaluate(self, theta_PxD, mu, sigma, tokens):
     """({task: scores [P, B]}, cache fraction [P] (mean over tasks), stats [P, 3, F]).
 
-    Prompts go in slices of `evolve.prompts` and members fill the population size, so
-    every call reuses the one compiled program per task."""
+    Prompts go in slices of `evolve.prompts`, and 2 .. population - 1 members are padded to
+    the population size, so every call reuses one of two compiled programs per task (the
+    population's, and the single member's of the keep-all pass and held-out checks)."""
     theta_PxD = jnp.asarray(theta_PxD)
     n_pop, n = theta_PxD.shape[0], self.ev.prompts
-    if n_pop < self.ev.population:
+    if 1 < n_pop < self.ev.population:
       theta_PxD = jnp.concatenate(
           [theta_PxD, jnp.broadcast_to(theta_PxD[:1], (self.ev.population - n_pop,) +
                                        theta_PxD.shape[1:])])
@@ -285,7 +289,7 @@ class Evolution:
       scores[t] = np.concatenate([np.asarray(p[0][t]) for p in parts], 1)[:n_pop]
       fracs.append(np.mean([np.asarray(p[1]) for p in parts], 0)[:n_pop])
       stats = stats + sum(np.asarray(p[2]) for p in parts)[:n_pop]
-    return scores, np.mean(fracs, 0), stats
+    return scores, np.mean(fracs, 0).mean(-1), stats
 
   def keep_all_pass(self):
     """Generation 0: full-cache reference scores (train pool and held-out) and the frozen
@@ -332,16 +336,18 @@ class Evolution:
     pop_PxD, es_state = self.es.ask(k_ask, es_state, self.es_params)
     scores, frac_P, _ = self.evaluate(pop_PxD, st['mu'], st['sigma'], tokens)
     refs = {t: st['ref'][t][idx[t]] for t in tasks}
-    fit_P = np.asarray(normalised_fitness(scores, refs))
+    score_P = np.asarray(normalised_fitness(scores, refs))
+    fit_P = score_P - ev.cache_weight * frac_P
     es_state, _ = self.es.tell(k_tell, pop_PxD, jnp.asarray(-fit_P), es_state, self.es_params)
     if fit_P.max() > st['best_fitness']:
       st['best_fitness'] = np.float32(fit_P.max())
       st['best'] = np.asarray(pop_PxD[int(fit_P.argmax())], np.float32)
     st['mean'] = np.asarray(self.es.get_mean(es_state), np.float32)
     st['gen'] = np.int32(gen)
-    return es_state, dict(stage=stage, best_fitness=float(fit_P.max()),
+    best = int(fit_P.argmax())
+    return es_state, dict(stage=stage, best_fitness=float(fit_P[best]),
                           mean_fitness=float(fit_P.mean()), mean_cache=float(frac_P.mean()),
-                          best_cache=float(frac_P[int(fit_P.argmax())]))
+                          best_score=float(score_P[best]), best_cache=float(frac_P[best]))
 
   def run(self):
     ev, cfg = self.ev, self.cfg

@@ -64,9 +64,8 @@ def train(cfg, workdir):
   eval_args = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                    tfds_data_dir=d.tfds_data_dir or None, tokenizer=d.tokenizer,
                    answer_loss=d.loss == 'answer')
-  eval_batches = list(zip(*(pipeline.make_eval_batches(
-      d.source, d.seq_len, t.batch_size, d.eval_batches, field=f, **eval_args)
-      for f in ('tokens', 'weights'))))
+  eval_batches = pipeline.make_eval_pairs(d.source, d.seq_len, t.batch_size, d.eval_batches,
+                                         **eval_args)
   batch_sh = meshlib.batch_sharding(mesh)
 
   # --- Restore or initialise ----------------------------------------------------------------
