@@ -201,7 +201,16 @@ def render(report, png):
            'normalised by the full cache on the same prompts, mean over tasks; cache = mean '
            'fraction of the context kept per layer and KV head at the end of the prefill. '
            "Recency, H2O (half recent window) and L2 (8 recent tokens) get a budget equal to "
-           "NAMM's mean cache on each task, so caches match.", '', table(report), '',
+           "NAMM's mean cache on each task, so caches match."]
+  if st['cache_weight']:
+    lines += ['', f"Fitness = normalised score - {st['cache_weight']} x mean cache fraction: a "
+              'deviation from the official score-only fitness, which gives the search no '
+              'reason to evict when the base already solves the tasks with the full cache (the '
+              'CMA mean then drifts towards keeping everything). Losing one prompt of '
+              f"{st['prompts']} on one of {len(st['stages'][-1].split(','))} tasks costs "
+              f"{1 / st['prompts'] / len(st['stages'][-1].split(',')):.3f}; halving the cache "
+              f"gains at most {st['cache_weight'] / 2:.3f}."]
+  lines += ['', table(report), '',
            'Per task, mean over seeds (base A):', '', task_table(runs)]
   if report['transfer']:
     lines += ['', 'Per task, mean over seeds (zero-shot on base B):', '',

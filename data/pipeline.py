@@ -148,8 +148,8 @@ def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
   (field='weights': their float32 target weights [.., seq_len], see make_train_iterator).
 
   Text sources: batch * n_batches windows evenly spaced over the split (in order; if the split has
-  fewer windows, they repeat cyclically, with a warning); mixes: each part in turn. Synthetic sources: eval-seed examples
-  0, 1, ... (depth 0.5). Row r of global batch k goes to process r % process_count.
+  fewer windows, they repeat cyclically, with a warning); mixes: each part in turn. Synthetic
+  sources: eval-seed examples 0, 1, ... (depth 0.5). Row r of global batch k goes to process r % process_count.
   """
   _local_batch(batch, process_count)  # validates divisibility
   total = batch * n_batches

@@ -102,8 +102,8 @@ def all_tasks(ev):
 
 def make_scorer(graphdef, policy, contexts, chunk=None):
   """score(model_state, theta, mu, sigma, {task: tokens}) -> ({task: score_B}, cache_frac_L
-  (per layer), stats_3xF): one member on every task (contexts: {task: C}, static). The context is
-  prefilled in chunks of `chunk` (default: the NAMM update interval); any policy works
+  (per layer), stats_3xF): one member on every task (contexts: {task: C}, static). The
+  context is prefilled in chunks of `chunk` (default: the NAMM update interval); any policy works
   (theta / mu / sigma only reach NAMM caches)."""
   chunk = chunk or policy.update_interval
 
