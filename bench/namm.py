@@ -12,6 +12,7 @@ OUT.md (tables, evolution curve, the targets met or missed), OUT.json and OUT.pn
 """
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -138,6 +139,8 @@ def main(argv):
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(report, f, indent=2)
+  for r in report['runs']:                  # each run's fitness / cache curve (evolve.png)
+    shutil.copy(os.path.join(r['run'], 'evolve.png'), f"{_OUT.value}_evolve_s{r['seed']}.png")
   page = render(report, os.path.basename(_OUT.value) + '.png')
   with open(_OUT.value + '.md', 'w') as f:
     f.write(page)
@@ -221,7 +224,10 @@ def render(report, png):
     lines.append(f"- seed {r['seed']}: " + ', '.join(
         f"{h['gen']}: {h['score']:.3f} / {h['cache']:.2f}" for h in r['evolution']['held']))
   met = lambda ok: 'met' if ok else 'missed'
-  lines += ['', 'Against the targets:']
+  n_tasks = len(runs[0]['results']['full'])
+  lines += ['', f"Against the targets ({report['prompts']} held-out prompts per task: one prompt "
+            f"moves a task's score by {1 / report['prompts']:.3f} and the mean over "
+            f"{n_tasks} tasks by {1 / report['prompts'] / n_tasks:.3f}):"]
   for r in runs:
     s = r['summary']
     ok = s['namm']['normalised'] >= 1.0 and s['namm']['cache'] <= 0.5
@@ -235,7 +241,9 @@ def render(report, png):
     s = r['summary']
     lines.append(f"- zero-shot transfer of seed {r['seed']} to B: {s['namm']['normalised']:.3f} "
                  f"at cache {s['namm']['cache']:.2f}.")
-  lines += ['', f'![namm]({os.path.join("bench/results", png)})']
+  lines += ['', f'![namm](bench/results/{png})'] + [
+      f"![evolution, seed {r['seed']}](bench/results/{png[:-4]}_evolve_s{r['seed']}.png)"
+      for r in runs]
   return '\n'.join(lines) + '\n'
 
 
