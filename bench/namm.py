@@ -206,12 +206,13 @@ def render(report, png):
            "Recency, H2O (half recent window) and L2 (8 recent tokens) get a budget equal to "
            "NAMM's mean cache on each task, so caches match."]
   if st['cache_weight']:
+    n_last = len(st['stages'][-1].split(','))
     lines += ['', f"Fitness = normalised score - {st['cache_weight']} x mean cache fraction: a "
               'deviation from the official score-only fitness, which gives the search no '
               'reason to evict when the base already solves the tasks with the full cache (the '
               'CMA mean then drifts towards keeping everything). Losing one prompt of '
-              f"{st['prompts']} on one of {len(st['stages'][-1].split(','))} tasks costs "
-              f"{1 / st['prompts'] / len(st['stages'][-1].split(',')):.3f}; halving the cache "
+              f"{st['prompts']} on one of {n_last} tasks costs "
+              f"{1 / st['prompts'] / n_last:.3f}; halving the cache "
               f"gains at most {st['cache_weight'] / 2:.3f}."]
   lines += ['', table(report), '',
            'Per task, mean over seeds (base A):', '', task_table(runs)]

@@ -63,7 +63,8 @@ PRESETS = {
                         train=dict(batch_size=16, steps=1000, lr=3e-3, warmup_steps=50,
                                    log_every=50, eval_every=200, ckpt_every=200)),
     # Base LMs for 'tasks': trained on those tasks' answer tokens only (data.loss=answer), at
-    # 128 tokens (they retrieve at the 320 of the evolution too: bench/results/namm.md).
+    # 128 tokens (at the evolution's 320 they miss some far needles: the full-cache scores
+    # in bench/results/namm.md).
     'base_tasks': dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),
                        data=dict(source=TASK_DATA, seq_len=128, loss='answer'),
                        train=dict(batch_size=16, steps=1500, lr=1e-3, warmup_steps=50,

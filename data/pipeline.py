@@ -140,41 +140,56 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
   return iter(ds.to_iter_dataset())
 
 
-def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
-                      split: str = "eval", process_index: int = 0, process_count: int = 1,
-                      tfds_data_dir: str | None = None, tokenizer: str = "byte",
-                      field: str = "tokens", answer_loss: bool = False) -> list[np.ndarray]:
-  """`n_batches` fixed int32 arrays [batch // process_count, seq_len + 1] from the held-out split
-  (field='weights': their float32 target weights [.., seq_len], see make_train_iterator).
+def _held_out_rows(source: str, seq_len: int, total: int, split: str, tfds_data_dir, tokenizer,
+                   answer_loss: bool) -> dict:
+  """{'tokens': int32 [total, seq_len + 1], 'weights': float32 [total, seq_len]}: the rows
+  make_eval_batches describes, both fields from one pass over the source."""
+  if source.startswith("synthetic:"):
+    b = synthetic.make_task_batch(source[len("synthetic:"):], total, seq_len + 1, split=split)
+    weights = b["answer_mask_BxL"][:, :-1] if answer_loss else np.ones((total, seq_len))
+    return {"tokens": b["tokens_BxL"], "weights": weights.astype(np.float32)}
+  windows = _windows(source, split, seq_len + 1, tfds_data_dir, tokenizer=tokenizer,
+                     answer_loss=answer_loss)
+  n = len(windows)
+  if total <= n:
+    # evenly spaced rounds; a mix takes every part in each round (a plain stride over the
+    # round robin could land on one part only)
+    k = len(windows.parts) if isinstance(windows, _Mixed) else 1
+    i = np.arange(total)
+    index = (i // k) * (n // k) // -(-total // k) * k + i % k
+  else:
+    logging.warning("data: %s %s has %d windows of %d tokens < %d requested; repeating.",
+                    source, split, n, seq_len + 1, total)
+    index = np.arange(total) % n
+  rows = [windows[i] for i in index]
+  return {f: np.stack([r[f] for r in rows]) for f in ("tokens", "weights")}
+
+
+def make_eval_pairs(source: str, seq_len: int, batch: int, n_batches: int,
+                    split: str = "eval", process_index: int = 0, process_count: int = 1,
+                    tfds_data_dir: str | None = None, tokenizer: str = "byte",
+                    answer_loss: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+  """`n_batches` fixed (tokens, weights) pairs from the held-out split: int32 [batch //
+  process_count, seq_len + 1] and their float32 target weights [.., seq_len] (see
+  make_train_iterator).
 
   Text sources: batch * n_batches windows evenly spaced over the split (in order; if the split has
   fewer windows, they repeat cyclically, with a warning); mixes: each part in turn. Synthetic
-  sources: eval-seed examples 0, 1, ... (depth 0.5). Row r of global batch k goes to process r % process_count.
+  sources: eval-seed examples 0, 1, ... (depth 0.5). Row r of global batch k goes to process
+  r % process_count.
   """
   _local_batch(batch, process_count)  # validates divisibility
-  total = batch * n_batches
-  if source.startswith("synthetic:"):
-    b = synthetic.make_task_batch(source[len("synthetic:"):], total, seq_len + 1, split=split)
-    tokens = b["tokens_BxL"] if field == "tokens" else (
-        b["answer_mask_BxL"][:, :-1] if answer_loss else np.ones((total, seq_len))).astype(
-            np.float32)
-  else:
-    windows = _windows(source, split, seq_len + 1, tfds_data_dir, tokenizer=tokenizer,
-                       answer_loss=answer_loss)
-    n = len(windows)
-    if total <= n:
-      # evenly spaced rounds; a mix takes every part in each round (a plain stride over the
-      # round robin could land on one part only)
-      k = len(windows.parts) if isinstance(windows, _Mixed) else 1
-      i = np.arange(total)
-      index = (i // k) * (n // k) // -(-total // k) * k + i % k
-    else:
-      logging.warning("data: %s %s has %d windows of %d tokens < %d requested; repeating.",
-                      source, split, n, seq_len + 1, total)
-      index = np.arange(total) % n
-    tokens = np.stack([windows[i][field] for i in index])
-  tokens = tokens.reshape(n_batches, batch, -1)
-  return [b[process_index::process_count] for b in tokens]
+  rows = _held_out_rows(source, seq_len, batch * n_batches, split, tfds_data_dir, tokenizer,
+                        answer_loss)
+  local = lambda a: [b[process_index::process_count] for b in a.reshape(n_batches, batch, -1)]
+  return list(zip(local(rows["tokens"]), local(rows["weights"])))
+
+
+def make_eval_batches(source: str, seq_len: int, batch: int, n_batches: int,
+                      **kwargs) -> list[np.ndarray]:
+  """The token arrays of make_eval_pairs: `n_batches` int32 [batch // process_count,
+  seq_len + 1]."""
+  return [tokens for tokens, _ in make_eval_pairs(source, seq_len, batch, n_batches, **kwargs)]
 
 
 def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None = None,
@@ -191,11 +206,3 @@ def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None 
   log_p = np.log(counts / counts.sum())
   eval_counts = np.bincount(token_stream(source, split, tfds_data_dir, tokenizer), minlength=vocab)
   return float(-(eval_counts * log_p).sum() / eval_counts.sum())
-
-
-def make_eval_pairs(source: str, seq_len: int, batch: int, n_batches: int, answer_loss=False,
-                    **kwargs) -> list[tuple[np.ndarray, np.ndarray]]:
-  """The held-out (tokens, weights) batches of make_eval_batches, paired."""
-  return list(zip(*(make_eval_batches(source, seq_len, batch, n_batches, field=f,
-                                      answer_loss=answer_loss, **kwargs)
-                    for f in ("tokens", "weights"))))

@@ -150,7 +150,7 @@ def make_population_eval(graphdef, policy, contexts, mesh):
 
   @jax.jit
   def run(model_state, theta_PxD, mu, sigma, tokens):
-    split = theta_PxD.shape[0] % mesh.shape['pop'] == 0 and theta_PxD.shape[0] > 1
+    split = theta_PxD.shape[0] % mesh.shape['pop'] == 0
     theta_PxD = jax.lax.with_sharding_constraint(
         theta_PxD, NamedSharding(mesh, P('pop') if split else P()))
     return jax.vmap(score, in_axes=(None, 0, None, None, None))(
