@@ -95,8 +95,10 @@ def run_info(run):
   rows = read_metrics(run)
   gens = sorted(rows)
   held = [dict(gen=g, stage=int(rows[g]['stage']), score=rows[g]['heldout_score'],
-               cache=rows[g]['heldout_cache']) for g in gens if 'heldout_score' in rows[g]]
+               cache=rows[g]['heldout_cache'], val=rows[g].get('val_fitness'))
+          for g in gens if 'heldout_score' in rows[g]]
   return saved, dict(generations=len(gens), held=held,
+                     shipped_gen=rows[gens[-1]].get('best_val_gen') if gens else None,
                      seconds=rows[gens[-1]]['time'] - rows[gens[0]]['time'] if gens else 0)
 
 
@@ -219,11 +221,16 @@ def render(report, png):
   if report['transfer']:
     lines += ['', 'Per task, mean over seeds (zero-shot on base B):', '',
               task_table(report['transfer'])]
-  lines += ['', 'Held-out score / cache of the CMA mean during evolution (generation: value):',
-            '']
+  lines += ['', 'The CMA mean during evolution, every few generations (generation: val fitness '
+            'on the whole training pool of the stage / held-out score / held-out cache); '
+            'shipped is the mean with the best val fitness in the last stage (the official '
+            '`ckpt.pt` on the best val score; held-out prompts play no part in the choice):', '']
   for r in runs:
-    lines.append(f"- seed {r['seed']}: " + ', '.join(
-        f"{h['gen']}: {h['score']:.3f} / {h['cache']:.2f}" for h in r['evolution']['held']))
+    val = lambda h: '-' if h.get('val') is None else f"{h['val']:.3f}"
+    lines.append(f"- seed {r['seed']} (shipped: generation "
+                 f"{r['evolution'].get('shipped_gen') or 'last'}): " + ', '.join(
+        f"{h['gen']}: {val(h)} / {h['score']:.3f} / {h['cache']:.2f}"
+        for h in r['evolution']['held']))
   met = lambda ok: 'met' if ok else 'missed'
   n_tasks = len(runs[0]['results']['full'])
   lines += ['', f"Against the targets ({report['prompts']} held-out prompts per task: one prompt "

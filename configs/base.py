@@ -120,7 +120,7 @@ def get_base_config():
   de.budget = 256
   de.recent = 32
   de.namm_run = ''              # evolve.py workdir ('' : zero parameters = keep everything)
-  de.namm_which = 'mean'        # mean | best
+  de.namm_which = 'best_val'    # best_val (shipped: best val mean) | mean (last) | best member
 
   c.namm = n = ml_collections.ConfigDict()   # models/namm.py (eviction network)
   n.update_interval = 512       # new tokens between evictions (official 512; prefill_chunk too)
@@ -144,7 +144,7 @@ def get_base_config():
   ev.prompts = 16               # per task per generation (sampled from the pool)
   ev.pool = 64                  # training prompts per task (train split)
   ev.eval_prompts = 32          # held-out prompts per task (eval split)
-  ev.eval_every = 10            # generations; evaluates the mean on held-out prompts
+  ev.eval_every = 10            # generations; validates the mean (training pool; held-out reported)
   ev.ckpt_every = 10
   ev.keep_ckpts = 3
   ev.log_every = 1

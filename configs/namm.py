@@ -49,8 +49,8 @@ PRESETS = {
     'tasks': dict(namm=dict(update_interval=64),
                   evolve=dict(population=16, strategy='sep_cma_es', cache_weight=0.05,
                               stages=('kv', 'kv,kv4', 'kv,kv4,kvlocal'),
-                              generations=(20, 20, 20), length=320, prompts=8, pool=64,
-                              eval_prompts=32, eval_every=10, ckpt_every=5, log_every=1)),
+                              generations=(20, 20, 30), length=320, prompts=8, pool=64,
+                              eval_prompts=32, eval_every=5, ckpt_every=5, log_every=1)),
     # A base LM for the tiny evolution: 4 layers, GQA 4/2 heads, the stdlib corpus mixed
     # with passkey retrieval at 320 (so both fitness tasks are in its training distribution).
     'base_tiny': dict(model=dict(d_model=128, n_layers=4, n_heads=4, n_kv_heads=2),

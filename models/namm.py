@@ -28,6 +28,10 @@ accumulates [count, sum, sum of squares] of E over valid tokens at every update 
 layer; the evolution loop sums over layers and prompts of its keep-all pass and freezes mu,
 sigma).
 
+Cost: an update scores the valid slots only, gathered into the smallest of S/2^(buckets-1)
+.. S/2, S slots that holds them (`buckets`; the same keep decisions as scoring every slot),
+so it follows the kept cache rather than the capacity.
+
 Deviation (documented): K is the max over heads per batch row, not over the batch too (the
 official B = 1 makes them equal; this keeps prompts of one batch independent).
 """
@@ -216,6 +220,8 @@ class NAMM:
   max_freq: float = 50000.0
   hidden: int = 32
   block: int = 256              # BAM keys per block (memory O(S * block), not O(S^2))
+  buckets: int = 4              # features + BAM on the valid slots gathered into the smallest
+                                # of S/2^(buckets-1) .. S/2, S that holds them (1: all S slots)
   theta: FrozenArray | None = None
   mu: FrozenArray | None = None
   sigma: FrozenArray | None = None
@@ -261,10 +267,37 @@ class NAMM:
     z_BxKxSxZ, ema = self.features(cache, newest_B)
     return self.bam(cache, z_BxKxSxZ), ema
 
+  def keep_and_ema(self, cache, newest_B):
+    score, ema = self.scores(cache, newest_B)
+    return keep_rule(score, cache.valid_BxKxS, cache.pos_BxKxS), ema
+
+  def compact_keep_and_ema(self, cache, newest_B, M):
+    """`keep_and_ema` on the valid slots only, gathered (oldest slot first) into M >= their
+    number per (batch row, head), then scattered back: the update's cost follows the kept
+    cache, not the capacity. Invalid slots are not kept and keep their EMA."""
+    if M >= cache.capacity:
+      return self.keep_and_ema(cache, newest_B)
+    idx_BxKxM = jnp.argsort(~cache.valid_BxKxS, axis=-1, stable=True)[..., :M]
+    take = lambda a: jnp.take_along_axis(a, idx_BxKxM.reshape(idx_BxKxM.shape + (1,) * (
+        a.ndim - 3)), 2)
+    view = cache.replace(pos_BxKxS=take(cache.pos_BxKxS), valid_BxKxS=take(cache.valid_BxKxS),
+                         token_state={k: take(v) for k, v in cache.token_state.items()})
+    keep_BxKxM, ema_BxKxMxF = self.keep_and_ema(view, newest_B)
+    B, K = idx_BxKxM.shape[:2]
+    b, k = jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None]
+    return (jnp.zeros_like(cache.valid_BxKxS).at[b, k, idx_BxKxM].set(keep_BxKxM),
+            cache.token_state['ema'].at[b, k, idx_BxKxM].set(ema_BxKxMxF))
+
   def _update(self, cache, newest_B):
     """(keep, ema, stats) of an update (the rows buffer is only read)."""
-    score, ema = self.scores(cache, newest_B)
-    keep = keep_rule(score, cache.valid_BxKxS, cache.pos_BxKxS)
+    S = cache.capacity
+    sizes = sorted({max(S >> i, 1) for i in range(self.buckets)})
+    if len(sizes) == 1:
+      keep, ema = self.keep_and_ema(cache, newest_B)
+    else:                         # a real branch (not under vmap: evolve.py uses buckets=1)
+      i = jnp.searchsorted(jnp.asarray(sizes), cache.valid_BxKxS.sum(-1).max())
+      keep, ema = jax.lax.switch(i, [lambda c, n, M=M: self.compact_keep_and_ema(c, n, M)
+                                     for M in sizes], cache, newest_B)
     v = cache.valid_BxKxS[..., None].astype(jnp.float32)
     stats = cache.policy_state['stats'] + jnp.stack(
         [jnp.broadcast_to(v.sum((0, 1, 2)), (self.n_feat,)), (ema * v).sum((0, 1, 2)),
@@ -401,14 +434,14 @@ def namm_from_config(namm_cfg, theta=None, mu=None, sigma=None):
 
 def make_namm(cfg):
   """From the `decode` section: `decode.namm_run` names an evolve.py workdir whose shipped
-  parameters (`decode.namm_which`: mean | best) and normalisation statistics are baked into
-  the policy, with that run's `namm` hyper-parameters; without it, zero parameters (keep
-  everything) and the configs/base.py `namm` defaults."""
+  parameters (`decode.namm_which`: best_val | mean | best) and normalisation statistics are
+  baked into the policy, with that run's `namm` hyper-parameters; without it, zero
+  parameters (keep everything) and the configs/base.py `namm` defaults."""
   from ml_collections import ConfigDict
   from configs.base import get_base_config
   run = cfg.get('namm_run', '')
   if not run:
     return namm_from_config(get_base_config().namm)
   from training.evolve import load_policy_arrays
-  arrays, namm_cfg = load_policy_arrays(run, which=cfg.get('namm_which', 'mean'))
+  arrays, namm_cfg = load_policy_arrays(run, which=cfg.get('namm_which', 'best_val'))
   return namm_from_config(ConfigDict(namm_cfg), arrays['theta'], arrays['mu'], arrays['sigma'])

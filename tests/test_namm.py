@@ -114,6 +114,32 @@ def test_bam_blockwise_equals_dense():
     np.testing.assert_allclose(skipped, dense, rtol=1e-5, atol=1e-5)
 
 
+def test_compacted_update_equals_all_slots():
+  """An update on the valid slots gathered into a smaller bucket (buckets > 1) keeps the same
+  tokens, with the same scores and EMA on them, as one over every slot; each bucket size is
+  taken (few valid slots, about half, all)."""
+  rng = np.random.default_rng(5)
+  B, K, S, n = 2, 2, 64, 32
+  full, compact = namm.NAMM(update_interval=n, block=16, buckets=1), namm.NAMM(
+      update_interval=n, block=16, buckets=3)
+  theta = jnp.asarray(0.1 * rng.normal(size=full.n_params), jnp.float32)
+  for frac in (0.1, 0.4, 1.0):
+    valid = jnp.asarray(rng.random((B, K, S)) < frac).at[:, :, -1].set(True)
+    pos = jnp.asarray(np.stack([[rng.permutation(S) for _ in range(K)] for _ in range(B)]))
+    cache = full.init(KVCache.empty(B, K, S, 4).replace(pos_BxKxS=pos, valid_BxKxS=valid))
+    cache = namm.with_params([cache.replace(token_state=dict(
+        ema=jnp.asarray(rng.random((B, K, S, full.n_feat)), jnp.float32),
+        rows=jnp.asarray(rng.random((B, K, S, full.hop + n)) / S, jnp.float32)))], theta)[0]
+    newest = jnp.where(valid, pos, -1).max((1, 2))
+    (k1, e1, s1), (k2, e2, s2) = (jax.jit(p._update)(cache, newest) for p in (full, compact))
+    np.testing.assert_array_equal(k2, k1)
+    v = np.asarray(valid)
+    np.testing.assert_allclose(np.asarray(e2)[v], np.asarray(e1)[v], rtol=1e-6)
+    np.testing.assert_allclose(s2, s1, rtol=1e-5)
+    M = {0.1: 16, 0.4: 32, 1.0: 64}[frac]              # the bucket this update takes
+    assert int(valid.sum(-1).max()) <= M and (M == 16 or int(valid.sum(-1).max()) > M // 2)
+
+
 def test_budget_rule_fast_path_equals_sorted_rule():
   """H2O / L2 keep rule: the sort-free path (at most one token per head over budget) keeps
   the same tokens as ranking all of them, ties included."""
@@ -216,7 +242,7 @@ def evolve_config(base, **evolve):
   cfg.evolve.update(dict(base=str(base), population=8, strategy='sep_cma_es',
                          stages=('passkey', 'passkey,corpus'),
                          generations=(2, 1), length=96, prompts=2, pool=2, eval_prompts=2,
-                         eval_every=3, ckpt_every=1, keep_ckpts=10, cache_weight=0.1,
+                         eval_every=1, ckpt_every=1, keep_ckpts=10, cache_weight=0.1,
                          **evolve))
   cfg = resolve(cfg)
   validate(cfg, 1, check_mesh=False)
@@ -265,6 +291,13 @@ def test_normalisation_frozen_after_keep_all_pass_and_evaluate_loads_run(evolved
   assert report['tasks'][0]['accuracy'] is not None and report['kv_cache']['kv_layers'] == 2
   rows = [json.loads(l) for l in open(work / 'metrics.jsonl')]
   assert [r['step'] for r in rows] == [1, 2, 3] and 'heldout_score' in rows[-1]
+  # shipped = the mean with the best val fitness within the latest stage (generations 1, 2 are
+  # stage 0; generation 3 starts stage 1, so its mean is shipped whatever its val)
+  s2 = read_state(work, 2)
+  kept = s1 if rows[0]['val_fitness'] >= rows[1]['val_fitness'] else s2
+  np.testing.assert_array_equal(s2['best_val'], kept['mean'])
+  np.testing.assert_array_equal(s3['best_val'], s3['mean'])
+  assert rows[2]['best_val_fitness'] == rows[2]['val_fitness']
   for r in rows:                                                # fitness = score - w * cache
     assert abs(r['best_fitness'] - (r['best_score'] - 0.1 * r['best_cache'])) < 1e-5
   assert os.path.exists(work / 'evolve.png')

@@ -291,7 +291,8 @@ def _validate_namm(cfg):
     _check(de.budget >= 1, 'decode.budget', f'must be >= 1, got {de.budget}')
     _check(0 <= de.recent <= de.budget, 'decode.recent',
            f'must be in [0, decode.budget={de.budget}], got {de.recent}')
-  _check(de.namm_which in ('mean', 'best'), 'decode.namm_which', f'{de.namm_which!r} not mean|best')
+  _check(de.namm_which in ('best_val', 'mean', 'best'), 'decode.namm_which',
+         f'{de.namm_which!r} not best_val|mean|best')
   _check(n.hop >= 1 and n.n_fft >= n.hop, 'namm.hop', f'need 1 <= hop <= n_fft, got hop={n.hop} '
          f'n_fft={n.n_fft}')
   _check(n.update_interval >= n.hop and n.update_interval % n.hop == 0, 'namm.update_interval',

@@ -15,13 +15,18 @@ Protocol (SakanaAI/evo-memory memory_trainer.py; /work/shared/specs/namm.md sect
     last `CORPUS_TARGET` tokens of a held-out text window.
   * the population is evaluated by one jitted program vmapped over members, its member axis
     sharded over a 1-D 'pop' mesh (strategy state replicated: ask/tell run outside it).
-  * the shipped solution is the strategy mean (official `prefer_mean_to_best`); the best
-    member seen is saved too.
+  * every `evolve.eval_every` generations the strategy mean (official `prefer_mean_to_best`)
+    is validated on the whole training pool of the current stage's tasks (as official: val =
+    the training prompts) and on the held-out prompts (reported only). The shipped solution
+    (`best_val`, official `ckpt.pt` on the best val score) is the mean with the best val
+    fitness within the latest stage (a mean scored on fewer tasks in an earlier stage is not
+    comparable); the current mean and the best member seen are saved too.
 Checkpoints (orbax, workdir/checkpoints): strategy state, generation, normalisation
-statistics, reference scores, mean / best parameters, config. Re-running resumes; keys are
-fold_in(seed, generation) and prompt samples depend only on (seed, generation), so a resumed
-run continues identically.
+statistics, reference scores, best_val / mean / best parameters, config. Re-running resumes;
+keys are fold_in(seed, generation) and prompt samples depend only on (seed, generation), so a
+resumed run continues identically.
 """
+import dataclasses
 import json
 import os
 import time
@@ -213,7 +218,7 @@ class EvolveCheckpointer:
     self.mngr.close()
 
 
-def load_policy_arrays(run, which='mean', gen=None):
+def load_policy_arrays(run, which='best_val', gen=None):
   """({'theta', 'mu', 'sigma'} NumPy arrays, the run's namm config dict) of an evolve.py run."""
   ck = EvolveCheckpointer(run, read_only=True)
   try:
@@ -250,7 +255,8 @@ class Evolution:
     self.cfg, self.ev = cfg, cfg.evolve
     self.workdir = os.path.abspath(workdir)
     self.graphdef, model_state, self.base_cfg = base or load_base(self.ev.base)
-    self.policy = nammlib.namm_from_config(cfg.namm)
+    # buckets=1: vmapped over members, the valid-slot compaction's switch would run every branch
+    self.policy = dataclasses.replace(nammlib.namm_from_config(cfg.namm), buckets=1)
     self.mesh = pop_mesh(self.ev)
     if self.ev.population % self.mesh.shape['pop']:
       raise ValueError(f'config.evolve.population: {self.ev.population} is not divisible by '
@@ -314,15 +320,35 @@ class Evolution:
                 ref={t: np.zeros(self.ev.pool, np.float32) for t in self.pool},
                 held_ref={t: np.zeros(self.ev.eval_prompts, np.float32) for t in self.held},
                 mean=np.zeros(D, np.float32), best=np.zeros(D, np.float32),
-                best_fitness=np.float32(-np.inf))
+                best_fitness=np.float32(-np.inf), best_val=np.zeros(D, np.float32),
+                best_val_fitness=np.float32(-np.inf), best_val_stage=np.int32(-1),
+                best_val_gen=np.int32(0))
 
-  def held_out(self, theta_D, st):
-    """Held-out normalised score per task and mean cache fraction of one parameter vector."""
-    tokens = {t: self.held[t]['tokens'] for t in self.held}
-    scores, frac, _ = self.evaluate(np.asarray(theta_D)[None], st['mu'], st['sigma'], tokens)
-    per_task = {t: float(scores[t][0].mean() / max(float(np.mean(st['held_ref'][t])), 1e-7))
+  def score_one(self, theta_D, st, sets, refs):
+    """Normalised score per task and mean cache fraction of one parameter vector on all
+    prompts of `sets` ({task: token array}), against full-cache scores `refs`."""
+    scores, frac, _ = self.evaluate(np.asarray(theta_D)[None], st['mu'], st['sigma'], sets)
+    per_task = {t: float(scores[t][0].mean() / max(float(np.mean(refs[t])), 1e-7))
                 for t in scores}
     return per_task, float(frac[0])
+
+  def validate(self, st, stage, metrics):
+    """The official val of the mean (whole training pool of the stage's tasks) and the
+    held-out report; keeps the mean with the best val fitness of the latest stage."""
+    tasks = [t.strip() for t in self.ev.stages[stage].split(',')]
+    per_task, frac = self.score_one(st['mean'], st, {t: self.pool[t]['tokens'] for t in tasks},
+                                    st['ref'])
+    fitness = np.float32(np.mean(list(per_task.values())) - self.ev.cache_weight * frac)
+    if stage != int(st['best_val_stage']) or fitness > st['best_val_fitness']:
+      st.update(best_val=np.array(st['mean']), best_val_fitness=fitness,
+                best_val_stage=np.int32(stage), best_val_gen=np.int32(st['gen']))
+    metrics.update(val_fitness=float(fitness), val_cache=frac,
+                   best_val_fitness=float(st['best_val_fitness']),
+                   best_val_gen=int(st['best_val_gen']))
+    held, frac = self.score_one(st['mean'], st, {t: v['tokens'] for t, v in self.held.items()},
+                                st['held_ref'])
+    metrics.update({f'heldout_{t}': v for t, v in held.items()})
+    metrics.update(heldout_score=float(np.mean(list(held.values()))), heldout_cache=frac)
 
   def generation(self, st, es_state):
     """One generation (1-based st['gen'] + 1). Returns the new es_state and metrics."""
@@ -381,15 +407,13 @@ class Evolution:
         metrics['evals_per_s'] = (gen - g_last) * ev.population / max(dt, 1e-9)
         t_last, g_last = time.time(), gen
       if gen % ev.eval_every == 0 or gen == total:
-        per_task, frac = self.held_out(st['mean'], st)
-        metrics.update({f'heldout_{t}': v for t, v in per_task.items()})
-        metrics['heldout_score'] = float(np.mean(list(per_task.values())))
-        metrics['heldout_cache'] = frac
+        self.validate(st, metrics['stage'], metrics)
       if gen % ev.log_every == 0 or gen == total:
         logging.info('gen %d/%d stage %d | fitness best %.4f mean %.4f | cache %.3f | %.1f evals/s%s',
                      gen, total, metrics['stage'], metrics['best_fitness'],
                      metrics['mean_fitness'], metrics['mean_cache'],
                      metrics.get('evals_per_s', 0.0),
+                     f" | val {metrics['val_fitness']:.4f} (best {metrics['best_val_fitness']:.4f})"
                      f" | held-out {metrics['heldout_score']:.4f} at cache "
                      f"{metrics['heldout_cache']:.3f}" if 'heldout_score' in metrics else '')
       writer.write(gen, metrics)
@@ -417,6 +441,8 @@ def plot_metrics(workdir):
   for key in ('best_fitness', 'mean_fitness'):
     a.plot(gens, [rows[g][key] for g in gens], label=key)
   held = [g for g in gens if 'heldout_score' in rows[g]]
+  val = [g for g in held if 'val_fitness' in rows[g]]
+  a.plot(val, [rows[g]['val_fitness'] for g in val], 's-', label='val fitness (mean, pool)')
   a.plot(held, [rows[g]['heldout_score'] for g in held], 'o-', label='held-out (mean)')
   a.axhline(1.0, color='gray', lw=0.5)
   a.set(xlabel='generation', ylabel='normalised score', title='fitness')
