@@ -116,8 +116,8 @@ def test_bam_blockwise_equals_dense():
 
 def test_compacted_update_equals_all_slots():
   """An update on the valid slots gathered into a smaller bucket (buckets > 1) keeps the same
-  tokens, with the same scores and EMA on them, as one over every slot; each bucket size is
-  taken (few valid slots, about half, all)."""
+  tokens, with the same EMA on them and the same statistics, as one over every slot; each
+  bucket size is taken (few valid slots, about half, all)."""
   rng = np.random.default_rng(5)
   B, K, S, n = 2, 2, 64, 32
   full, compact = namm.NAMM(update_interval=n, block=16, buckets=1), namm.NAMM(

@@ -99,8 +99,12 @@ def make_task_sets(cfg, tasks, split, n, source):
   return {t: task_examples(t, n, cfg.evolve.length, cfg.seed, split, source) for t in tasks}
 
 
+def stage_tasks(ev, stage):
+  return [t.strip() for t in ev.stages[stage].split(',')]
+
+
 def all_tasks(ev):
-  return list(dict.fromkeys(t.strip() for s in ev.stages for t in s.split(',')))
+  return list(dict.fromkeys(t for i in range(len(ev.stages)) for t in stage_tasks(ev, i)))
 
 
 # --- The population program ----------------------------------------------------------------
@@ -335,7 +339,7 @@ class Evolution:
   def validate(self, st, stage, metrics):
     """The official val of the mean (whole training pool of the stage's tasks) and the
     held-out report; keeps the mean with the best val fitness of the latest stage."""
-    tasks = [t.strip() for t in self.ev.stages[stage].split(',')]
+    tasks = stage_tasks(self.ev, stage)
     per_task, frac = self.score_one(st['mean'], st, {t: self.pool[t]['tokens'] for t in tasks},
                                     st['ref'])
     fitness = np.float32(np.mean(list(per_task.values())) - self.ev.cache_weight * frac)
@@ -355,7 +359,7 @@ class Evolution:
     ev = self.ev
     gen = int(st['gen']) + 1
     stage = stage_of(gen, ev.generations)
-    tasks = [t.strip() for t in ev.stages[stage].split(',')]
+    tasks = stage_tasks(ev, stage)
     tokens, idx = sample_batch(self.pool, tasks, ev.prompts, self.cfg.seed, gen)
     key = jax.random.fold_in(jax.random.key(self.cfg.seed), gen)
     k_ask, k_tell = jax.random.split(key)
