@@ -98,7 +98,7 @@ def run_info(run):
                cache=rows[g]['heldout_cache'], val=rows[g].get('val_fitness'))
           for g in gens if 'heldout_score' in rows[g]]
   return saved, dict(generations=len(gens), held=held,
-                     shipped_gen=rows[gens[-1]].get('best_val_gen') if gens else None,
+                     shipped_gen=int(rows[gens[-1]].get('best_val_gen', 0)) or None if gens else None,
                      seconds=rows[gens[-1]]['time'] - rows[gens[0]]['time'] if gens else 0)
 
 
@@ -222,7 +222,9 @@ def render(report, png):
     lines += ['', 'Per task, mean over seeds (zero-shot on base B):', '',
               task_table(report['transfer'])]
   lines += ['', 'The CMA mean during evolution, every few generations (generation: val fitness '
-            'on the whole training pool of the stage / held-out score / held-out cache); '
+            'on the whole training pool of the stage / held-out score / held-out cache, on '
+            "evolve.py's own held-out prompts: eval split, the run's seed, not the prompts of "
+            'the tables above); '
             'shipped is the mean with the best val fitness in the last stage (the official '
             '`ckpt.pt` on the best val score; held-out prompts play no part in the choice):', '']
   for r in runs:

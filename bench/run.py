@@ -598,6 +598,14 @@ def page(res):
                 f"{100 * u['update_kept'] * u['layers'] / every / base['ms_per_step']:.0f}% of "
                 'the keep-all step.' if 'update_kept' in u else
                 'not the model, so next to this 2-layer, width-128 model it dominates.']
+      over = {r['policy']: 100 * (r['ms_per_step'] / base['ms_per_step'] - 1) for r in rows
+              if r['kind'] == base['kind']}
+      if 'update_kept' in u and 'recency' in over:
+        rest = over['namm'] - 100 * u['update_kept'] * u['layers'] / every / base['ms_per_step']
+        lines[-1] += (f" The other {rest:.0f} points of NAMM's {over['namm']:+.1f}% are paid "
+                      "every step (the new attention row written into each slot's ring; the "
+                      'policy hook, which needs the attention probabilities): recency, with no '
+                      f"features and no scorer, costs {over['recency']:+.1f}% in the same run.")
     lines += ['', '![decode](bench/results/run_decode.png)', '']
   rows = res.get('capability', [])
   if rows:
