@@ -300,7 +300,7 @@ def decode_program(cfg, prompt_BxP, n_new):
                  for s in kv_caches]
   kv_bytes_N = np.asarray(kv_NxL) @ np.asarray(token_bytes, np.float64)
   return (lambda: steps(params, logits, state)[1],
-          dict(kv_bytes=kv_bytes_N.tolist(), prompt=P, batch=B, new=n_new))
+          dict(kv_bytes=kv_bytes_N.tolist(), prompt=P, batch=B))
 
 
 def time_interleaved(runs, rounds):
@@ -605,31 +605,33 @@ def page(res):
     if u and base:
       every = u['every']
       per_step = u['total'] * u['layers'] / every
-      lines += ['', f"One NAMM update of one layer's {u['slots']}-slot cache (batch "
-                f"{rows[0]['batch']}): features (ring -> STFT -> EMA) {u['features']:.0f} ms, "
-                f"BAM scorer {u['bam']:.0f} ms, keep rule {u['keep_rule']:.0f} ms. Every "
-                f"{every} tokens in each of {u['layers']} layers that is {per_step:.2f} ms "
-                f"per step, {100 * per_step / base['ms_per_step']:.0f}% of the keep-all step "
-                f"({base['ms_per_step']:.2f} ms): the scorer's cost is set by the cache size, "
-                'not the model, so next to this 2-layer, width-128 model it would dominate. '
-                'An update therefore runs on the valid slots only, gathered into the smallest '
-                'of S/8, S/4, S/2, S slots that holds them: with the '
-                f"{u['kept']} tokens per head this NAMM keeps at the end, one whole update "
-                f"takes {u['update_kept']:.0f} ms, "
-                f"{100 * u['update_kept'] * u['layers'] / every / base['ms_per_step']:.0f}% of "
-                'the keep-all step.' if 'update_kept' in u else
-                'not the model, so next to this 2-layer, width-128 model it dominates.']
-      over = {r['policy']: 100 * (r['ms_per_step'] / base['ms_per_step'] - 1) for r in rows
-              if r['kind'] == base['kind']}
-      if 'update_kept' in u and 'recency' in over:
-        rest = over['namm'] - 100 * u['update_kept'] * u['layers'] / every / base['ms_per_step']
-        paid = ("every step (the new attention row written into each slot's ring; the "
-                'policy hook, which needs the attention probabilities)')
-        lines[-1] += (f" The other {rest:.0f} points of NAMM's {over['namm']:+.1f}% are paid "
-                      f'{paid}' if rest >= 1 else f" NAMM's {over['namm']:+.1f}% leaves "
-                      f'nothing measurable for the costs paid {paid}') + (
-                      f": recency, with no features and no scorer, costs "
-                      f"{over['recency']:+.1f}% in the same run.")
+      text = (f"One NAMM update of one layer's {u['slots']}-slot cache (batch "
+              f"{rows[0]['batch']}): features (ring -> STFT -> EMA) {u['features']:.0f} ms, "
+              f"BAM scorer {u['bam']:.0f} ms, keep rule {u['keep_rule']:.0f} ms. Every "
+              f"{every} tokens in each of {u['layers']} layers that is {per_step:.2f} ms "
+              f"per step, {100 * per_step / base['ms_per_step']:.0f}% of the keep-all step "
+              f"({base['ms_per_step']:.2f} ms): the scorer's cost is set by the cache size, ")
+      if 'update_kept' not in u:                  # a page from before the compacted update
+        text += 'not the model, so next to this 2-layer, width-128 model it dominates.'
+      else:
+        share = 100 * u['update_kept'] * u['layers'] / every / base['ms_per_step']
+        text += ('not the model, so next to this 2-layer, width-128 model it would dominate. '
+                 'An update therefore runs on the valid slots only, gathered into the smallest '
+                 f"of S/8, S/4, S/2, S slots that holds them: with the {u['kept']} tokens per "
+                 f"head this NAMM keeps at the end, one whole update takes "
+                 f"{u['update_kept']:.0f} ms, {share:.0f}% of the keep-all step.")
+        over = {r['policy']: 100 * (r['ms_per_step'] / base['ms_per_step'] - 1) for r in rows
+                if r['kind'] == base['kind']}
+        if 'recency' in over:
+          rest = over['namm'] - share
+          paid = ("every step (the new attention row written into each slot's ring; the "
+                  'policy hook, which needs the attention probabilities)')
+          text += (f" The other {rest:.0f} points of NAMM's {over['namm']:+.1f}% are paid "
+                   f'{paid}' if rest >= 1 else f" NAMM's {over['namm']:+.1f}% leaves nothing "
+                   f'measurable for the costs paid {paid}')
+          text += (': recency, with no features and no scorer, costs '
+                   f"{over['recency']:+.1f}% in the same run.")
+      lines += ['', text]
     lines += ['', '![decode](bench/results/run_decode.png)', '']
   rows = res.get('capability', [])
   if rows:
