@@ -121,8 +121,9 @@ def time_calls(fn, steps, compiled=False, best_of=1):
   return (time.perf_counter() - t0) / steps
 
 
-def measure_train(cfg, peak, steps):
-  """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time."""
+def measure_train(cfg, peak, steps, best_of=1):
+  """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time.
+  best_of > 1: the step time is the fastest of that many measurements (see time_calls)."""
   validate(cfg, jax.device_count())
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
@@ -140,7 +141,7 @@ def measure_train(cfg, peak, steps):
   def one():
     box[0], m = compiled(box[0], tokens, weights)
     return m['loss']
-  dt = time_calls(one, steps, compiled=True)
+  dt = time_calls(one, steps, compiled=True, best_of=best_of)
   fpt = flops.train_flops_per_token(abstract_model(cfg), L)
   mem, mem_kind = peak_memory(compiled)
   return dict(length=L, batch=B, step_ms=1e3 * dt, tokens_per_s=B * L / dt,

@@ -10,6 +10,8 @@ the saved log-sum-exp, so neither pass keeps anything larger than O(T * block).
 
 Loops are `lax.fori_loop`s with dynamic bounds (the visible key range of each query
 block), so the compiled program does not grow with T and skipped blocks cost nothing.
+Key blocks that a query block sees in full (all but the diagonal and the window's edge)
+skip the mask.
 
 A per-token rule can narrow the causal mask further: `rule=(fn, info)` with info a dict of
 [B, T] arrays and fn(info_q, info_k) -> bool [B, Q, C] (AnSAN's anchor mask, models/anchor.py).
@@ -58,42 +60,56 @@ def _put(x, blk, i, b, axis):
   return lax.dynamic_update_slice_in_dim(x, blk.astype(x.dtype), i * b, axis % x.ndim)
 
 
-def _kv_range(i, b, window):
-  """Key blocks [lo, hi) that query block i can see: none after the diagonal block, and
-  with a window none wholly before the first query's oldest visible key."""
-  lo = 0 if not window else jnp.maximum(i * b - window + 1, 0) // b
-  return lo, i + 1
+def _visit(i, b, mask_spec, body, carry):
+  """carry = body(j, carry, masked) over the key blocks j that query block i can see.
 
-
-def _masked_logits(q_BxKxGxQxH, k_BxKxCxH, i, j, b, mask_spec, info):
-  """Scaled fp32 logits of query block i against key block j, NEG_INF where invisible;
-  and the visibility mask ([Q, C], or [B, 1, 1, Q, C] under a rule)."""
+  None after the diagonal block; with a window none wholly before the first query's oldest
+  visible key. Blocks that every query of block i sees in full run without the mask
+  (masked=False): off the diagonal and inside the window, unless a per-token rule is set.
+  """
   window, fn = mask_spec
-  H = q_BxKxGxQxH.shape[-1]
-  s = jnp.einsum('bkgqh,bkch->bkgqc', q_BxKxGxQxH, k_BxKxCxH,
-                 preferred_element_type=jnp.float32) * H ** -0.5
+  lo = 0 if not window else jnp.maximum(i * b - window + 1, 0) // b
+  if fn is not None:
+    full_lo = i
+  elif window:               # the oldest pair (last query, first key) inside the window
+    full_lo = jnp.clip((i * b + b - 1 - window) // b + 1, lo, i)
+  else:
+    full_lo = lo
+  carry = lax.fori_loop(lo, full_lo, lambda j, c: body(j, c, True), carry)
+  carry = lax.fori_loop(full_lo, i, lambda j, c: body(j, c, False), carry)
+  return body(i, carry, True)
+
+
+def _mask(i, j, b, mask_spec, info):
+  """Visibility of key block j to query block i: [Q, C], or [B, Q, C] under a rule."""
+  window, fn = mask_spec
   q_pos_Qx1 = i * b + jnp.arange(b)[:, None]
   k_pos_1xC = j * b + jnp.arange(b)[None, :]
   mask_QxC = k_pos_1xC <= q_pos_Qx1
   if window:
     mask_QxC &= q_pos_Qx1 - k_pos_1xC < window
-  if fn is not None:
-    rule_BxQxC = fn({n: _block(a, i, b, -1) for n, a in info.items()},
-                    {n: _block(a, j, b, -1) for n, a in info.items()})
-    mask_QxC = (mask_QxC & rule_BxQxC)[:, None, None]
-  return jnp.where(mask_QxC, s, NEG_INF), mask_QxC
+  if fn is None:
+    return mask_QxC
+  return mask_QxC & fn({n: _block(a, i, b, -1) for n, a in info.items()},
+                       {n: _block(a, j, b, -1) for n, a in info.items()})
 
 
 def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
   """Online softmax of query block i over its visible key blocks: out (fp32), lse."""
+  H = q_BxKxGxQxH.shape[-1]
 
-  def body(j, carry):
+  def body(j, carry, masked):
     m_BxKxGxQ, l_BxKxGxQ, acc_BxKxGxQxH = carry
-    s, mask_QxC = _masked_logits(q_BxKxGxQxH, _block(k_BxKxTxH, j, b, -2), i, j, b,
-                                 mask_spec, info)
+    s = jnp.einsum('bkgqh,bkch->bkgqc', q_BxKxGxQxH, _block(k_BxKxTxH, j, b, -2),
+                   preferred_element_type=jnp.float32) * H ** -0.5
+    if masked:
+      mask = _mask(i, j, b, mask_spec, info)
+      mask = mask[:, None, None] if mask.ndim == 3 else mask      # [B, 1, 1, Q, C]
+      s = jnp.where(mask, s, NEG_INF)
     m_new = jnp.maximum(m_BxKxGxQ, s.max(-1))
-    # where: a row with no visible key yet has m_new = NEG_INF, and exp(s - m_new) = 1.
-    p = jnp.where(mask_QxC, jnp.exp(s - m_new[..., None]), 0.)
+    p = jnp.exp(s - m_new[..., None])
+    if masked:   # a row with no visible key yet has m_new = NEG_INF, and exp(s - m_new) = 1
+      p = jnp.where(mask, p, 0.)
     alpha = jnp.exp(m_BxKxGxQ - m_new)
     v_blk = _block(v_BxKxTxH, j, b, -2)
     pv = jnp.einsum('bkgqc,bkch->bkgqh', p.astype(v_blk.dtype), v_blk,
@@ -103,7 +119,7 @@ def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
   shape = q_BxKxGxQxH.shape[:-1]
   init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
           jnp.zeros(q_BxKxGxQxH.shape, jnp.float32))
-  m, l, acc = lax.fori_loop(*_kv_range(i, b, mask_spec[0]), body, init)
+  m, l, acc = _visit(i, b, mask_spec, body, init)
   # l > 0 unless a rule masks the whole row (padding): that row gives 0, lse 0.
   seen = l > 0
   l = jnp.where(seen, l, 1.)
@@ -136,7 +152,12 @@ def _flash_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
 def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
   """dq, dk, dv in one pass over query blocks: each (query block, visible key block) pair
   recomputes p = exp(s - lse), adds its dq to the query block's accumulator and its dk,
-  dv into fp32 [B, K, T, H] buffers."""
+  dv into fp32 [B, K, T, H] buffers.
+
+  Scores are formed key-major, [B, K, C, G, Q]: dk and dv then contract over the minor
+  (G, Q) axes and need no transpose of the [C, G * Q] probabilities (on CPU, a transposing
+  elementwise fusion costs more than the matmuls); dq is accumulated as [B, K, H, G, Q].
+  """
   q, k, v, o, lse_BxKxGxT, info = residuals
   H = q.shape[-1]
   delta_BxKxGxT = jnp.einsum('bkgth,bkgth->bkgt', do_BxKxGxTxH.astype(jnp.float32),
@@ -145,28 +166,35 @@ def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
   def q_body(i, carry):
     dq, dk, dv = carry
     q_blk, do_blk = _block(q, i, b, -2), _block(do_BxKxGxTxH, i, b, -2)
-    lse_blk, delta_blk = _block(lse_BxKxGxT, i, b, -1), _block(delta_BxKxGxT, i, b, -1)
+    lse_Bx1xKxGxQ = _block(lse_BxKxGxT, i, b, -1)[:, :, None]
+    delta_BxKx1xGxQ = _block(delta_BxKxGxT, i, b, -1)[:, :, None]
 
-    def kv_body(j, inner):
-      dq_blk, dk, dv = inner
+    def kv_body(j, inner, masked):
+      dqT_blk, dk, dv = inner
       k_blk, v_blk = _block(k, j, b, -2), _block(v, j, b, -2)
-      s, mask_QxC = _masked_logits(q_blk, k_blk, i, j, b, mask_spec, info)
-      p = jnp.where(mask_QxC, jnp.exp(s - lse_blk[..., None]), 0.)
-      dp = jnp.einsum('bkgqh,bkch->bkgqc', do_blk, v_blk, preferred_element_type=jnp.float32)
-      ds = p * (dp - delta_blk[..., None]) * H ** -0.5    # d loss / d (q.k), fp32
-      dq_blk += jnp.einsum('bkgqc,bkch->bkgqh', ds.astype(k_blk.dtype), k_blk,
-                           preferred_element_type=jnp.float32)
-      dk_blk = jnp.einsum('bkgqc,bkgqh->bkch', ds.astype(q_blk.dtype), q_blk,
+      sT = jnp.einsum('bkch,bkgqh->bkcgq', k_blk, q_blk,
+                      preferred_element_type=jnp.float32) * H ** -0.5
+      pT = jnp.exp(sT - lse_Bx1xKxGxQ)
+      if masked:
+        mask = _mask(i, j, b, mask_spec, info)                  # [Q, C] or [B, Q, C]
+        maskT = jnp.swapaxes(mask, -1, -2)[..., None, :]        # [C, 1, Q] / [B, C, 1, Q]
+        pT = jnp.where(maskT[:, None] if maskT.ndim == 4 else maskT, pT, 0.)
+      dpT = jnp.einsum('bkch,bkgqh->bkcgq', v_blk, do_blk, preferred_element_type=jnp.float32)
+      dsT = pT * (dpT - delta_BxKx1xGxQ) * H ** -0.5           # d loss / d (q.k), fp32
+      dqT_blk += jnp.einsum('bkch,bkcgq->bkhgq', k_blk, dsT.astype(k_blk.dtype),
+                            preferred_element_type=jnp.float32)
+      dk_blk = jnp.einsum('bkcgq,bkgqh->bkch', dsT.astype(q_blk.dtype), q_blk,
                           preferred_element_type=jnp.float32)
-      dv_blk = jnp.einsum('bkgqc,bkgqh->bkch', p.astype(do_blk.dtype), do_blk,
+      dv_blk = jnp.einsum('bkcgq,bkgqh->bkch', pT.astype(do_blk.dtype), do_blk,
                           preferred_element_type=jnp.float32)
       dk = _put(dk, _block(dk, j, b, -2) + dk_blk, j, b, -2)
       dv = _put(dv, _block(dv, j, b, -2) + dv_blk, j, b, -2)
-      return dq_blk, dk, dv
+      return dqT_blk, dk, dv
 
-    init = (jnp.zeros(q_blk.shape, jnp.float32), dk, dv)
-    dq_blk, dk, dv = lax.fori_loop(*_kv_range(i, b, mask_spec[0]), kv_body, init)
-    return _put(dq, dq_blk, i, b, -2), dk, dv
+    B, K, G, Q, _ = q_blk.shape
+    init = (jnp.zeros((B, K, H, G, Q), jnp.float32), dk, dv)
+    dqT_blk, dk, dv = _visit(i, b, mask_spec, kv_body, init)
+    return _put(dq, dqT_blk.transpose(0, 1, 3, 4, 2), i, b, -2), dk, dv
 
   init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
           jnp.zeros(v.shape, jnp.float32))
