@@ -839,9 +839,6 @@ def main(argv):
   command = ' '.join(['python bench/run.py'] + sys.argv[1:])
   log(f"{res['machine']}; matmul peak {peak / 1e9:.1f} GFLOP/s")
   sections = _SECTIONS.value
-  for name in sections:
-    res['commands'][name] = dict(command=command, peak=peak, kinds=kinds,
-                                 started=time.strftime('%Y-%m-%d %H:%M'))
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   done = []
   for name, run in (('train', lambda: {'train': train_section(kinds, plan, peak)}),
@@ -852,7 +849,9 @@ def main(argv):
                         kinds, plan, _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-'))}),
                     ('profile', lambda: {'profile': profile_section(
                         slowest(res, prefix + '.json'), plan)})):
-    if name in sections:
+    if name in sections:     # (set here: a save() before lists the earlier run's command)
+      res['commands'][name] = dict(command=command, peak=peak, kinds=kinds,
+                                   started=time.strftime('%Y-%m-%d %H:%M'))
       res.update(run())
       res['commands'][name]['minutes'] = (time.time() - t0) / 60
       done.append(name)
