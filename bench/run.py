@@ -149,12 +149,16 @@ def train_section(kinds, plan, peak):
     jobs.append(('plain_wide', plan.wide_length))
   for kind, L in jobs:
     row = dict(kind=kind, length=L)
-    if kind == 'plain_wide':          # the MFU target: the peak once more, on the spot; the
-      row['peak'] = max(peak, flops.measure_peak_flops(repeats=20))   # higher one (stricter)
-      row['best_of'] = 3              # the step, like the peak, the fastest of several runs
-    try:
+    if kind == 'plain_wide':          # the MFU target: the step, like the peak, the fastest
+      row['best_of'] = 3              # of several runs; the peak measured on the spot before
+      row['peak'] = max(peak, flops.measure_peak_flops(repeats=20))     # and after the steps:
+    try:                                                  # the highest of three (stricter)
       row.update(measure_train(at_length(kind_config(kind), L, plan.train_tokens),
                                row.get('peak', peak), plan.train_steps, row.get('best_of', 1)))
+      if kind == 'plain_wide':
+        after = flops.measure_peak_flops(repeats=20)
+        row['mfu'] *= row['peak'] / max(row['peak'], after)
+        row['peak'] = max(row['peak'], after)
     except TooBig as e:
       row['skipped'] = str(e)
     rows.append(row)
@@ -485,7 +489,8 @@ def targets(train_rows, stream_fits, decode_rows, plan):
   if 'mfu' in w:
     out.append((f'plain width 512 step >= 50% of the measured matmul peak (L={plan.wide_length})',
                 f"{100 * w['mfu']:.1f}%", w['mfu'] >= 0.5,
-                f"peak {w['peak'] / 1e9:.1f} GFLOP/s, the higher of two measurements" if 'peak'
+                f"peak {w['peak'] / 1e9:.1f} GFLOP/s, the highest of " +
+                ('three measurements' if 'best_of' in w else 'two') if 'peak'
                 in w else ''))
   for kind, f in stream_fits.items():
     if kind != 'plain':
