@@ -149,10 +149,10 @@ def train_section(kinds, plan, peak):
     jobs.append(('plain_wide', plan.wide_length))
   for kind, L in jobs:
     row = dict(kind=kind, length=L)
-    if kind == 'plain_wide':          # the MFU target: the step, like the peak, the fastest
-      row['best_of'] = 3              # of several runs; the peak measured on the spot before
-      row['peak'] = max(peak, flops.measure_peak_flops(repeats=20))     # and after the steps:
-    try:                                                  # the highest of three (stricter)
+    if kind == 'plain_wide':   # the MFU target, strictly: the step is the fastest of 3, the
+      row['best_of'] = 3       # peak the highest of the run's and two taken around the steps
+      row['peak'] = max(peak, flops.measure_peak_flops(repeats=20))
+    try:
       row.update(measure_train(at_length(kind_config(kind), L, plan.train_tokens),
                                row.get('peak', peak), plan.train_steps, row.get('best_of', 1)))
       if kind == 'plain_wide':

@@ -37,8 +37,8 @@ def get_base_config():
   # memory (models/chunked_attention.py) | cudnn: cuDNN fused attention (GPU, bf16/fp16) |
   # masked: einsum + mask (the decode path's code, a reference).
   m.attention_impl = 'xla'
-  m.attention_block = 256       # chunked: query / key block size in tokens (256: fastest of
-                                # 128..1024 on CPU at 2K and 8K, bench/run.py's profile)
+  m.attention_block = 256       # chunked: query / key block size in tokens (256: the fastest
+                                # of 128..1024 in a CPU sweep at 2K and 8K context)
   # Method sections: each memory method's keys, documented in its models/ module.
   m.titans = ti = ml_collections.ConfigDict()   # models/titans.py (mixers titans_*)
   ti.chunk = 16                 # b: tokens per memory chunk (gradients at the chunk start)
