@@ -1,6 +1,6 @@
 """Attention alone, fwd + bwd: time and XLA temporary memory of attention_impl xla vs chunked.
 
-  python bench/attention.py --lengths=2048,8192,32768 --heads=4 --head_dim=32 --block=512
+  python bench/attention.py --lengths=2048,8192,32768 --heads=4 --head_dim=32 --block=256
 
 Prints a markdown table (no results page: this is a kernel check, not a model benchmark).
 Memory is `compiled.memory_analysis().temp_size_in_bytes` (XLA's scratch for the whole
@@ -22,7 +22,7 @@ from models.chunked_attention import chunked_attention
 _LENGTHS = flags.DEFINE_string('lengths', '2048,8192,32768', 'Context lengths.')
 _HEADS = flags.DEFINE_integer('heads', 4, 'Query heads (= KV heads).')
 _HEAD_DIM = flags.DEFINE_integer('head_dim', 32, 'Head dimension.')
-_BLOCK = flags.DEFINE_integer('block', 512, 'chunked: block size.')
+_BLOCK = flags.DEFINE_integer('block', 256, 'chunked: block size.')
 _WINDOW = flags.DEFINE_integer('window', 0, 'Sliding window (0: causal).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Timed runs (after one warm-up); the median.')
 _MAX_RUN_GIB = flags.DEFINE_float('max_run_gib', 8.0, 'Compile only above this many GiB.')

@@ -29,7 +29,7 @@ from jax import lax
 NEG_INF = -1e30
 
 
-def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=512, rule=None):
+def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=256, rule=None):
   """Causal softmax attention over one contiguous chunk (positions 0..T-1), GQA.
 
   window > 0: key j is visible to query i iff i - window < j <= i (sliding window).
