@@ -489,9 +489,8 @@ def targets(train_rows, stream_fits, decode_rows, plan):
   if 'mfu' in w:
     out.append((f'plain width 512 step >= 50% of the measured matmul peak (L={plan.wide_length})',
                 f"{100 * w['mfu']:.1f}%", w['mfu'] >= 0.5,
-                f"peak {w['peak'] / 1e9:.1f} GFLOP/s, the highest of " +
-                ('three measurements' if 'best_of' in w else 'two') if 'peak'
-                in w else ''))
+                f"peak {w['peak'] / 1e9:.1f} GFLOP/s, the highest of "
+                f"{'three' if 'best_of' in w else 'two'} measurements" if 'peak' in w else ''))
   for kind, f in stream_fits.items():
     if kind != 'plain':
       out.append((f'{kind} inference state constant in length (exponent ~0)',

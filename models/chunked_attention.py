@@ -81,17 +81,18 @@ def _visit(i, b, mask_spec, body, carry):
 
 
 def _mask(i, j, b, mask_spec, info):
-  """Visibility of key block j to query block i: [Q, C], or [B, Q, C] under a rule."""
+  """Visibility of key block j to query block i, shaped like the scores [B, K, G, Q, C]:
+  [1, 1, 1, Q, C], or [B, 1, 1, Q, C] under a rule."""
   window, fn = mask_spec
   q_pos_Qx1 = i * b + jnp.arange(b)[:, None]
   k_pos_1xC = j * b + jnp.arange(b)[None, :]
   mask_QxC = k_pos_1xC <= q_pos_Qx1
   if window:
     mask_QxC &= q_pos_Qx1 - k_pos_1xC < window
-  if fn is None:
-    return mask_QxC
-  return mask_QxC & fn({n: _block(a, i, b, -1) for n, a in info.items()},
-                       {n: _block(a, j, b, -1) for n, a in info.items()})
+  if fn is not None:
+    mask_QxC = mask_QxC & fn({n: _block(a, i, b, -1) for n, a in info.items()},
+                             {n: _block(a, j, b, -1) for n, a in info.items()})
+  return mask_QxC.reshape((-1, 1, 1, b, b))
 
 
 def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
@@ -104,7 +105,6 @@ def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
                    preferred_element_type=jnp.float32) * H ** -0.5
     if masked:
       mask = _mask(i, j, b, mask_spec, info)
-      mask = mask[:, None, None] if mask.ndim == 3 else mask      # [B, 1, 1, Q, C]
       s = jnp.where(mask, s, NEG_INF)
     m_new = jnp.maximum(m_BxKxGxQ, s.max(-1))
     p = jnp.exp(s - m_new[..., None])
@@ -176,9 +176,8 @@ def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
                       preferred_element_type=jnp.float32) * H ** -0.5
       pT = jnp.exp(sT - lse_Bx1xKxGxQ)
       if masked:
-        mask = _mask(i, j, b, mask_spec, info)                  # [Q, C] or [B, Q, C]
-        maskT = jnp.swapaxes(mask, -1, -2)[..., None, :]        # [C, 1, Q] / [B, C, 1, Q]
-        pT = jnp.where(maskT[:, None] if maskT.ndim == 4 else maskT, pT, 0.)
+        maskT = _mask(i, j, b, mask_spec, info).transpose(0, 1, 4, 2, 3)   # [., 1, C, 1, Q]
+        pT = jnp.where(maskT, pT, 0.)
       dpT = jnp.einsum('bkch,bkgqh->bkcgq', v_blk, do_blk, preferred_element_type=jnp.float32)
       dsT = pT * (dpT - delta_BxKx1xGxQ) * H ** -0.5           # d loss / d (q.k), fp32
       dqT_blk += jnp.einsum('bkch,bkcgq->bkhgq', k_blk, dsT.astype(k_blk.dtype),
