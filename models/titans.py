@@ -83,40 +83,46 @@ def token_losses(w, k_BxNxTxH, v_BxNxTxH):
   return ((mlp(w, k_BxNxTxH) - v_BxNxTxH) ** 2).sum(-1)
 
 
-def weighted_grads(w, k, v, coefs_BxNxT):
-  """[grad_W sum_t c_t l(W; x_t) for c in coefs]: one forward, one VJP per weighting."""
-  _, vjp = jax.vjp(lambda w: token_losses(w, k, v), w)
-  return [vjp(c)[0] for c in coefs_BxNxT]
-
-
-def token_grad_norms(w, k_BxNxTxH, v_BxNxTxH):
-  """|grad_W l(W; x_t)| (all layers, Frobenius) for every token [B, N, T], without
-  per-token gradients: layer i's gradient is the outer product a_i^T delta_i of its input
-  activation and the loss gradient at its output, so its norm is |a_i| |delta_i|."""
+def backprop(w, k_BxNxTxH, v_BxNxTxH):
+  """One forward and one backward pass of l(M; x_t) for every token, by hand: (acts,
+  deltas), per layer i its input a_i and the loss gradient d_i at its output, [B, N, T, .].
+  Token t's gradient of layer i is the outer product a_i,t^T d_i,t: never formed, since
+  everything the update needs is a sum over tokens (`weighted_grads`) or a norm
+  (`grad_norms`). Autodiff would redo the forward and the whole backward for each."""
   depth = len(w)
+  h, acts, slopes = k_BxNxTxH, [], []
+  for i in range(depth):
+    acts.append(h)
+    h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}'])
+    if i < depth - 1:
+      h, slope = jax.jvp(jax.nn.gelu, (h,), (jnp.ones_like(h),))    # elementwise: GELU'(h)
+      slopes.append(slope)
+  out = h if depth == 1 else k_BxNxTxH + h
+  deltas = [2.0 * (out - v_BxNxTxH)]
+  for i in range(depth - 1, 0, -1):
+    deltas.insert(0, jnp.einsum('bnto,bnio->bnti', deltas[0], w[f'w{i}']) * slopes[i - 1])
+  return acts, deltas
 
-  def losses(eps):
-    h, acts = k_BxNxTxH, []
-    for i in range(depth):
-      acts.append(h)
-      h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}']) + eps[i]
-      if i < depth - 1:
-        h = jax.nn.gelu(h)
-    out = h if depth == 1 else k_BxNxTxH + h
-    return ((out - v_BxNxTxH) ** 2).sum(), acts
 
-  shapes = [k_BxNxTxH.shape[:3] + (w[f'w{i}'].shape[-1],) for i in range(depth)]
-  deltas, acts = jax.grad(losses, has_aux=True)([jnp.zeros(sh) for sh in shapes])
+def weighted_grads(acts, deltas, coefs_BxNxT):
+  """[grad_W sum_t c_t l(W; x_t) for c in coefs]: per layer sum_t c_t a_t^T d_t."""
+  return [{f'w{i}': jnp.einsum('bnti,bnt,bnto->bnio', a, c, d)
+           for i, (a, d) in enumerate(zip(acts, deltas))} for c in coefs_BxNxT]
+
+
+def grad_norms(acts, deltas):
+  """|grad_W l(W; x_t)| (all layers, Frobenius) for every token [B, N, T]: the norm of an
+  outer product a^T d is |a| |d|."""
   sq = sum((a * a).sum(-1) * (d * d).sum(-1) for a, d in zip(acts, deltas))
   return jnp.sqrt(sq + 1e-12)
 
 
-def clipped_theta(theta_BxNxT, w, k, v, clip):
+def clipped_theta(theta_BxNxT, acts, deltas, clip):
   """theta_t / sqrt(1 + (|u_t| / clip)^2): a soft cap clip on each token's step |theta u|
   / theta (deep memories diverge without it, see `mlp`). clip = 0: theta unchanged."""
   if not clip:
     return theta_BxNxT
-  return theta_BxNxT * jax.lax.rsqrt(1.0 + (token_grad_norms(w, k, v) / clip) ** 2)
+  return theta_BxNxT * jax.lax.rsqrt(1.0 + (grad_norms(acts, deltas) / clip) ** 2)
 
 
 def _bcast(c_BxN, x):
@@ -124,35 +130,48 @@ def _bcast(c_BxN, x):
 
 
 def seg_prod(g_BxNxn):
-  """P[..., i, j] = prod_{l=j+1..i} g_l for 0 <= j <= i <= n (g indexed 1..n); 0 for j > i."""
+  """P[..., i, j] = prod_{l=j+1..i} g_l for 0 <= j <= i <= n (g indexed 1..n); 0 for j > i.
+  As exp(sum of logs) over a constant 0/1 mask: one small matmul, whose gradient is cheap
+  (a product's gradient is a chain of pads and cumulative products); a zero gate gives
+  log -1e4, so its products are exactly 0."""
   n = g_BxNxn.shape[-1]
   idx, l = jnp.arange(n + 1), jnp.arange(1, n + 1)
-  inside = (l > idx[None, :, None]) & (l <= idx[:, None, None])           # [i, j, l]
-  p = jnp.prod(jnp.where(inside, g_BxNxn[..., None, None, :], 1.0), -1)
+  inside = ((l > idx[None, :, None]) & (l <= idx[:, None, None])).astype(g_BxNxn.dtype)
+  pos = g_BxNxn > 0
+  log_g = jnp.where(pos, jnp.log(jnp.where(pos, g_BxNxn, 1.0)), -1e4)
+  p = jnp.exp(jnp.einsum('ijl,...l->...ij', inside, log_g))
   return jnp.where(idx[:, None] >= idx[None, :], p, 0.0)
 
 
-def chunk_update_closed(w, s, k, v, theta, eta, alpha):
-  """(M_b, S_b) after one chunk, gradients at M_0 = w: the closed form (module docstring)."""
-  n = theta.shape[-1]
-  E = seg_prod(eta)                        # [B, N, n+1, n+1]
+def closed_gate_terms(eta, alpha):
+  """What the closed form needs from the gates of chunks of n tokens (any leading axes):
+  the weights of its two gradient sums, E[n, j] and g_j, and m_n, r_0, sum_i r_i m_i.
+  They do not depend on the memory, so a sequence's chunks get them in one batch."""
+  n = eta.shape[-1]
+  E = seg_prod(eta)                        # [..., n+1, n+1]
   r = seg_prod(1.0 - alpha)[..., n, :]     # r_i = prod_{l=i+1..n} (1 - alpha_l), i = 0..n
   m = E[..., :, 0]                         # m_i = prod_{l<=i} eta_l
-  g = jnp.einsum('bnij,bni->bnj', E[..., 1:, 1:], r[..., 1:])
-  grad_s, grad_m = weighted_grads(w, k, v, [theta * E[..., n, 1:], theta * g])
-  coef_ms = (r[..., 1:] * m[..., 1:]).sum(-1)
-  s_new = jax.tree.map(lambda s0, gs: _bcast(m[..., n], s0) - gs, s, grad_s)
-  w_new = jax.tree.map(lambda w0, s0, gm: _bcast(r[..., 0], w0) + _bcast(coef_ms, s0) - gm,
+  g = jnp.einsum('...ij,...i->...j', E[..., 1:, 1:], r[..., 1:])
+  return E[..., n, 1:], g, m[..., n], r[..., 0], (r[..., 1:] * m[..., 1:]).sum(-1)
+
+
+def chunk_update_closed(w, s, acts, deltas, theta, gate_terms):
+  """(M_b, S_b) after one chunk, gradients at M_0 = w (`backprop(w, k, v)`): the closed
+  form (module docstring), with `closed_gate_terms(eta, alpha)`."""
+  e_n, g, m_n, r_0, coef_ms = gate_terms
+  grad_s, grad_m = weighted_grads(acts, deltas, [theta * e_n, theta * g])
+  s_new = jax.tree.map(lambda s0, gs: _bcast(m_n, s0) - gs, s, grad_s)
+  w_new = jax.tree.map(lambda w0, s0, gm: _bcast(r_0, w0) + _bcast(coef_ms, s0) - gm,
                        w, s, grad_m)
   return w_new, s_new
 
 
-def chunk_update_scan(w, s, k, v, theta, eta, alpha):
-  """Same as `chunk_update_closed`, with per-token gradients and associative scans (Eq 18)."""
-  n = theta.shape[-1]
-  _, vjp = jax.vjp(lambda w: token_losses(w, k, v), w)
-  onehot_nxBxNxn = jnp.broadcast_to(jnp.eye(n)[:, None, None, :], (n,) + theta.shape)
-  u = jax.vmap(lambda c: vjp(c)[0])(onehot_nxBxNxn)           # leaves [n, B, N, ...]
+def chunk_update_scan(w, s, acts, deltas, theta, gate_terms):
+  """Same as `chunk_update_closed`, with per-token gradients and associative scans (Eq 18);
+  gate_terms = (eta, alpha)."""
+  eta, alpha = gate_terms
+  u = {f'w{i}': jnp.einsum('bnti,bnto->tbnio', a, d)             # leaves [n, B, N, ...]
+       for i, (a, d) in enumerate(zip(acts, deltas))}
   t_first = lambda a_BxNxn: jnp.moveaxis(a_BxNxn, -1, 0)        # [n, B, N]
 
   def linear_scan(gates_nxBxN, inputs, init):
@@ -173,7 +192,9 @@ def chunk_update_scan(w, s, k, v, theta, eta, alpha):
           jax.tree.map(lambda p: p[1], out, is_leaf=is_pair))
 
 
-UPDATES = {'closed': chunk_update_closed, 'scan': chunk_update_scan}
+# chunk_form -> (gate terms from (eta, alpha), update of one chunk)
+UPDATES = {'closed': (closed_gate_terms, chunk_update_closed),
+           'scan': (lambda eta, alpha: (eta, alpha), chunk_update_scan)}
 
 
 @struct.dataclass
@@ -198,7 +219,7 @@ class NeuralMemory(nnx.Module):
     self.heads, self.head_dim, self.chunk, self.kernel = N, H, t.chunk, t.conv
     self.theta_max, self.momentum, self.forget = t.theta_max, t.momentum, t.forget
     self.grad_clip = t.grad_clip
-    self.update = UPDATES[t.chunk_form]
+    self.gate_terms, self.update = UPDATES[t.chunk_form]
     for name in 'qkv':
       setattr(self, 'w' + name, param(rngs, (D, N, H), ('embed', 'heads', 'head_dim'),
                                       scale=D ** -0.5))
@@ -239,7 +260,8 @@ class NeuralMemory(nnx.Module):
       K, T = self.kernel, x.shape[1]
       zz = jnp.concatenate([conv_BxKxPxNxH.astype(jnp.float32), z], 1)
       taps = jnp.stack([getattr(self, 'conv_' + c)[...] for c in kinds], 1)   # [K, P, N, H]
-      z = sum(taps[j] * zz[:, j:j + T] for j in range(K))
+      win = jnp.stack([zz[:, j:j + T] for j in range(K)], -1)              # [B, T, P, N, H, K]
+      z = jnp.einsum('btpnhk,kpnh->btpnh', win, taps)   # taps' gradient: one reduction, not K
       conv_BxKxPxNxH = zz[:, T:]
     out = []
     for i, c in enumerate(kinds):
@@ -278,20 +300,23 @@ class NeuralMemory(nnx.Module):
 
     def body(carry, xs):
       w, s = carry
-      q, k, v, theta, eta, alpha = xs
-      theta = clipped_theta(theta, w, k, v, self.grad_clip)
-      return self.update(w, s, k, v, theta, eta, alpha), mlp(w, q)
+      q, k, v, theta, gate_terms = xs
+      acts, deltas = backprop(w, k, v)
+      theta = clipped_theta(theta, acts, deltas, self.grad_clip)
+      return self.update(w, s, acts, deltas, theta, gate_terms), mlp(w, q)
+
+    def inputs(cut):
+      q_, k_, v_, theta_, eta_, alpha_ = map(cut, (q, k, v, theta, eta, alpha))
+      return q_, k_, v_, theta_, self.gate_terms(eta_, alpha_)
 
     if nf:
       chunks = lambda a: jnp.moveaxis(a[:, :, :nf * b].reshape(a.shape[:2] + (nf, b) + a.shape[3:]), 2, 0)
-      (w, s), reads_FxBxNxbxH = jax.lax.scan(jax.checkpoint(body), (w, s),
-                                             tuple(map(chunks, (q, k, v, theta, eta, alpha))))
+      (w, s), reads_FxBxNxbxH = jax.lax.scan(jax.checkpoint(body), (w, s), inputs(chunks))
       B, N = q.shape[:2]
       reads.append(jnp.moveaxis(reads_FxBxNxbxH, 0, 2).reshape(B, N, nf * b, -1))
     w_base = w
     if rem:
-      tail = lambda a: a[:, :, nf * b:]
-      (w, s), r = body((w, s), tuple(map(tail, (q, k, v, theta, eta, alpha))))
+      (w, s), r = body((w, s), inputs(lambda a: a[:, :, nf * b:]))
       reads.append(r)
     reads = jnp.concatenate(reads, 2).swapaxes(1, 2)
     return reads, MemState(w_base, w, s, conv)
@@ -303,8 +328,9 @@ class NeuralMemory(nnx.Module):
     q, k, v = (a.swapaxes(1, 2) for a in (q, k, v))
     theta, eta, alpha = self.gates(x_Bx1xD)
     reads = mlp(state.w_base, q).swapaxes(1, 2)
-    theta = clipped_theta(theta, state.w_base, k, v, self.grad_clip)
-    (u,) = weighted_grads(state.w_base, k, v, [theta])
+    acts, deltas = backprop(state.w_base, k, v)
+    theta = clipped_theta(theta, acts, deltas, self.grad_clip)
+    (u,) = weighted_grads(acts, deltas, [theta])
     s = jax.tree.map(lambda s0, u_: _bcast(eta[..., 0], s0) - u_, state.s, u)
     w = jax.tree.map(lambda w0, s_: _bcast(1.0 - alpha[..., 0], w0) + s_, state.w, s)
     boundary_B = (pos_B + 1) % self.chunk == 0

@@ -67,7 +67,7 @@ def test_token_grad_norms_match_autodiff():
                for t in range(5)]
   ref = jnp.stack([jnp.sqrt(sum((g ** 2).sum((-2, -1)) for g in jax.tree.leaves(u)))
                    for u in per_token], -1)
-  np.testing.assert_allclose(titans.token_grad_norms(w, k, v), ref, rtol=1e-5)
+  np.testing.assert_allclose(titans.grad_norms(*titans.backprop(w, k, v)), ref, rtol=1e-5)
 
 
 def _chunk_inputs(n=5, seed=3):
@@ -83,8 +83,10 @@ def _chunk_inputs(n=5, seed=3):
 
 @pytest.mark.parametrize('form', ['closed', 'scan'])
 def test_gates_alpha_one_erases_theta_zero_keeps(form):
-  update = titans.UPDATES[form]
   w, s, k, v, (theta, eta, alpha) = _chunk_inputs()
+  gate_terms, apply = titans.UPDATES[form]
+  update = lambda w, s, k, v, theta, eta, alpha: apply(w, s, *titans.backprop(w, k, v), theta,
+                                                       gate_terms(eta, alpha))
   zeros, ones = jnp.zeros_like(theta), jnp.ones_like(theta)
   zero_s = jax.tree.map(jnp.zeros_like, s)
   # theta = 0, alpha = 0, no past surprise: M_0 kept exactly
