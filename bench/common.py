@@ -129,7 +129,8 @@ def measure_train(cfg, peak, steps, best_of=1):
   tx, schedule = make_optimizer(cfg.train)
   graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
-  step = make_train_step(graphdef, schedule, shardings, batch_sh)
+  step = make_train_step(graphdef, schedule, shardings, batch_sh,
+                         microbatches=cfg.train.microbatches)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
   weights = jax.device_put(np.ones((B, L), np.float32), batch_sh)
@@ -144,7 +145,8 @@ def measure_train(cfg, peak, steps, best_of=1):
   dt = time_calls(one, steps, compiled=True, best_of=best_of)
   fpt = flops.train_flops_per_token(abstract_model(cfg), L)
   mem, mem_kind = peak_memory(compiled)
-  return dict(length=L, batch=B, step_ms=1e3 * dt, tokens_per_s=B * L / dt,
+  return dict(length=L, batch=B, microbatches=cfg.train.microbatches, step_ms=1e3 * dt,
+              tokens_per_s=B * L / dt,
               mfu=fpt * B * L / dt / (peak * jax.device_count()), memory_mib=mem / 2**20,
               memory_kind=mem_kind, compile_s=compile_s)
 

@@ -78,6 +78,7 @@ def get_base_config():
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 16             # global batch (sequences)
+  t.microbatches = 1            # gradient accumulated over this many slices of the batch
   t.steps = 1000
   t.lr = 3e-3
   t.warmup_steps = 100

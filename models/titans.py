@@ -14,9 +14,10 @@ linear, so the chunk-end state has a closed form (Eq 16-18 with momentum):
 where E[i, j] = prod_{l=j+1..i} eta_l, m_i = E[i, 0], r_i = prod_{l=i+1..b} (1 - alpha_l),
 beta_b = r_0, g_j = sum_{i>=j} r_i E[i, j], u_j = grad l(M_0; x_j). A sum sum_j c_j u_j is
 the gradient of sum_j c_j l(M_0; x_j): two weighted-loss gradients per chunk, no per-token
-weight copies (`chunk_form='closed'`). `chunk_form='scan'` takes the per-token gradients and runs
-the momentum and decay recurrences with `lax.associative_scan` (same numbers; tests check
-both against a naive per-token loop). Chunks are a `lax.scan` under `jax.checkpoint`.
+weight copies (`chunk_form='closed'`), both from one forward and backward pass
+(`backprop`). `chunk_form='scan'` takes the per-token gradients and runs the momentum and
+decay recurrences with `lax.associative_scan` (same numbers; tests check both against a
+naive per-token loop). Chunks are a `lax.scan` under `jax.checkpoint`.
 Reads y_t = M*(q_t) (Eq 15) are causal: a token reads the memory at the start of its chunk
 (the state its own gradient is taken at), so no token sees its chunk's writes.
 Gates are data dependent, per head and token: theta = theta_max sigmoid(.), eta = sigmoid(.),
@@ -79,7 +80,8 @@ def mlp(w, x_BxNxTxH):
 
 
 def token_losses(w, k_BxNxTxH, v_BxNxTxH):
-  """l(M; x_t) = ||M(k_t) - v_t||^2 for every token: [B, N, T] (Eq 12)."""
+  """l(M; x_t) = ||M(k_t) - v_t||^2 for every token: [B, N, T] (Eq 12). The update uses
+  its gradients through `backprop`; tests check those against autodiff of this."""
   return ((mlp(w, k_BxNxTxH) - v_BxNxTxH) ** 2).sum(-1)
 
 

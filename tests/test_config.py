@@ -19,6 +19,8 @@ from training.loop import train
     ({'mesh.data': 2}, 1, r'config.mesh: data\*fsdp\*tensor = 2 .* does not match the 1 '),
     ({'mesh.tensor': 3, 'mesh.data': -1}, 6, r'config.mesh.tensor: tensor=3 does not divide'),
     ({'train.batch_size': 6}, 4, r'config.train.batch_size: batch_size=6 is not divisible'),
+    ({'train.microbatches': 3}, 2, r'config.train.microbatches: batch_size=8 is not divisible by '
+                                   r'microbatches=3 x mesh data\*fsdp=2'),
     ({'decode.policy': 'oracle'}, 1, r"config.decode.policy: unknown policy 'oracle'"),
     ({'model.attention_impl': 'flash'}, 1, r"config.model.attention_impl: 'flash' not xla"),
     ({'model.attention_block': 0}, 1, r'config.model.attention_block: must be >= 1, got 0'),

@@ -22,6 +22,37 @@ def test_loss_falls_well_below_unigram(tmp_path):
   assert os.path.exists(tmp_path / 'tb') and os.path.exists(tmp_path / 'config.json')
 
 
+def test_microbatches_give_the_one_pass_update():
+  """train.microbatches = 4: the same loss, gradient norm and new parameters as one pass,
+  with PAD targets and zero weights spread unevenly over the slices."""
+  import jax
+  from data.tokenizer import ByteTokenizer
+  from training import mesh as meshlib
+  from training.loop import train_ctor
+  from training.step import make_optimizer, make_train_step
+  cfg = tiny_config()
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  tx, schedule = make_optimizer(cfg.train)
+  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
+  batch_sh = meshlib.batch_sharding(mesh)
+  B, L = cfg.train.batch_size, cfg.data.seq_len
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 256, (B, L + 1)).astype(np.int32)
+  tokens[1, L // 2:] = ByteTokenizer.PAD                 # a short row
+  weights = (rng.random((B, L)) < 0.7).astype(np.float32)
+  weights[2:4] = 0.0
+  out = []
+  for k in (1, 4):
+    step = make_train_step(graphdef, schedule, shardings, batch_sh, microbatches=k)
+    copy = jax.tree.map(lambda a: a.copy(), state)        # the step donates its input
+    out.append(step(copy, jax.device_put(tokens, batch_sh), jax.device_put(weights, batch_sh)))
+  (new1, m1), (new4, m4) = out
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(float(m4[key]), float(m1[key]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new1), jax.tree.leaves(new4)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def test_rerun_resumes_and_matches_uninterrupted(tmp_path):
   full = tiny_config(**{'train.steps': 6})
   train(full, tmp_path / 'full')
@@ -44,6 +75,7 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   assert latest >= 3
   # Whatever was saved holds finite weights only.
   import jax
+  from data.tokenizer import ByteTokenizer
   from training import mesh as meshlib
   cfg = tiny_config()
   _, state, _ = ckpt.restore_model(cfg, meshlib.make_mesh(cfg))
@@ -62,6 +94,7 @@ def test_trains_from_an_offline_tfds_dataset(tmp_path):
 
 def test_init_from_copies_matching_parameters_into_another_mixer(tmp_path):
   import jax
+  from data.tokenizer import ByteTokenizer
   from training import mesh as meshlib
   from training.init_from import init_model_from, load_source
   train(tiny_config(**{'train.steps': 3}), tmp_path / 'src')

@@ -207,7 +207,8 @@ def validate(cfg, n_devices, *, check_mesh=True):
   _check(t.steps >= 1, 'train.steps', f'must be >= 1, got {t.steps}')
   _check(t.lr > 0, 'train.lr', f'must be > 0, got {t.lr}')
   _check(t.warmup_steps >= 0, 'train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
-  for key in ('log_every', 'eval_every', 'ckpt_every', 'keep_ckpts', 'batch_size'):
+  for key in ('log_every', 'eval_every', 'ckpt_every', 'keep_ckpts', 'batch_size',
+              'microbatches'):
     _check(t[key] >= 1, f'train.{key}', f'must be >= 1, got {t[key]}')
   if 'anchor' in m.mixer:
     _validate_anchor(cfg)
@@ -225,6 +226,9 @@ def validate(cfg, n_devices, *, check_mesh=True):
     batch_shards = sizes['data'] * sizes['fsdp']
     _check(t.batch_size % batch_shards == 0, 'train.batch_size',
            f'batch_size={t.batch_size} is not divisible by mesh data*fsdp={batch_shards}')
+    _check(t.batch_size % (t.microbatches * batch_shards) == 0, 'train.microbatches',
+           f'batch_size={t.batch_size} is not divisible by microbatches={t.microbatches} x '
+           f'mesh data*fsdp={batch_shards}')
     for key, size in (('n_kv_heads', m.n_kv_heads), ('n_heads', m.n_heads),
                       ('mlp_dim', m.mlp_dim or 1)):
       _check(size % sizes['tensor'] == 0, 'mesh.tensor',

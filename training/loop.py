@@ -82,7 +82,8 @@ def train(cfg, workdir):
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((model_state, state[1])))
 
   pad_id = get_tokenizer(d.tokenizer).PAD
-  train_step = make_train_step(graphdef, schedule, shardings, batch_sh, pad_id)
+  train_step = make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
+                               t.microbatches)
   eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh, pad_id)
 
   def evaluate(model_state):
@@ -157,7 +158,8 @@ def compile_only(cfg):
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.ShapeDtypeStruct((B, L + 1), jax.numpy.int32, sharding=batch_sh)
   weights = jax.ShapeDtypeStruct((B, L), jax.numpy.float32, sharding=batch_sh)
-  step = make_train_step(graphdef, schedule, shardings, batch_sh)
+  step = make_train_step(graphdef, schedule, shardings, batch_sh,
+                         microbatches=cfg.train.microbatches)
   compiled = step.lower(abs_state, tokens, weights).compile()
   mem = compiled.memory_analysis()
   flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)

@@ -64,18 +64,46 @@ def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, weights_BxL=None):
   return (nll_BxL * w_BxL).sum() / jnp.maximum(w_BxL.sum(), 1)
 
 
+def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pad_id):
+  """loss_fn and its gradient over the batch, computed `microbatches` rows-slices at a time
+  (a lax.scan summing gradients): the same numbers as one pass (each slice's weighted nll
+  sum is divided by the whole batch's weight), with a k-times smaller activation footprint.
+  Slice i takes rows i, i+k, ... so every data shard contributes to every slice."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  mask_BxL = tokens_BxL1[:, 1:] != pad_id
+  total = jnp.maximum((mask_BxL * weights_BxL).sum(), 1)
+  k = microbatches
+  slices = lambda a: a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1)
+
+  def slice_loss(params, tokens_bxL1, weights_bxL):
+    nll_bxL, mask_bxL = token_nll(nnx.merge(graphdef, params, rest), tokens_bxL1, pad_id)
+    return (nll_bxL * mask_bxL * weights_bxL).sum() / total
+
+  def body(acc, xs):
+    return jax.tree.map(jnp.add, acc, jax.value_and_grad(slice_loss)(params, *xs)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+  (loss, grads), _ = jax.lax.scan(body, zeros, (slices(tokens_BxL1), slices(weights_BxL)))
+  return loss, grads
+
+
 def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
-                    pad_id=ByteTokenizer.PAD):
+                    pad_id=ByteTokenizer.PAD, microbatches=1):
   """step(state, tokens [B, L+1], weights [B, L]) -> (state, metrics): weights scale each
   target's loss (see loss_fn). A non-finite loss or gradient leaves the state untouched and
-  reports finite=0, so a bad update never reaches a checkpoint."""
+  reports finite=0, so a bad update never reaches a checkpoint. microbatches > 1: the
+  gradient is accumulated over that many slices of the batch (train.microbatches)."""
 
   @functools.partial(jax.jit, donate_argnums=0,
                      in_shardings=(state_shardings, batch_sharding, batch_sharding),
                      out_shardings=(state_shardings, None))
   def train_step(state, tokens_BxL1, weights_BxL):
     model, opt = nnx.merge(graphdef, state)
-    loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id, weights_BxL)
+    if microbatches > 1:
+      loss, grads = accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches,
+                                               pad_id)
+    else:
+      loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id, weights_BxL)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = opt.step[...]
