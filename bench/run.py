@@ -84,7 +84,7 @@ KINDS = {
 # backward costs 8 instead of 6 FLOPs per parameter and token while MFU counts 6 (MaxText's
 # convention), and at this size memory does not call for it. The step's tokens (8 x 2048,
 # like every row) are accumulated over 4 micro-batches (train.microbatches): in one pass
-# every op ran slower per token than at batch 2 (7.3 GiB of XLA buffers against a 32 MB L3);
+# every op ran slower per token than at batch 2 (7.3 GiB of XLA buffers, 2.3 GiB in slices);
 # interleaved on the 2-core CPU, 4 micro-batches reached 56% of the peak, one pass 41%.
 WIDE = ('configs/transformer.py:small',
         dict(CHUNKED, **{'model.remat': 'none', 'train.microbatches': 4}))
