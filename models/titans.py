@@ -70,13 +70,21 @@ def mlp(w, x_BxNxTxH):
   inner step grows as 1/|W|: it diverged within 1K tokens at every theta_max >= 0.1 we
   tried, so it is left out (see bench/results/titans.md).
   """
+  return mlp_layers(w, x_BxNxTxH)[0]
+
+
+def mlp_layers(w, x_BxNxTxH):
+  """(M(x), acts, slopes): per layer i its input a_i and, for the hidden layers, GELU' at
+  the pre-activation (unused outputs cost nothing: XLA drops them)."""
   depth = len(w)
-  h = x_BxNxTxH
+  h, acts, slopes = x_BxNxTxH, [], []
   for i in range(depth):
+    acts.append(h)
     h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}'])
     if i < depth - 1:
-      h = jax.nn.gelu(h)
-  return h if depth == 1 else x_BxNxTxH + h
+      h, slope = jax.jvp(jax.nn.gelu, (h,), (jnp.ones_like(h),))    # elementwise: GELU'(h)
+      slopes.append(slope)
+  return (h if depth == 1 else x_BxNxTxH + h), acts, slopes
 
 
 def token_losses(w, k_BxNxTxH, v_BxNxTxH):
@@ -91,17 +99,9 @@ def backprop(w, k_BxNxTxH, v_BxNxTxH):
   Token t's gradient of layer i is the outer product a_i,t^T d_i,t: never formed, since
   everything the update needs is a sum over tokens (`weighted_grads`) or a norm
   (`grad_norms`). Autodiff would redo the forward and the whole backward for each."""
-  depth = len(w)
-  h, acts, slopes = k_BxNxTxH, [], []
-  for i in range(depth):
-    acts.append(h)
-    h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}'])
-    if i < depth - 1:
-      h, slope = jax.jvp(jax.nn.gelu, (h,), (jnp.ones_like(h),))    # elementwise: GELU'(h)
-      slopes.append(slope)
-  out = h if depth == 1 else k_BxNxTxH + h
+  out, acts, slopes = mlp_layers(w, k_BxNxTxH)
   deltas = [2.0 * (out - v_BxNxTxH)]
-  for i in range(depth - 1, 0, -1):
+  for i in range(len(w) - 1, 0, -1):
     deltas.insert(0, jnp.einsum('bnto,bnio->bnti', deltas[0], w[f'w{i}']) * slopes[i - 1])
   return acts, deltas
 

@@ -75,7 +75,6 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   assert latest >= 3
   # Whatever was saved holds finite weights only.
   import jax
-  from data.tokenizer import ByteTokenizer
   from training import mesh as meshlib
   cfg = tiny_config()
   _, state, _ = ckpt.restore_model(cfg, meshlib.make_mesh(cfg))
@@ -94,7 +93,6 @@ def test_trains_from_an_offline_tfds_dataset(tmp_path):
 
 def test_init_from_copies_matching_parameters_into_another_mixer(tmp_path):
   import jax
-  from data.tokenizer import ByteTokenizer
   from training import mesh as meshlib
   from training.init_from import init_model_from, load_source
   train(tiny_config(**{'train.steps': 3}), tmp_path / 'src')

@@ -56,12 +56,13 @@ def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
   return nll_BxL, targets_BxL != pad_id
 
 
-def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, weights_BxL=None):
+def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, weights_BxL=None, total=None):
   """Mean nll over the real targets, each weighted by weights_BxL (default 1; data.loss=
-  'answer' gives 1 on a synthetic example's answer targets, 0 elsewhere)."""
+  'answer' gives 1 on a synthetic example's answer targets, 0 elsewhere). `total`: divide
+  by this instead of the batch's own weight (a slice of a larger batch)."""
   nll_BxL, mask_BxL = token_nll(model, tokens_BxL1, pad_id)
   w_BxL = mask_BxL if weights_BxL is None else mask_BxL * weights_BxL
-  return (nll_BxL * w_BxL).sum() / jnp.maximum(w_BxL.sum(), 1)
+  return (nll_BxL * w_BxL).sum() / (jnp.maximum(w_BxL.sum(), 1) if total is None else total)
 
 
 def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pad_id):
@@ -76,8 +77,7 @@ def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pa
   slices = lambda a: a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1)
 
   def slice_loss(params, tokens_bxL1, weights_bxL):
-    nll_bxL, mask_bxL = token_nll(nnx.merge(graphdef, params, rest), tokens_bxL1, pad_id)
-    return (nll_bxL * mask_bxL * weights_bxL).sum() / total
+    return loss_fn(nnx.merge(graphdef, params, rest), tokens_bxL1, pad_id, weights_bxL, total)
 
   def body(acc, xs):
     return jax.tree.map(jnp.add, acc, jax.value_and_grad(slice_loss)(params, *xs)), None
