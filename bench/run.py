@@ -3,6 +3,8 @@
   python bench/run.py --quick --jobs=2   # ~11 min on 2 CPU cores (small lengths, few steps)
   python bench/run.py --jobs=2      # the full page (2K..64K training, streams to 1M tokens)
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
+  python bench/run.py --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
+                                    # on a GPU/TPU: width 512, 8 layers, bigger steps
   python bench/report.py            # then fold bench/results/*.md into README.md
 
 Sections (each a function below; all numbers come from running the same jitted code as
@@ -43,6 +45,8 @@ from flax import nnx
 
 from bench.common import (ROOT, TooBig, at_length, compile_checked, load_config, machine,
                           measure_train, program_bytes, slope, time_calls)
+from data import synthetic
+from data.tokenizer import ByteTokenizer
 from training import flops
 from training.config import resolve, validate
 
@@ -59,12 +63,18 @@ _WORKDIR = flags.DEFINE_string('workdir', '', 'Where capability runs train (defa
 _NAMM_RUN = flags.DEFINE_string('namm_run', '', 'evolve.py workdir for the NAMM policy (default: '
                                 'a random parameter vector drawn like a CMA-ES population member).')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of model init, data order and task examples.')
+_PRESET = flags.DEFINE_string('preset', 'tiny', "Every kind's config preset (tiny: this CPU; "
+                              'small: width 512, 8 layers, for a GPU/TPU). The MFU row stays '
+                              'transformer.py:small.')
+_PLAN = flags.DEFINE_list('plan', [], 'Plan fields to change, FIELD=VALUE (tuples as 2048:8192), '
+                          'e.g. cap_steps=3000,train_tokens=131072; a page of another plan or '
+                          'preset starts afresh (see --out).')
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Run the sections in this many processes side by side, '
                              'each pinned to its share of the CPU cores (2 on a 2-core '
                              'machine: capability in one, the rest in the other).')
 
-# kind -> (config, overrides). Same width and depth (d_model 128, 2 layers, 4 heads); the
-# memory kinds use segments / windows of 64 tokens. 'plain' is full causal attention with the
+# kind -> (config, overrides), at --preset (':tiny' here): the same width and depth; the
+# sliding window is the memory kinds' segment (titans_mac's). 'plain' is full causal attention with the
 # blockwise (flash-style) kernel; 'plain_xla' the same model with jax.nn.dot_product_attention
 # (materialises the scores; training speed only). 'ansan' trains with the same kernel, its
 # anchor rule applied block by block.
@@ -72,7 +82,7 @@ CHUNKED = {'model.attention_impl': 'chunked'}
 KINDS = {
     'plain': ('configs/transformer.py:tiny', CHUNKED),
     'plain_xla': ('configs/transformer.py:tiny', {}),
-    'sliding': ('configs/sliding.py:tiny', {'model.window': 64, 'model.segment_len': 64}),
+    'sliding': ('configs/sliding.py:tiny', {}),
     'titans_mac': ('configs/titans_mac.py:tiny', {}),
     'titans_mag': ('configs/titans_mag.py:tiny', {}),
     'titans_mal': ('configs/titans_mal.py:tiny', {}),
@@ -125,11 +135,58 @@ QUICK = Plan(train_lengths=(512, 2048), scale_lengths=(), train_tokens=4096, tra
 SCALE_KINDS = ('plain', 'titans_mac', 'infini')
 
 
+def make_plan():
+  """QUICK or FULL with the --plan changes."""
+  plan, fields = QUICK if _QUICK.value else FULL, dataclasses.fields(Plan)
+  changes = {}
+  for item in _PLAN.value:
+    field, _, value = item.partition('=')
+    try:
+      old = getattr(plan, field)
+      changes[field] = (tuple(int(v) for v in value.split(':')) if isinstance(old, tuple)
+                        else type(old)(value))
+    except (AttributeError, ValueError):
+      raise SystemExit(f'--plan: {item!r}: expected FIELD=VALUE (tuples as 2048:8192) with '
+                       f'FIELD one of {[f.name for f in fields]}') from None
+  return dataclasses.replace(plan, **changes)
+
+
 def kind_config(kind, **more):
   spec, overrides = WIDE if kind == 'plain_wide' else KINDS[kind]
-  cfg = load_config(spec, dict(overrides, **more))
+  if kind == 'sliding':                       # window = segment = the memory kinds' segment
+    C = kind_config('titans_mac').model.segment_len
+    overrides = {'model.window': C, 'model.segment_len': C}
+  cfg = load_config(spec.replace(':tiny', ':' + _PRESET.value), dict(overrides, **more))
   cfg.seed = _SEED.value
   return resolve(cfg)
+
+
+def model_shape(m):
+  return dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
+              n_kv_heads=m.n_kv_heads, segment_len=m.segment_len, vocab=m.vocab_size)
+
+
+def describe(models):
+  """'d_model 128, 2 layers, ..., 2 KV heads (infini 4), ...': the kinds' common shape, the
+  exceptions in brackets."""
+  parts = []
+  for key, text in (('d_model', 'd_model {}'), ('n_layers', '{} layers'), ('n_heads', '{} heads'),
+                    ('n_kv_heads', '{} KV heads'), ('vocab', 'vocabulary {}'),
+                    ('segment_len', 'memory kinds and sliding: segments/windows of {} tokens')):
+    values = {k: m[key] for k, m in models.items() if m[key]}
+    if values:
+      common = max(set(values.values()), key=list(values.values()).count)
+      odd = ', '.join(f'{k} {v}' for k, v in values.items() if v != common)
+      parts.append(text.format(common) + (f' ({odd})' if odd else ''))
+  return ', '.join(parts)
+
+
+def format_guess(task, n=64):
+  """Answer-token accuracy of a guess that knows a task's answer format but not the needle:
+  its non-digit bytes right and a tenth of its digits (held-out examples)."""
+  answers = [ByteTokenizer().decode(synthetic.make_example(
+      task, synthetic.example_seed(0, i, 'eval'), 1024)['answer']) for i in range(n)]
+  return np.mean([np.mean([0.1 if ch.isdigit() else 1.0 for ch in a]) for a in answers])
 
 
 def init_model(cfg):
@@ -517,15 +574,15 @@ def fmt(x, spec):
   return '-' if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def page(res):
+def page(res, prefix):
+  img = lambda part: f'{os.path.relpath(prefix, ROOT)}_{part}.png'   # as the README links it
   P = res['plan']
   runs = {}
   for section, c in sorted(res['commands'].items(), key=lambda item: item[1]['started']):
     runs.setdefault(c['command'], []).append((section, c))
   lines = [f'## Side by side: every model kind ({"quick" if res["quick"] else "full"} run)', '',
-           f"{res['machine']}. Seed {res['seed']}. All kinds: d_model 128, 2 layers, 4 heads "
-           '(Infini 4 KV heads, others 2), byte vocabulary; memory kinds use 64-token '
-           'segments/windows. Produced by:', '']
+           f"{res['machine']}. Seed {res['seed']}. Every kind (configs at preset "
+           f"`{res.get('preset', 'tiny')}`): {describe(res.get('models', {}))}. Produced by:", '']
   for command, items in runs.items():
     c = items[0][1]
     minutes = max(i.get('minutes', float('nan')) for _, i in items)   # cumulative per section
@@ -575,7 +632,7 @@ def page(res):
             for k in dict.fromkeys(r['kind'] for r in rows) if k != 'plain_wide'}
     lines += ['', 'Time per training token ~ L^a: ' + ', '.join(
         f'{k} a = {fmt(v, ".2f")}' for k, v in fits.items()) + '.', '',
-        '![training speed](bench/results/run_train.png)', '']
+        f'![training speed]({img("train")})', '']
   rows = res.get('stream', [])
   if rows:
     lines += ['### Inference scaling (state carried chunk by chunk)', '',
@@ -593,7 +650,7 @@ def page(res):
                      f"{r['us_per_token']:.1f} / {r['state_bytes']:,} / {r['decode_step_ms']:.2f}")
       lines.append(f'| {kind} | ' + ' | '.join(cells) +
                    f" | {fmt(f['state_exp'], '.2f')} | {fmt(f['step_exp'], '.2f')} |")
-    lines += ['', '![inference scaling](bench/results/run_stream.png)', '']
+    lines += ['', f'![inference scaling]({img("stream")})', '']
   rows = res.get('decode', [])
   if rows:
     lines += ['### Decode per eviction policy', '',
@@ -615,6 +672,8 @@ def page(res):
     base = next((r for r in rows if r['policy'] == 'keep_all'), None)
     if u and base:
       every = u['every']
+      m = res.get('models', {}).get(base['kind'], dict(n_layers=2, d_model=128))
+      small = f"{m['n_layers']}-layer, width-{m['d_model']}"
       per_step = u['total'] * u['layers'] / every
       text = (f"One NAMM update of one layer's {u['slots']}-slot cache (batch "
               f"{rows[0]['batch']}): features (ring -> STFT -> EMA) {u['features']:.0f} ms, "
@@ -623,10 +682,10 @@ def page(res):
               f"per step, {100 * per_step / base['ms_per_step']:.0f}% of the keep-all step "
               f"({base['ms_per_step']:.2f} ms): the scorer's cost is set by the cache size, ")
       if 'update_kept' not in u:                  # a page from before the compacted update
-        text += 'not the model, so next to this 2-layer, width-128 model it dominates.'
+        text += f'not the model, so next to this {small} model it dominates.'
       else:
         share = 100 * u['update_kept'] * u['layers'] / every / base['ms_per_step']
-        text += ('not the model, so next to this 2-layer, width-128 model it would dominate. '
+        text += (f'not the model, so next to this {small} model it would dominate. '
                  'An update therefore runs on the valid slots only, gathered into the smallest '
                  f"of S/8, S/4, S/2, S slots that holds them: with the {u['kept']} tokens per "
                  f"head this NAMM keeps at the end, one whole update takes "
@@ -643,7 +702,7 @@ def page(res):
           text += (': recency, with no features and no scorer, costs '
                    f"{over['recency']:+.1f}% in the same run.")
       lines += ['', text]
-    lines += ['', '![decode](bench/results/run_decode.png)', '']
+    lines += ['', f'![decode]({img("decode")})', '']
   rows = res.get('capability', [])
   if rows:
     r0 = rows[0]
@@ -671,7 +730,18 @@ def page(res):
       lines.append(f"| {r['kind']} / {r['policy']} | {r['train_s']:.0f} | " +
                    (f"{loss['loss']:.3f} | " + ' '.join(f"{b['loss']:.2f}" for b in loss['buckets'])
                     if loss else '- | -') + ' | ' + ' | '.join(accs) + ' |')
-    lines += ['', '![capability](bench/results/run_capability.png)', '']
+    guess = {t: format_guess(t) for t in tasks}
+    text = ('A guess that knows the answer format but not the needle (its spaces right, a '
+            'tenth of its digits) gets ' + ', '.join(f'{t} {g:.2f}' for t, g in guess.items())
+            + ' of the answer tokens, and no exact match.')
+    cells = [c for r in rows for c in r['tasks'] if c['accuracy'] is not None]
+    if not any(c['accuracy'] for c in cells):
+      over = max(c['token_accuracy'] - guess[c['task']] for c in cells)
+      text += (f" No kind answers a held-out example after {r0['steps']} steps, and no cell's "
+               f'token fraction is more than {over:.2f} above that guess: at this budget the '
+               'kinds differ in loss only. The per-method pages below train these tasks long '
+               'enough to learn them; `--plan=cap_steps=N` trains longer here.')
+    lines += ['', text, '', f'![capability]({img("capability")})', '']
   prof = res.get('profile')
   if prof:
     lines += [f"### Profile: {prof['kind']} (the slowest kind relative to plain at 2048)", '',
@@ -801,8 +871,10 @@ def merged(path, res, sections, kinds):
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-  if old.get('quick') != res['quick']:
+  same = lambda r: (r.get('quick'), r.get('preset', 'tiny'), json.dumps(r['plan']))
+  if not old or same(old) != same(res):        # another plan or preset: a page of its own
     return res
+  res['models'] = dict(old.get('models', {}), **res['models'])
   for name in [n for n in SECTION_KEYS if n not in sections]:        # a stable order
     for key in SECTION_KEYS[name]:
       if key in old:
@@ -829,13 +901,15 @@ def merged(path, res, sections, kinds):
 def main(argv):
   del argv
   t0 = time.time()
-  plan = QUICK if _QUICK.value else FULL
+  plan = make_plan()
   kinds = _KINDS.value or list(KINDS) + ['plain_wide']
   for k in kinds:
     if k not in KINDS and k != 'plain_wide':
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS) + ["plain_wide"]}')
   prefix = os.path.join(ROOT, _OUT.value)
-  res = dict(quick=_QUICK.value, plan=dataclasses.asdict(plan), machine=machine(),
+  res = dict(quick=_QUICK.value, preset=_PRESET.value, plan=dataclasses.asdict(plan),
+             models={k: model_shape(kind_config(k).model) for k in kinds if k in KINDS},
+             machine=machine(),
              seed=_SEED.value, commands={}, kinds=kinds)
   if _JOBS.value > 1 and len(_SECTIONS.value) > 1:
     run_jobs(share_sections(_SECTIONS.value, _JOBS.value))
@@ -895,7 +969,7 @@ def save(prefix, res, sections, plan):
       json.dump(res, f, indent=1, default=str)
     plots(res, prefix)
     with open(prefix + '.md', 'w') as f:
-      f.write(page(res) + '\n')
+      f.write(page(res, prefix) + '\n')
   return res
 
 

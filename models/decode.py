@@ -4,6 +4,7 @@ State = the LM's per-layer mixer states (KV caches for attention layers), create
 `capacity` slots; an eviction policy (models/eviction.py) may free slots as it goes.
 """
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,10 @@ def generate(model, prompt_BxP, key, *, n_new, capacity=0, temperature=0.0, top_
              policy=None, prefill_chunk=0):
   """Prompt + n_new sampled tokens [B, P + n_new]; also returns the final state."""
   B, P = prompt_BxP.shape
+  if policy is None and 0 < capacity < P + n_new:
+    warnings.warn(f'decode: capacity {capacity} < prompt {P} + {n_new} new tokens and no '
+                  'eviction policy: the oldest tokens are overwritten (a recency window); '
+                  'set decode.capacity=0 to keep all of them, or choose decode.policy')
   state = init_state(model, B, capacity or P + n_new, policy)
   logits_BxV, state = prefill(model, prompt_BxP, state, policy, prefill_chunk)
 

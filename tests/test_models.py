@@ -96,6 +96,12 @@ def test_greedy_generate_is_consistent_with_forward():
   np.testing.assert_array_equal(full[:, 15:-1].argmax(-1), out[:, 16:])
 
 
+def test_generate_warns_when_the_cache_would_overwrite_tokens():
+  model, _ = build()
+  with pytest.warns(UserWarning, match='capacity 20 < prompt 16 \\+ 8 new tokens'):
+    decode.generate(model, tokens(T=16), jax.random.key(0), n_new=8, capacity=20)
+
+
 def test_recency_policy_keeps_exactly_the_window():
   model, _ = build()
   x = tokens(T=40)
