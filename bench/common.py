@@ -121,9 +121,32 @@ def time_calls(fn, steps, compiled=False, best_of=1):
   return (time.perf_counter() - t0) / steps
 
 
-def measure_train(cfg, peak, steps, best_of=1):
+def op_trace(fn):
+  """{ops, op_s, op_median_us, traced_s}: the XLA ops one call of fn runs, from a
+  jax.profiler trace: their number, summed and median time (leaf ops; loops are
+  containers), and the call's time under the profiler."""
+  import glob
+  import tempfile
+  with tempfile.TemporaryDirectory() as d:
+    jax.profiler.start_trace(d)
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    traced_s = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(d, '**', '*.xplane.pb'), recursive=True)
+    data = jax.profiler.ProfileData.from_file(path)
+  ns = [e.duration_ns for plane in data.planes for line in plane.lines
+        if line.name.startswith('tf_XLA') or line.name == 'XLA Ops'       # CPU / GPU threads
+        for e in line.events
+        if '::' not in e.name and not e.name.startswith(('end: ', 'while', 'call', 'conditional'))]
+  return dict(ops=len(ns), op_s=sum(ns) / 1e9, op_median_us=float(np.median(ns)) / 1e3,
+              traced_s=traced_s)
+
+
+def measure_train(cfg, peak, steps, best_of=1, trace=False):
   """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time.
-  best_of > 1: the step time is the fastest of that many measurements (see time_calls)."""
+  best_of > 1: the step time is the fastest of that many measurements (see time_calls).
+  trace: also the XLA ops of one step (op_trace)."""
   validate(cfg, jax.device_count())
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
@@ -148,7 +171,7 @@ def measure_train(cfg, peak, steps, best_of=1):
   return dict(length=L, batch=B, microbatches=cfg.train.microbatches, step_ms=1e3 * dt,
               tokens_per_s=B * L / dt,
               mfu=fpt * B * L / dt / (peak * jax.device_count()), memory_mib=mem / 2**20,
-              memory_kind=mem_kind, compile_s=compile_s)
+              memory_kind=mem_kind, compile_s=compile_s, **(op_trace(one) if trace else {}))
 
 
 def abstract_model(cfg):

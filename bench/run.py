@@ -21,7 +21,8 @@ train.py / evaluate.py on this machine, nothing is typed in):
               long-context tasks, then held-out loss by position bucket and passkey / S-NIAH /
               MQAR exact match on a (length x depth) grid with held-out seeds; the plain model
               also under each eviction policy at half the cache.
-  profile     the slowest memory kind relative to plain: its step time split by component.
+  profile     where the speed target missed by most was measured (else the memory kind slowest
+              relative to plain): XLA ops per step under the profiler, parts timed alone.
 Writes OUT.md (the page, with the command, machine, versions, seeds and the targets met or
 missed by how much), OUT.json and OUT_*.png.
 """
@@ -486,11 +487,12 @@ def capability_section(kinds, plan, workdir):
 
 # --- profile -------------------------------------------------------------------------------
 
-def profile_section(row, plan):
-  """A train row's step time split into its parts, by timing fwd+bwd of each part alone at
-  the same batch and length: one block's mixer, one block's MLP, and the rest."""
-  kind, L = row['kind'], row['length']
+def profile_section(kind, L, why, plan, peak):
+  """The train step of `kind` at length L: timed, run once under the profiler (how many XLA
+  ops, how long each), and split into parts by timing fwd+bwd of each alone at the same
+  batch and length: one block's mixer, its neural memory (Titans), its MLP."""
   cfg = at_length(kind_config(kind), L, plan.train_tokens)
+  step = measure_train(cfg, peak, max(plan.train_steps, 2), trace=True)
   model = init_model(cfg)
   B, D = cfg.train.batch_size, cfg.model.d_model
   x = jax.random.normal(jax.random.key(0), (B, L, D))
@@ -498,68 +500,83 @@ def profile_section(row, plan):
   pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
   blk = model.blocks[0]
   C = cfg.model.segment_len or L
+  seg = lambda a: a.reshape(B, L // C, C, *a.shape[2:]).swapaxes(0, 1)
 
   def mixer_loss(mixer, x):
     state = mixer.init_state(B, L - C)
     if C == L:
       return mixer(x, state, pos, tokens_BxT=tok)[0].sum()
-    seg = lambda a: a.reshape(B, L // C, C, *a.shape[2:]).swapaxes(0, 1)
 
     def body(s, inp):
       y, s = mixer(inp[0], s, inp[1], tokens_BxT=inp[2])
       return s, y.sum()
     return jax.lax.scan(body, state, (seg(x), seg(pos), seg(tok)))[1].sum()
 
-  parts = {'mixer (one layer)': (blk.mixer, mixer_loss),
-           'MLP (one layer)': (blk.mlp, lambda mlp, x: mlp(x).sum())}
+  def memory_loss(memory, x):           # reads and writes, segment by segment
+    def body(s, x_seg):
+      reads, s = memory.forward(x_seg, s)
+      return s, reads.sum()
+    s, reads = jax.lax.scan(body, memory.init_state(B), seg(x))
+    return reads.sum() + sum(w.sum() for w in jax.tree.leaves(s.w))
+
+  parts = {'mixer (one layer)': (blk.mixer, mixer_loss)}
+  if hasattr(blk.mixer, 'memory'):
+    parts['its neural memory (one layer)'] = (blk.mixer.memory, memory_loss)
+  parts['MLP (one layer)'] = (blk.mlp, lambda mlp, x: mlp(x).sum())
   out = {}
   for name, (module, loss) in parts.items():
     graphdef, params = nnx.split(module)
     grad = jax.jit(jax.grad(lambda p, x: loss(nnx.merge(graphdef, p), x), argnums=(0, 1)))
     grad = grad.lower(params, x).compile()
     out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2), True)
-  whole = row['step_ms']
-  n = cfg.model.n_layers
-  return dict(kind=kind, length=L, batch=B, step_ms=whole, layers=n, parts_ms=out)
+  return dict(kind=kind, length=L, why=why, batch=B, step_ms=step['step_ms'],
+              layers=cfg.model.n_layers, parts_ms=out,
+              **{k: step[k] for k in ('ops', 'op_s', 'op_median_us', 'traced_s')})
 
 
 # --- targets -------------------------------------------------------------------------------
 
 def targets(train_rows, stream_fits, decode_rows, plan):
-  """[(target, measured, met, note)] for the issue's targets that this run measured."""
+  """The issue's targets that this run measured: [{name, value, met, note}]; speed targets
+  also carry where they were measured (kind, length) and measured / target (fraction)."""
   out = []
+
+  def add(name, value, met, note='', **where):
+    out.append(dict(name=name, value=value, met=bool(met), note=note, **where))
+
+  def speed(kind, L, name, ratio, target):
+    add(name, f'{ratio:.2f}x', ratio >= target,
+        '' if ratio >= target else f'{100 * (1 - ratio / target):.0f}% short',
+        kind=kind, length=L, fraction=ratio / target)
+
   tr = {(r['kind'], r['length']): r for r in train_rows}
   L2 = 2048 if 2048 in plan.train_lengths else plan.train_lengths[0]
   Lmax = max(L for L in plan.ratio_lengths)
   for kind in ('titans_mac', 'infini'):
     r = tr.get((kind, L2), {})
     if 'vs_plain' in r:
-      out.append((f'{kind} tokens/s >= 0.7x plain at {L2}', f"{r['vs_plain']:.2f}x",
-                  r['vs_plain'] >= 0.7, ''))
+      speed(kind, L2, f'{kind} tokens/s >= 0.7x plain at {L2}', r['vs_plain'], 0.7)
     r, p = tr.get((kind, Lmax), {}), tr.get(('plain', Lmax), {})
-    if 'tokens_per_s' in r:
-      if 'tokens_per_s' in p:
-        ratio = r['tokens_per_s'] / p['tokens_per_s']
-        out.append((f'{kind} >= 4x faster than full attention at {Lmax}', f'{ratio:.2f}x',
-                    ratio >= 4, ''))
-      else:
-        out.append((f'{kind} >= 4x faster than full attention at {Lmax}', 'plain: ' +
-                    p.get('skipped', 'not run'), True, 'full attention could not run at all'))
+    name = f'{kind} >= 4x faster than full attention at {Lmax}'
+    if 'tokens_per_s' in r and 'tokens_per_s' in p:
+      speed(kind, Lmax, name, r['tokens_per_s'] / p['tokens_per_s'], 4)
+    elif 'tokens_per_s' in r:
+      add(name, 'plain: ' + p.get('skipped', 'not run'), True, 'full attention could not run at all')
   w = tr.get(('plain_wide', plan.wide_length), {})
   if 'mfu' in w:
-    out.append((f'plain width 512 step >= 50% of the measured matmul peak (L={plan.wide_length})',
-                f"{100 * w['mfu']:.1f}%", w['mfu'] >= 0.5,
-                f"peak {w['peak'] / 1e9:.1f} GFLOP/s, the highest of "
-                f"{'three' if 'best_of' in w else 'two'} measurements" if 'peak' in w else ''))
+    add(f'plain width 512 step >= 50% of the measured matmul peak (L={plan.wide_length})',
+        f"{100 * w['mfu']:.1f}%", w['mfu'] >= 0.5,
+        f"peak {w['peak'] / 1e9:.1f} GFLOP/s, the highest of "
+        f"{'three' if 'best_of' in w else 'two'} measurements" if 'peak' in w else '')
   for kind, f in stream_fits.items():
     if kind != 'plain':
-      out.append((f'{kind} inference state constant in length (exponent ~0)',
-                  f"{f['state_exp']:.3f}", abs(f['state_exp']) < 0.05, ''))
+      add(f'{kind} inference state constant in length (exponent ~0)', f"{f['state_exp']:.3f}",
+          abs(f['state_exp']) < 0.05)
   d = {r['policy']: r for r in decode_rows if r['kind'] == 'plain'}
   if 'namm' in d and 'keep_all' in d:
     over = d['namm']['ms_per_step'] / d['keep_all']['ms_per_step'] - 1
-    out.append(('NAMM overhead <= 10% of decode time', f'{100 * over:+.1f}%', over <= 0.10,
-                f"update every {d['namm']['prompt'] // 8} tokens"))
+    add('NAMM overhead <= 10% of decode time', f'{100 * over:+.1f}%', over <= 0.10,
+        f"update every {d['namm']['prompt'] // 8} tokens")
   return out
 
 
@@ -593,8 +610,8 @@ def page(res, prefix):
   t = res.get('targets', [])
   if t:
     lines += ['### Targets', '', '| target | measured | met |', '|---|---|---|']
-    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'}{' (' + note + ')' if note else ''} |"
-              for name, value, ok, note in t]
+    lines += [f"| {x['name']} | {x['value']} | {'yes' if x['met'] else '**no**'}"
+              f"{' (' + x['note'] + ')' if x['note'] else ''} |" for x in t]
     lines.append('')
   rows = res.get('train', [])
   if rows:
@@ -744,10 +761,19 @@ def page(res, prefix):
     lines += ['', text, '', f'![capability]({img("capability")})', '']
   prof = res.get('profile')
   if prof:
-    lines += [f"### Profile: {prof['kind']} (the slowest kind relative to plain at 2048)", '',
+    why = prof.get('why', 'the slowest kind relative to plain at 2048')
+    ops = ''
+    if 'ops' in prof:
+      C = res.get('models', {}).get(prof['kind'], {}).get('segment_len')
+      per = (f", {prof['ops'] * C / prof['length'] / prof['layers']:,.0f} per layer and "
+             f"{C}-token segment" if C else '')
+      ops = (f" One step under the profiler ({1e3 * prof['traced_s']:.0f} ms) ran "
+             f"{prof['ops']:,} XLA ops{per}: median {prof['op_median_us']:.1f} us, mean "
+             f"{1e6 * prof['op_s'] / prof['ops']:.1f} us, summed {1e3 * prof['op_s']:.0f} ms.")
+    lines += [f"### Profile: {prof['kind']} at L = {prof['length']} ({why})", '',
               f"Train step at L = {prof['length']}, batch {prof['batch']}: "
-              f"{prof['step_ms']:.0f} ms. Parts timed alone (forward + backward, same batch and "
-              'length; timed alone they need not add up to the step):', '',
+              f"{prof['step_ms']:.0f} ms.{ops} Parts timed alone (forward + backward, same batch "
+              'and length; timed alone they need not add up to the step):', '',
               '| part | ms | x layers, share of the step |', '|---|---|---|']
     for name, ms in prof['parts_ms'].items():
       k = prof['layers']
@@ -930,7 +956,7 @@ def main(argv):
                     ('capability', lambda: {'capability': capability_section(
                         kinds, plan, _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-'))}),
                     ('profile', lambda: {'profile': profile_section(
-                        slowest(res, prefix + '.json'), plan)})):
+                        *worst_gap(res, prefix + '.json', plan), plan, peak)})):
     if name in sections:     # (set here: a save() before lists the earlier run's command)
       res['commands'][name] = dict(command=command, peak=peak, kinds=kinds,
                                    started=time.strftime('%Y-%m-%d %H:%M'))
@@ -943,18 +969,23 @@ def main(argv):
   log(f'wrote {prefix}.md/.json/_*.png in {(time.time() - t0) / 60:.1f} min')
 
 
-def slowest(res, path):
-  """The memory kind with the lowest tokens/s relative to plain at 2048 (this run's train
-  rows, else an earlier run's)."""
+def worst_gap(res, path, plan):
+  """(kind, length, why) to profile: where the speed target missed by most was measured;
+  with every speed target met, the memory kind slowest relative to plain at 2048 (this
+  run's train rows, else an earlier run's)."""
   rows = res.get('train')
   if not rows and os.path.exists(path):
     with open(path) as f:
       rows = json.load(f).get('train')
-  rows = [r for r in rows or [] if r['length'] == 2048 and 'vs_plain' in r
-          and not r['kind'].startswith('plain')]
   if not rows:
-    raise SystemExit('profile: no train rows at length 2048 (run --sections=train first)')
-  return min(rows, key=lambda r: r['vs_plain'])
+    raise SystemExit('profile: no train rows (run --sections=train first)')
+  missed = [t for t in targets(rows, {}, [], plan) if 'fraction' in t and not t['met']]
+  if missed:
+    t = min(missed, key=lambda t: t['fraction'])
+    return t['kind'], t['length'], f"the target missed by most: {t['name']}, {t['value']}"
+  r = min([r for r in rows if r['length'] == 2048 and 'vs_plain' in r
+           and not r['kind'].startswith('plain')], key=lambda r: r['vs_plain'])
+  return r['kind'], 2048, 'the slowest kind relative to plain at 2048'
 
 
 def save(prefix, res, sections, plan):
