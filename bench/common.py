@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from training import flops, mesh as meshlib
-from training.config import key_node, resolve, validate
+from training.config import key_node, resolve, validate, xla_options
 from training.loop import model_ctor, train_ctor
 from training.step import make_optimizer, make_train_step
 
@@ -143,17 +143,17 @@ def op_trace(fn):
               traced_s=traced_s)
 
 
-def measure_train(cfg, peak, steps, best_of=1, trace=False):
-  """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time.
-  best_of > 1: the step time is the fastest of that many measurements (see time_calls).
-  trace: also the XLA ops of one step (op_trace)."""
+def train_program(cfg):
+  """(one, compiled, compile_s): the real train step at cfg's batch and length, compiled
+  (TooBig if it would not fit); one() runs a step on the carried state, returns its loss."""
   validate(cfg, jax.device_count())
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
   graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
   step = make_train_step(graphdef, schedule, shardings, batch_sh,
-                         microbatches=cfg.train.microbatches)
+                         microbatches=cfg.train.microbatches,
+                         compiler_options=xla_options(cfg.train))
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
   weights = jax.device_put(np.ones((B, L), np.float32), batch_sh)
@@ -165,6 +165,15 @@ def measure_train(cfg, peak, steps, best_of=1, trace=False):
   def one():
     box[0], m = compiled(box[0], tokens, weights)
     return m['loss']
+  return one, compiled, compile_s
+
+
+def measure_train(cfg, peak, steps, best_of=1, trace=False):
+  """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time.
+  best_of > 1: the step time is the fastest of that many measurements (see time_calls).
+  trace: also the XLA ops of one step (op_trace)."""
+  one, compiled, compile_s = train_program(cfg)
+  B, L = cfg.train.batch_size, cfg.data.seq_len
   dt = time_calls(one, steps, compiled=True, best_of=best_of)
   fpt = flops.train_flops_per_token(abstract_model(cfg), L)
   mem, mem_kind = peak_memory(compiled)
@@ -172,6 +181,22 @@ def measure_train(cfg, peak, steps, best_of=1, trace=False):
               tokens_per_s=B * L / dt,
               mfu=fpt * B * L / dt / (peak * jax.device_count()), memory_mib=mem / 2**20,
               memory_kind=mem_kind, compile_s=compile_s, **(op_trace(one) if trace else {}))
+
+
+def head_to_head(cfgs, rounds):
+  """Seconds per step of each config's train step, the steps alternated: `rounds` rounds,
+  each one step of every program in turn (after a warm-up step each), so a machine whose
+  speed drifts slows them alike. Returns one list of `rounds` times per config."""
+  progs = [train_program(cfg)[0] for cfg in cfgs]
+  for one in progs:
+    jax.block_until_ready(one())
+  times = [[] for _ in progs]
+  for _ in range(rounds):
+    for one, ts in zip(progs, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(one())
+      ts.append(time.perf_counter() - t0)
+  return times
 
 
 def abstract_model(cfg):

@@ -12,6 +12,8 @@ train.py / evaluate.py on this machine, nothing is typed in):
   train       training tokens/s, MFU against the matmul peak measured in this run, XLA memory,
               per kind and context length, and the ratio to the plain transformer; a width-512
               plain model for the MFU target.
+  ratio       the speed targets' ratios head to head: the kind's and plain's train steps
+              alternated for a few rounds (the table's cells are single steps minutes apart).
   stream      inference over long inputs, chunk by chunk with the decode state carried: time
               per token, state bytes and one decode step at each total length; fitted exponents
               (the constant-memory kinds must show ~0).
@@ -44,8 +46,8 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from bench.common import (ROOT, TooBig, at_length, compile_checked, load_config, machine,
-                          measure_train, program_bytes, slope, time_calls)
+from bench.common import (ROOT, TooBig, at_length, compile_checked, head_to_head, load_config,
+                          machine, measure_train, program_bytes, slope, time_calls)
 from data import synthetic
 from data.tokenizer import ByteTokenizer
 from training import flops
@@ -56,7 +58,8 @@ _QUICK = flags.DEFINE_bool('quick', False, 'Small lengths and few steps (~30 min
 _KINDS = flags.DEFINE_list('kinds', None, 'Model kinds (default: all of KINDS, and plain_wide, '
                            'the MFU row of the train section). Rows of other kinds stay as an '
                            'earlier run of the same sections wrote them.')
-_SECTIONS = flags.DEFINE_list('sections', ['train', 'stream', 'decode', 'capability', 'profile'],
+_SECTIONS = flags.DEFINE_list('sections', ['train', 'ratio', 'stream', 'decode', 'capability',
+                                          'profile'],
                               'Sections to run; the others stay as an earlier run wrote them '
                               '(empty: only re-render the page).')
 _OUT = flags.DEFINE_string('out', 'bench/results/run', 'Output path prefix.')
@@ -122,6 +125,7 @@ class Plan:
   cap_steps: int
   cap_batch: int
   cap_examples: int
+  ratio_rounds: int = 5      # head-to-head rounds per speed target
 
 
 FULL = Plan(train_lengths=(2048, 8192, 32768), scale_lengths=(1024, 65536), train_tokens=16384,
@@ -132,7 +136,7 @@ FULL = Plan(train_lengths=(2048, 8192, 32768), scale_lengths=(1024, 65536), trai
 QUICK = Plan(train_lengths=(512, 2048), scale_lengths=(), train_tokens=4096, train_steps=2,
              ratio_lengths=(2048,), wide_length=512, stream_lengths=(1024, 4096),
              stream_long=(16384,), stream_plain_max=16384, decode_prompt=256, decode_new=128,
-             cap_length=256, cap_steps=40, cap_batch=8, cap_examples=4)
+             cap_length=256, cap_steps=40, cap_batch=8, cap_examples=4, ratio_rounds=2)
 SCALE_KINDS = ('plain', 'titans_mac', 'infini')
 
 
@@ -162,9 +166,11 @@ def kind_config(kind, **more):
   return resolve(cfg)
 
 
-def model_shape(m):
+def model_shape(cfg):
+  m = cfg.model
   return dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
-              n_kv_heads=m.n_kv_heads, segment_len=m.segment_len, vocab=m.vocab_size)
+              n_kv_heads=m.n_kv_heads, segment_len=m.segment_len, vocab=m.vocab_size,
+              xla_options=cfg.train.xla_options)
 
 
 def describe(models):
@@ -174,12 +180,18 @@ def describe(models):
   for key, text in (('d_model', 'd_model {}'), ('n_layers', '{} layers'), ('n_heads', '{} heads'),
                     ('n_kv_heads', '{} KV heads'), ('vocab', 'vocabulary {}'),
                     ('segment_len', 'memory kinds and sliding: segments/windows of {} tokens')):
-    values = {k: m[key] for k, m in models.items() if m[key]}
+    values = {k: m[key] for k, m in models.items() if m.get(key)}
     if values:
       common = max(set(values.values()), key=list(values.values()).count)
       odd = ', '.join(f'{k} {v}' for k, v in values.items() if v != common)
       parts.append(text.format(common) + (f' ({odd})' if odd else ''))
-  return ', '.join(parts)
+  options = {}
+  for k, m in models.items():
+    if m.get('xla_options'):
+      options.setdefault(m['xla_options'], []).append(k)
+  return ', '.join(parts) + ''.join(
+      f"; {', '.join(ks)} compile the train step with `train.xla_options={o}` (see their config)"
+      for o, ks in options.items())
 
 
 def format_guess(task, n=64):
@@ -231,6 +243,28 @@ def train_section(kinds, plan, peak):
   for r in rows:
     if plain.get(r['length']) and 'tokens_per_s' in r and r['kind'] != 'plain_wide':
       r['vs_plain'] = r['tokens_per_s'] / plain[r['length']]
+  return rows
+
+
+def ratio_section(kinds, plan):
+  """The speed targets' ratios head to head: at each target length the kind's and plain's
+  train steps alternate for plan.ratio_rounds rounds (bench.common.head_to_head); ratio =
+  plain's median step time / the kind's (the same tokens per step)."""
+  rows = []
+  for kind in [k for k in RATIO_KINDS if k in kinds]:
+    for L in sorted(set(target_lengths(plan))):
+      row = dict(kind=kind, length=L, rounds=plan.ratio_rounds)
+      try:
+        row['kind_s'], row['plain_s'] = head_to_head(
+            [at_length(kind_config(k), L, plan.train_tokens) for k in (kind, 'plain')],
+            plan.ratio_rounds)
+        row['ratio'] = float(np.median(row['plain_s']) / np.median(row['kind_s']))
+      except TooBig as e:
+        row['skipped'] = str(e)
+      rows.append(row)
+      log(f"ratio {kind:11s} L={L:6d} " + (row.get('skipped') or f"{row['ratio']:.2f}x plain "
+          f"(steps {' '.join(f'{t:.2f}' for t in row['kind_s'])} s vs "
+          f"{' '.join(f'{t:.2f}' for t in row['plain_s'])} s)"))
   return rows
 
 
@@ -536,23 +570,34 @@ def profile_section(kind, L, why, plan, peak):
 
 # --- targets -------------------------------------------------------------------------------
 
-def targets(train_rows, stream_fits, decode_rows, plan):
+RATIO_KINDS = ('titans_mac', 'infini')       # the kinds with speed targets
+
+
+def target_lengths(plan):
+  """(L2, Lmax): the lengths of the '>= 0.7x plain' and '>= 4x full attention' targets."""
+  return (2048 if 2048 in plan.train_lengths else plan.train_lengths[0]), max(plan.ratio_lengths)
+
+
+def targets(train_rows, stream_fits, decode_rows, plan, ratios=()):
   """The issue's targets that this run measured: [{name, value, met, note}]; speed targets
-  also carry where they were measured (kind, length) and measured / target (fraction)."""
+  also carry where they were measured (kind, length) and measured / target (fraction), from
+  the head-to-head `ratios` where there are some, else from the train table."""
   out = []
+  h2h = {(r['kind'], r['length']): r['ratio'] for r in ratios if 'ratio' in r}
 
   def add(name, value, met, note='', **where):
     out.append(dict(name=name, value=value, met=bool(met), note=note, **where))
 
-  def speed(kind, L, name, ratio, target):
-    add(name, f'{ratio:.2f}x', ratio >= target,
+  def speed(kind, L, name, table, target):
+    ratio = h2h.get((kind, L), table)
+    add(name, f'{ratio:.2f}x' + (f' head to head ({table:.2f}x in the table)'
+                                 if (kind, L) in h2h else ''), ratio >= target,
         '' if ratio >= target else f'{100 * (1 - ratio / target):.0f}% short',
         kind=kind, length=L, fraction=ratio / target)
 
   tr = {(r['kind'], r['length']): r for r in train_rows}
-  L2 = 2048 if 2048 in plan.train_lengths else plan.train_lengths[0]
-  Lmax = max(L for L in plan.ratio_lengths)
-  for kind in ('titans_mac', 'infini'):
+  L2, Lmax = target_lengths(plan)
+  for kind in RATIO_KINDS:
     r = tr.get((kind, L2), {})
     if 'vs_plain' in r:
       speed(kind, L2, f'{kind} tokens/s >= 0.7x plain at {L2}', r['vs_plain'], 0.7)
@@ -612,6 +657,14 @@ def page(res, prefix):
     lines += ['### Targets', '', '| target | measured | met |', '|---|---|---|']
     lines += [f"| {x['name']} | {x['value']} | {'yes' if x['met'] else '**no**'}"
               f"{' (' + x['note'] + ')' if x['note'] else ''} |" for x in t]
+    h2h = [r for r in res.get('ratio', []) if 'ratio' in r]
+    if h2h:
+      lines += ['', f"Head to head: the kind's train step and plain's alternated, "
+                f"{h2h[0]['rounds']} rounds after a warm-up step each; the ratio of the median "
+                'step times (plain / kind). Step times: ' + '; '.join(
+                    f"{r['kind']} at {r['length']}: " + ' '.join(f'{t:.2f}' for t in r['kind_s'])
+                    + ' s vs ' + ' '.join(f'{t:.2f}' for t in r['plain_s']) + ' s'
+                    for r in h2h) + '.']
     lines.append('')
   rows = res.get('train', [])
   if rows:
@@ -848,11 +901,12 @@ def plots(res, prefix):
   plt.close('all')
 
 
-SECTION_KEYS = dict(train=('train',), stream=('stream', 'stream_fits'), decode=('decode',),
+SECTION_KEYS = dict(train=('train',), ratio=('ratio',), stream=('stream', 'stream_fits'),
+                    decode=('decode',),
                     capability=('capability',), profile=('profile',))
 # Core-minutes of each section in a full run on this 2-core host (the page's commands list
 # what each took); only used to share the sections out between --jobs processes.
-SECTION_COST = dict(train=25, stream=9, decode=5, capability=40, profile=5)
+SECTION_COST = dict(train=25, ratio=8, stream=9, decode=5, capability=40, profile=5)
 
 
 def share_sections(sections, jobs):
@@ -897,8 +951,10 @@ def merged(path, res, sections, kinds):
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-  same = lambda r: (r.get('quick'), r.get('preset', 'tiny'), json.dumps(r['plan']))
-  if not old or same(old) != same(res):        # another plan or preset: a page of its own
+  same = lambda r: (r.get('quick'), r.get('preset', 'tiny'))
+  plan = {k: json.loads(json.dumps(v)) for k, v in res['plan'].items()}
+  if (not old or same(old) != same(res)            # another plan or preset: a page of its own
+      or any(plan.get(k, v) != v for k, v in old['plan'].items())):
     return res
   res['models'] = dict(old.get('models', {}), **res['models'])
   for name in [n for n in SECTION_KEYS if n not in sections]:        # a stable order
@@ -934,7 +990,7 @@ def main(argv):
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS) + ["plain_wide"]}')
   prefix = os.path.join(ROOT, _OUT.value)
   res = dict(quick=_QUICK.value, preset=_PRESET.value, plan=dataclasses.asdict(plan),
-             models={k: model_shape(kind_config(k).model) for k in kinds if k in KINDS},
+             models={k: model_shape(kind_config(k)) for k in kinds if k in KINDS},
              machine=machine(),
              seed=_SEED.value, commands={}, kinds=kinds)
   if _JOBS.value > 1 and len(_SECTIONS.value) > 1:
@@ -950,6 +1006,7 @@ def main(argv):
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   done = []
   for name, run in (('train', lambda: {'train': train_section(kinds, plan, peak)}),
+                    ('ratio', lambda: {'ratio': ratio_section(kinds, plan)}),
                     ('stream', lambda: dict(zip(('stream', 'stream_fits'),
                                                 stream_section(kinds, plan)))),
                     ('decode', lambda: {'decode': decode_section(kinds, plan)}),
@@ -972,14 +1029,16 @@ def main(argv):
 def worst_gap(res, path, plan):
   """(kind, length, why) to profile: where the speed target missed by most was measured;
   with every speed target met, the memory kind slowest relative to plain at 2048 (this
-  run's train rows, else an earlier run's)."""
-  rows = res.get('train')
-  if not rows and os.path.exists(path):
+  run's train and ratio rows, else an earlier run's)."""
+  old = {}
+  if os.path.exists(path):
     with open(path) as f:
-      rows = json.load(f).get('train')
+      old = json.load(f)
+  rows = res.get('train') or old.get('train')
   if not rows:
     raise SystemExit('profile: no train rows (run --sections=train first)')
-  missed = [t for t in targets(rows, {}, [], plan) if 'fraction' in t and not t['met']]
+  ratios = res.get('ratio') or old.get('ratio', [])
+  missed = [t for t in targets(rows, {}, [], plan, ratios) if 'fraction' in t and not t['met']]
   if missed:
     t = min(missed, key=lambda t: t['fraction'])
     return t['kind'], t['length'], f"the target missed by most: {t['name']}, {t['value']}"
@@ -995,7 +1054,7 @@ def save(prefix, res, sections, plan):
     fcntl.flock(lock, fcntl.LOCK_EX)
     res = merged(prefix + '.json', res, sections, res['kinds'])
     res['targets'] = targets(res.get('train', []), res.get('stream_fits', {}),
-                             res.get('decode', []), plan)
+                             res.get('decode', []), plan, res.get('ratio', []))
     with open(prefix + '.json', 'w') as f:
       json.dump(res, f, indent=1, default=str)
     plots(res, prefix)

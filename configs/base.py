@@ -94,6 +94,7 @@ def get_base_config():
   t.async_ckpt = True
   t.peak_flops = 0.0            # per device; 0: measured with a matmul at start-up
   t.init_from = ''              # checkpoint dir (or workdir) to initialise the model from
+  t.xla_options = ''            # 'name=value,...': XLA compile options of the train step
   # Optimizer groups: ((path regex, lr multiplier, weight decay on/off), ...); the first
   # regex found (re.search) in a parameter path like 'blocks/0/mixer/beta' picks its group.
   t.param_groups = ()

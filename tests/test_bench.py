@@ -26,3 +26,10 @@ def test_with_every_speed_target_met_the_profile_takes_the_slowest_kind_at_2048(
   met.append(dict(kind='sliding', length=2048, tokens_per_s=900., vs_plain=0.9))
   assert all(x['met'] for x in run.targets(met, {}, [], run.FULL))
   assert run.worst_gap({'train': met}, '', run.FULL)[:2] == ('sliding', 2048)
+
+
+def test_head_to_head_ratios_take_precedence_over_the_table():
+  ratios = [dict(kind='titans_mac', length=32768, ratio=4.2)]
+  t = {x['name']: x for x in run.targets(rows(3600.), {}, [], run.FULL, ratios)}
+  mac = t['titans_mac >= 4x faster than full attention at 32768']
+  assert (mac['value'], mac['met']) == ('4.20x head to head (3.60x in the table)', True)

@@ -21,6 +21,9 @@ from training.loop import train
     ({'train.batch_size': 6}, 4, r'config.train.batch_size: batch_size=6 is not divisible'),
     ({'train.microbatches': 3}, 2, r'config.train.microbatches: batch_size=8 is not divisible by '
                                    r'microbatches=3 x mesh data\*fsdp=2'),
+    ({'train.xla_options': 'xla_cpu_bogus=1'}, 1,
+     r"config.train.xla_options: .*No such compile option: 'xla_cpu_bogus'"),
+    ({'train.xla_options': 'xla_cpu_ftz'}, 1, r"config.train.xla_options: 'xla_cpu_ftz' is not name"),
     ({'decode.policy': 'oracle'}, 1, r"config.decode.policy: unknown policy 'oracle'"),
     ({'model.attention_impl': 'flash'}, 1, r"config.model.attention_impl: 'flash' not xla"),
     ({'model.attention_block': 0}, 1, r'config.model.attention_block: must be >= 1, got 0'),

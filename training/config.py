@@ -1,6 +1,7 @@
 """Config resolution and validation: every error names the key, before anything compiles."""
 import math
 
+import jax
 import ml_collections
 
 from configs.base import get_base_config
@@ -172,6 +173,18 @@ def _validate_infini(cfg):
          '(infini chunks may not cross a segment boundary)')
 
 
+def xla_options(train_cfg):
+  """train.xla_options 'name=value,...' as jax.jit compiler_options (true/false: bools,
+  digits: ints, anything else: the string, e.g. '' for an empty list)."""
+  out = {}
+  for item in filter(None, train_cfg.xla_options.split(',')):
+    name, eq, value = item.partition('=')
+    _check(eq and name, 'train.xla_options', f"{item!r} is not name=value")
+    value = {'true': True, 'false': False}.get(value.lower(), value)
+    out[name.strip()] = int(value) if isinstance(value, str) and value.isdigit() else value
+  return out
+
+
 def validate(cfg, n_devices, *, check_mesh=True):
   """Raises ConfigError naming the offending key. Call before building anything."""
   from models.eviction import POLICIES
@@ -210,6 +223,11 @@ def validate(cfg, n_devices, *, check_mesh=True):
   for key in ('log_every', 'eval_every', 'ckpt_every', 'keep_ckpts', 'batch_size',
               'microbatches'):
     _check(t[key] >= 1, f'train.{key}', f'must be >= 1, got {t[key]}')
+  if t.xla_options:
+    try:                      # an unknown name fails here, not after the model compiled
+      jax.jit(lambda x: x + 1, compiler_options=xla_options(t)).lower(1.0).compile()
+    except jax.errors.JaxRuntimeError as e:
+      raise ConfigError(f'config.train.xla_options: {e}') from None
   if 'anchor' in m.mixer:
     _validate_anchor(cfg)
   _validate_infini(cfg)

@@ -12,6 +12,7 @@ from data.hf_tokenizer import get_tokenizer
 from models.lm import LM
 from training import flops, mesh as meshlib
 from training.checkpoint import Checkpointer
+from training.config import xla_options
 from training.init_from import init_model_from
 from training.metrics import MetricWriter, Progress
 from training.step import make_eval_step, make_optimizer, make_train_step
@@ -83,7 +84,7 @@ def train(cfg, workdir):
 
   pad_id = get_tokenizer(d.tokenizer).PAD
   train_step = make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
-                               t.microbatches)
+                               t.microbatches, xla_options(t))
   eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh, pad_id)
 
   def evaluate(model_state):
@@ -159,7 +160,8 @@ def compile_only(cfg):
   tokens = jax.ShapeDtypeStruct((B, L + 1), jax.numpy.int32, sharding=batch_sh)
   weights = jax.ShapeDtypeStruct((B, L), jax.numpy.float32, sharding=batch_sh)
   step = make_train_step(graphdef, schedule, shardings, batch_sh,
-                         microbatches=cfg.train.microbatches)
+                         microbatches=cfg.train.microbatches,
+                         compiler_options=xla_options(cfg.train))
   compiled = step.lower(abs_state, tokens, weights).compile()
   mem = compiled.memory_analysis()
   flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)

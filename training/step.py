@@ -88,15 +88,16 @@ def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pa
 
 
 def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
-                    pad_id=ByteTokenizer.PAD, microbatches=1):
+                    pad_id=ByteTokenizer.PAD, microbatches=1, compiler_options=None):
   """step(state, tokens [B, L+1], weights [B, L]) -> (state, metrics): weights scale each
   target's loss (see loss_fn). A non-finite loss or gradient leaves the state untouched and
   reports finite=0, so a bad update never reaches a checkpoint. microbatches > 1: the
-  gradient is accumulated over that many slices of the batch (train.microbatches)."""
+  gradient is accumulated over that many slices of the batch (train.microbatches).
+  compiler_options: XLA's, for this step (train.xla_options)."""
 
   @functools.partial(jax.jit, donate_argnums=0,
                      in_shardings=(state_shardings, batch_sharding, batch_sharding),
-                     out_shardings=(state_shardings, None))
+                     out_shardings=(state_shardings, None), compiler_options=compiler_options)
   def train_step(state, tokens_BxL1, weights_BxL):
     model, opt = nnx.merge(graphdef, state)
     if microbatches > 1:
