@@ -1,6 +1,6 @@
 """The results page in one command: speed, memory, decode and capability of every model kind.
 
-  python bench/run.py --quick --jobs=2   # ~11 min on 2 CPU cores (small lengths, few steps)
+  python bench/run.py --quick --jobs=2   # ~15 min on 2 CPU cores (small lengths, few steps)
   python bench/run.py --jobs=2      # the full page (2K..64K training, streams to 1M tokens)
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
   python bench/run.py --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
@@ -54,7 +54,7 @@ from training import flops
 from training.config import resolve, validate
 
 _QUICK = flags.DEFINE_bool('quick', False, 'Small lengths and few steps (~30 min on one CPU core, '
-                           '~11 with --jobs=2 on two).')
+                           '~15 with --jobs=2 on two).')
 _KINDS = flags.DEFINE_list('kinds', None, 'Model kinds (default: all of KINDS, and plain_wide, '
                            'the MFU row of the train section). Rows of other kinds stay as an '
                            'earlier run of the same sections wrote them.')
