@@ -263,9 +263,13 @@ def ratio_section(kinds, plan):
         row['skipped'] = str(e)
       rows.append(row)
       log(f"ratio {kind:11s} L={L:6d} " + (row.get('skipped') or f"{row['ratio']:.2f}x plain "
-          f"(steps {' '.join(f'{t:.2f}' for t in row['kind_s'])} s vs "
-          f"{' '.join(f'{t:.2f}' for t in row['plain_s'])} s)"))
+          f'(steps {step_times(row)})'))
   return rows
+
+
+def step_times(row):
+  """A ratio row's step times: '<the kind's> s vs <plain's> s'."""
+  return ' s vs '.join(' '.join(f'{t:.2f}' for t in row[k]) for k in ('kind_s', 'plain_s')) + ' s'
 
 
 # --- stream --------------------------------------------------------------------------------
@@ -662,9 +666,7 @@ def page(res, prefix):
       lines += ['', f"Head to head: the kind's train step and plain's alternated, "
                 f"{h2h[0]['rounds']} rounds after a warm-up step each; the ratio of the median "
                 'step times (plain / kind). Step times: ' + '; '.join(
-                    f"{r['kind']} at {r['length']}: " + ' '.join(f'{t:.2f}' for t in r['kind_s'])
-                    + ' s vs ' + ' '.join(f'{t:.2f}' for t in r['plain_s']) + ' s'
-                    for r in h2h) + '.']
+                    f"{r['kind']} at {r['length']}: {step_times(r)}" for r in h2h) + '.']
     lines.append('')
   rows = res.get('train', [])
   if rows:
