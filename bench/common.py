@@ -2,6 +2,7 @@
 
 Every timing here runs the same jitted code as train.py / evaluate.py; nothing is modelled.
 """
+import contextlib
 import importlib.util
 import os
 import platform
@@ -183,20 +184,56 @@ def measure_train(cfg, peak, steps, best_of=1, trace=False):
               memory_kind=mem_kind, compile_s=compile_s, **(op_trace(one) if trace else {}))
 
 
-def head_to_head(cfgs, rounds):
-  """Seconds per step of each config's train step, the steps alternated: `rounds` rounds,
-  each one step of every program in turn (after a warm-up step each), so a machine whose
-  speed drifts slows them alike. Returns one list of `rounds` times per config."""
+def alternate(runs, rounds):
+  """Seconds per call of each run() (each returns arrays), the calls alternated: `rounds`
+  rounds, each calling every run once in turn, so a machine whose speed drifts slows them
+  alike. Returns one list of `rounds` times per run."""
+  times = [[] for _ in runs]
+  for _ in range(rounds):
+    for run, ts in zip(runs, times):
+      t0 = time.perf_counter()
+      jax.block_until_ready(run())
+      ts.append(time.perf_counter() - t0)
+  return times
+
+
+def warm_steps(cfgs):
+  """Each config's train step (`train_program`), after one warm-up step each."""
   progs = [train_program(cfg)[0] for cfg in cfgs]
   for one in progs:
     jax.block_until_ready(one())
-  times = [[] for _ in progs]
-  for _ in range(rounds):
-    for one, ts in zip(progs, times):
-      t0 = time.perf_counter()
-      jax.block_until_ready(one())
-      ts.append(time.perf_counter() - t0)
-  return times
+  return progs
+
+
+def head_to_head(cfgs, rounds):
+  """Seconds per step of each config's train step, alternated (`alternate`, after a warm-up
+  step each). Returns one list of `rounds` times per config."""
+  return alternate(warm_steps(cfgs), rounds)
+
+
+@contextlib.contextmanager
+def on_cores(n):
+  """Inside the block every thread of this process (XLA's thread pools too) runs on the
+  first n of the process's cores. Linux keeps an affinity per thread, so each is set."""
+  mine = os.sched_getaffinity(0)
+
+  def pin(cores):
+    for tid in os.listdir('/proc/self/task'):
+      with contextlib.suppress(ProcessLookupError):       # a thread that has just ended
+        os.sched_setaffinity(int(tid), cores)
+  pin(set(sorted(mine)[:n]))
+  try:
+    yield
+  finally:
+    pin(mine)
+
+
+def on_one_core(fn):
+  """fn, run with every thread of the process on one core (`on_cores`)."""
+  def run():
+    with on_cores(1):
+      return jax.block_until_ready(fn())
+  return run
 
 
 def abstract_model(cfg):

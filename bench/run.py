@@ -24,7 +24,8 @@ train.py / evaluate.py on this machine, nothing is typed in):
               MQAR exact match on a (length x depth) grid with held-out seeds; the plain model
               also under each eviction policy at half the cache.
   profile     where the speed target missed by most was measured (else the memory kind slowest
-              relative to plain): XLA ops per step under the profiler, parts timed alone.
+              relative to plain): XLA ops per step under the profiler, parts timed alone, and
+              the kind's and plain's steps on one core vs all cores.
 Writes OUT.md (the page, with the command, machine, versions, seeds and the targets met or
 missed by how much), OUT.json and OUT_*.png.
 """
@@ -46,8 +47,9 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from bench.common import (ROOT, TooBig, at_length, compile_checked, head_to_head, load_config,
-                          machine, measure_train, program_bytes, slope, time_calls)
+from bench.common import (ROOT, TooBig, alternate, at_length, compile_checked, head_to_head,
+                          load_config, machine, measure_train, on_one_core, program_bytes, slope,
+                          time_calls, warm_steps)
 from data import synthetic
 from data.tokenizer import ByteTokenizer
 from training import flops
@@ -407,18 +409,6 @@ def decode_program(cfg, prompt_BxP, n_new):
           dict(kv_bytes=kv_bytes_N.tolist(), prompt=P, batch=B))
 
 
-def time_interleaved(runs, rounds):
-  """Seconds per call of each run(): the fastest of `rounds` rounds, each calling every run
-  once in turn, so a change of load on a shared machine falls on all of them alike."""
-  best = [math.inf] * len(runs)
-  for _ in range(rounds):
-    for i, run in enumerate(runs):
-      t0 = time.perf_counter()
-      jax.block_until_ready(run())
-      best[i] = min(best[i], time.perf_counter() - t0)
-  return best
-
-
 def namm_update_parts(policy, B, K, S, kept):
   """ms of one NAMM update of one layer's full cache [B, K, S], part by part: the features
   (ring -> STFT -> EMA, recency), the BAM scorer, the keep rule; and of a whole update when
@@ -460,7 +450,7 @@ def decode_section(kinds, plan):
     jobs.append(('ansan', 'anchor'))
   cfgs = [kind_config(kind, **policy_overrides(name, budget, interval)) for kind, name in jobs]
   programs = [decode_program(cfg, prompt, plan.decode_new) for cfg in cfgs]
-  seconds = time_interleaved([run for run, _ in programs], DECODE_ROUNDS)
+  seconds = [min(ts) for ts in alternate([run for run, _ in programs], DECODE_ROUNDS)]
   for (kind, name), cfg, (_, r), sec in zip(jobs, cfgs, programs, seconds):
     r = dict(kind=kind, policy=name, budget=budget if name in ('recency', 'h2o', 'l2') else None,
              tokens_per_s=B * plan.decode_new / sec, ms_per_step=1e3 * sec / plan.decode_new,
@@ -525,12 +515,17 @@ def capability_section(kinds, plan, workdir):
 
 # --- profile -------------------------------------------------------------------------------
 
+CORE_ROUNDS = 2
+
+
 def profile_section(kind, L, why, plan, peak):
   """The train step of `kind` at length L: timed, run once under the profiler (how many XLA
   ops, how long each), and split into parts by timing fwd+bwd of each alone at the same
-  batch and length: one block's mixer, its neural memory (Titans), its MLP."""
+  batch and length: one block's mixer, its neural memory (Titans), its MLP. With more than
+  one core: the kind's and plain's steps on one core and on all (`core_scaling`)."""
   cfg = at_length(kind_config(kind), L, plan.train_tokens)
   step = measure_train(cfg, peak, max(plan.train_steps, 2), trace=True)
+  cores = core_scaling([kind, 'plain'], L, plan) if len(os.sched_getaffinity(0)) > 1 else None
   model = init_model(cfg)
   B, D = cfg.train.batch_size, cfg.model.d_model
   x = jax.random.normal(jax.random.key(0), (B, L, D))
@@ -568,8 +563,20 @@ def profile_section(kind, L, why, plan, peak):
     grad = grad.lower(params, x).compile()
     out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2), True)
   return dict(kind=kind, length=L, why=why, batch=B, step_ms=step['step_ms'],
-              layers=cfg.model.n_layers, parts_ms=out,
+              layers=cfg.model.n_layers, parts_ms=out, cores=cores,
               **{k: step[k] for k in ('ops', 'op_s', 'op_median_us', 'traced_s')})
+
+
+def core_scaling(kinds, L, plan):
+  """{kind: {'one': [s], 'all': [s]}, 'cores': n}: each kind's train step at length L with
+  every thread on one core and on all n cores of this process, the four alternated for
+  CORE_ROUNDS rounds after a warm-up step each (the program compiled once per kind)."""
+  progs = warm_steps([at_length(kind_config(k), L, plan.train_tokens) for k in kinds])
+  times = alternate([f for one in progs for f in (on_one_core(one), one)], CORE_ROUNDS)
+  out = {k: dict(one=times[2 * i], all=times[2 * i + 1]) for i, k in enumerate(kinds)}
+  log('cores ' + '; '.join(f"{k}: {np.median(v['one']):.2f} s on one core, "
+                           f"{np.median(v['all']):.2f} s on all" for k, v in out.items()))
+  return dict(out, cores=len(os.sched_getaffinity(0)))
 
 
 # --- targets -------------------------------------------------------------------------------
@@ -833,8 +840,20 @@ def page(res, prefix):
     for name, ms in prof['parts_ms'].items():
       k = prof['layers']
       lines.append(f"| {name} | {ms:.0f} | {100 * k * ms / prof['step_ms']:.0f}% |")
-    lines.append('')
+    lines += ['', cores_text(prof), ''] if prof.get('cores') else ['']
   return '\n'.join(lines)
+
+
+def cores_text(prof):
+  """The profile's core scaling in words (medians of the alternated steps)."""
+  c, kind, n = prof['cores'], prof['kind'], prof['cores']['cores']
+  med = {k: (np.median(c[k]['one']), np.median(c[k]['all'])) for k in (kind, 'plain')}
+  each = '; '.join(f'{k} {one:.2f} s vs {all_:.2f} s ({one / all_:.2f}x from {n - 1} more '
+                   f"core{'s' * (n > 2)})" for k, (one, all_) in med.items())
+  return (f"Cores: the train step at L = {prof['length']} with every thread of the process on "
+          f'one core vs on all {n} (alternated, {len(c[kind]["one"])} rounds, medians): {each}. '
+          f"Plain / {kind}: {med['plain'][0] / med[kind][0]:.2f}x on one core, "
+          f"{med['plain'][1] / med[kind][1]:.2f}x on {n}.")
 
 
 def plots(res, prefix):

@@ -10,7 +10,9 @@ from configs.base import apply_preset, get_base_config
 # per-chunk contractions are tiny ([4, 16, 64]) and each YNNPACK call took ~20 us, half of a
 # step's op time: `--config.train.xla_options=xla_cpu_experimental_ynn_fusion_type=` (XLA's
 # own kernels) made steps at 4K x batch 1 1.12x faster (MAC; MAG 1.17x, MAL 1.12x; medians of
-# interleaved steps), but at 2K x batch 8 0.89x, so the default stays.
+# interleaved steps), but at 2K x batch 8 0.89x, so the default stays. At batch 1 the step is
+# a chain of such tiny ops and gains nothing from a second core, where full attention's large
+# matmuls do (bench/results/run.md, profile: the step on one core vs on all).
 PRESETS = {
     'tiny': dict(model=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, segment_len=64,
                             window=64, titans=dict(chunk=16, expansion=2, persistent=8)),

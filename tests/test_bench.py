@@ -33,3 +33,37 @@ def test_head_to_head_ratios_take_precedence_over_the_table():
   t = {x['name']: x for x in run.targets(rows(3600.), {}, [], run.FULL, ratios)}
   mac = t['titans_mac >= 4x faster than full attention at 32768']
   assert (mac['value'], mac['met']) == ('4.20x head to head (3.60x in the table)', True)
+
+
+def test_on_cores_pins_every_thread_and_restores_them():
+  import os
+  import threading
+  from bench.common import on_cores
+  mine = os.sched_getaffinity(0)
+  started, stop = threading.Event(), threading.Event()
+  tid = []
+
+  def worker():
+    tid.append(threading.get_native_id())
+    started.set()
+    stop.wait()
+  t = threading.Thread(target=worker)
+  t.start()
+  started.wait()
+  try:
+    with on_cores(1):
+      assert os.sched_getaffinity(tid[0]) == {min(mine)} == os.sched_getaffinity(0)
+    assert os.sched_getaffinity(tid[0]) == mine == os.sched_getaffinity(0)
+  finally:
+    stop.set()
+    t.join()
+
+
+def test_cores_text_gives_each_kinds_speedup_and_the_ratio_on_one_and_all_cores():
+  prof = dict(kind='titans_mac', length=32768, cores=dict(
+      cores=2, titans_mac=dict(one=[10., 12.], all=[10., 12.]),
+      plain=dict(one=[60., 80.], all=[40., 40.])))
+  text = run.cores_text(prof)
+  assert 'titans_mac 11.00 s vs 11.00 s (1.00x from 1 more core)' in text
+  assert 'plain 70.00 s vs 40.00 s (1.75x from 1 more core)' in text
+  assert 'Plain / titans_mac: 6.36x on one core, 3.64x on 2.' in text
