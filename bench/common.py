@@ -12,9 +12,9 @@ import jax
 import numpy as np
 
 from training import flops, mesh as meshlib
-from training.config import key_node, resolve, validate, xla_options
-from training.loop import model_ctor, train_ctor
-from training.step import make_optimizer, make_train_step
+from training.config import key_node, resolve, validate
+from training.loop import model_ctor, train_ctor, train_step_for
+from training.step import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,9 +152,7 @@ def train_program(cfg):
   tx, schedule = make_optimizer(cfg.train)
   graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
-  step = make_train_step(graphdef, schedule, shardings, batch_sh,
-                         microbatches=cfg.train.microbatches,
-                         compiler_options=xla_options(cfg.train))
+  step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.device_put(jax.random.randint(jax.random.key(0), (B, L + 1), 0, 256), batch_sh)
   weights = jax.device_put(np.ones((B, L), np.float32), batch_sh)

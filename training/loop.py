@@ -9,6 +9,7 @@ from flax import nnx
 
 from data import pipeline
 from data.hf_tokenizer import get_tokenizer
+from data.tokenizer import ByteTokenizer
 from models.lm import LM
 from training import flops, mesh as meshlib
 from training.checkpoint import Checkpointer
@@ -30,6 +31,13 @@ def train_ctor(cfg, tx):
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   return ctor
+
+
+def train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id=ByteTokenizer.PAD):
+  """The jitted train step with the config's train knobs (microbatches, xla_options): one
+  place for train.py, compile_only and the benchmarks."""
+  return make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
+                         cfg.train.microbatches, xla_options(cfg.train))
 
 
 def global_batch(local_np, sharding):
@@ -83,8 +91,7 @@ def train(cfg, workdir):
     state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((model_state, state[1])))
 
   pad_id = get_tokenizer(d.tokenizer).PAD
-  train_step = make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
-                               t.microbatches, xla_options(t))
+  train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
   eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh, pad_id)
 
   def evaluate(model_state):
@@ -159,9 +166,7 @@ def compile_only(cfg):
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.ShapeDtypeStruct((B, L + 1), jax.numpy.int32, sharding=batch_sh)
   weights = jax.ShapeDtypeStruct((B, L), jax.numpy.float32, sharding=batch_sh)
-  step = make_train_step(graphdef, schedule, shardings, batch_sh,
-                         microbatches=cfg.train.microbatches,
-                         compiler_options=xla_options(cfg.train))
+  step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh)
   compiled = step.lower(abs_state, tokens, weights).compile()
   mem = compiled.memory_analysis()
   flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)
