@@ -167,10 +167,9 @@ def train_program(cfg):
   return one, compiled, compile_s
 
 
-def measure_train(cfg, peak, steps, best_of=1, trace=False):
+def measure_train(cfg, peak, steps, best_of=1):
   """The real train step at cfg's batch and length: tokens/s, MFU, memory, compile time.
-  best_of > 1: the step time is the fastest of that many measurements (see time_calls).
-  trace: also the XLA ops of one step (op_trace)."""
+  best_of > 1: the step time is the fastest of that many measurements (see time_calls)."""
   one, compiled, compile_s = train_program(cfg)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   dt = time_calls(one, steps, compiled=True, best_of=best_of)
@@ -179,7 +178,7 @@ def measure_train(cfg, peak, steps, best_of=1, trace=False):
   return dict(length=L, batch=B, microbatches=cfg.train.microbatches, step_ms=1e3 * dt,
               tokens_per_s=B * L / dt,
               mfu=fpt * B * L / dt / (peak * jax.device_count()), memory_mib=mem / 2**20,
-              memory_kind=mem_kind, compile_s=compile_s, **(op_trace(one) if trace else {}))
+              memory_kind=mem_kind, compile_s=compile_s)
 
 
 def alternate(runs, rounds):

@@ -48,8 +48,8 @@ from absl import app, flags, logging
 from flax import nnx
 
 from bench.common import (ROOT, TooBig, alternate, at_length, compile_checked, head_to_head,
-                          load_config, machine, measure_train, on_one_core, program_bytes, slope,
-                          time_calls, warm_steps)
+                          load_config, machine, measure_train, on_one_core, op_trace,
+                          program_bytes, slope, time_calls, train_program, warm_steps)
 from data import synthetic
 from data.tokenizer import ByteTokenizer
 from training import flops
@@ -518,19 +518,13 @@ def capability_section(kinds, plan, workdir):
 CORE_ROUNDS = 2
 
 
-def profile_section(kind, L, why, plan, peak):
+def profile_section(kind, L, why, plan):
   """The train step of `kind` at length L: timed, run once under the profiler (how many XLA
   ops, how long each), and split into parts by timing fwd+bwd of each alone at the same
   batch and length: one block's mixer, its neural memory (Titans), its MLP. With more than
   one core: the kind's and plain's steps on one core and on all (`core_scaling`)."""
   cfg = at_length(kind_config(kind), L, plan.train_tokens)
-  step = measure_train(cfg, peak, max(plan.train_steps, 2), trace=True)
-  cores = None
-  if len(os.sched_getaffinity(0)) > 1:
-    try:
-      cores = core_scaling([kind, 'plain'], L, plan)
-    except TooBig as e:                      # plain's step at L does not fit: no comparison
-      log(f'cores: skipped ({e})')
+  step = whole_step(kind, cfg, plan)
   model = init_model(cfg)
   B, D = cfg.train.batch_size, cfg.model.d_model
   x = jax.random.normal(jax.random.key(0), (B, L, D))
@@ -567,18 +561,32 @@ def profile_section(kind, L, why, plan, peak):
     grad = jax.jit(jax.grad(lambda p, x: loss(nnx.merge(graphdef, p), x), argnums=(0, 1)))
     grad = grad.lower(params, x).compile()
     out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2), True)
-  return dict(kind=kind, length=L, why=why, batch=B, step_ms=step['step_ms'],
-              layers=cfg.model.n_layers, parts_ms=out, cores=cores,
-              **{k: step[k] for k in ('ops', 'op_s', 'op_median_us', 'traced_s')})
+  return dict(kind=kind, length=L, why=why, batch=B, layers=cfg.model.n_layers, parts_ms=out,
+              **step)
 
 
-def core_scaling(kinds, L, plan):
-  """{kind: {'one': [s], 'all': [s]}, 'cores': n}: each kind's train step at length L with
-  every thread on one core and on all n cores of this process, the four alternated for
-  CORE_ROUNDS rounds after a warm-up step each (the program compiled once per kind)."""
-  progs = warm_steps([at_length(kind_config(k), L, plan.train_tokens) for k in kinds])
-  times = alternate([f for one in progs for f in (on_one_core(one), one)], CORE_ROUNDS)
-  out = {k: dict(one=times[2 * i], all=times[2 * i + 1]) for i, k in enumerate(kinds)}
+def whole_step(kind, cfg, plan):
+  """{step_ms, cores, op_trace's keys}: the train step compiled once, timed, traced and (with
+  more than one core) compared with plain's on one core and on all."""
+  one = train_program(cfg)[0]
+  step_ms = 1e3 * time_calls(one, max(plan.train_steps, 2), compiled=True)
+  trace = op_trace(one)
+  cores = None
+  if len(os.sched_getaffinity(0)) > 1:
+    try:
+      plain = warm_steps([at_length(kind_config('plain'), cfg.data.seq_len, plan.train_tokens)])
+      cores = core_scaling({kind: one, 'plain': plain[0]})
+    except TooBig as e:                      # plain's step at L does not fit: no comparison
+      log(f'cores: skipped ({e})')
+  return dict(step_ms=step_ms, cores=cores, **trace)
+
+
+def core_scaling(steps):
+  """{kind: {'one': [s], 'all': [s]}, 'cores': n}: each warm train step of `steps` ({kind:
+  one()}) with every thread on one core and on all n cores of this process, all alternated
+  for CORE_ROUNDS rounds."""
+  times = alternate([f for one in steps.values() for f in (on_one_core(one), one)], CORE_ROUNDS)
+  out = {k: dict(one=times[2 * i], all=times[2 * i + 1]) for i, k in enumerate(steps)}
   log('cores ' + '; '.join(f"{k}: {np.median(v['one']):.2f} s on one core, "
                            f"{np.median(v['all']):.2f} s on all" for k, v in out.items()))
   return dict(out, cores=len(os.sched_getaffinity(0)))
@@ -1039,7 +1047,7 @@ def main(argv):
                     ('capability', lambda: {'capability': capability_section(
                         kinds, plan, _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-'))}),
                     ('profile', lambda: {'profile': profile_section(
-                        *worst_gap(res, prefix + '.json', plan), plan, peak)})):
+                        *worst_gap(res, prefix + '.json', plan), plan)})):
     if name in sections:     # (set here: a save() before lists the earlier run's command)
       res['commands'][name] = dict(command=command, peak=peak, kinds=kinds,
                                    started=time.strftime('%Y-%m-%d %H:%M'))
