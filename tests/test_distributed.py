@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from conftest import ROOT, cli_overrides, losses, run_train, tiny_config
+from conftest import ROOT, cli_overrides, cpu_env, losses, run_train, tiny_config
 from training.checkpoint import Checkpointer
 
 STEPS = 6
@@ -44,7 +44,7 @@ def free_port():
 def test_two_processes_train_and_checkpoint(tmp_path):
   cfg = tiny_config(**{'train.steps': STEPS})
   port = free_port()
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = cpu_env(2)
   procs = [subprocess.Popen(
       [sys.executable, 'train.py', '--config=configs/transformer.py:tiny',
        f'--workdir={tmp_path / "two"}', *cli_overrides(cfg), '--config.distributed=True',
@@ -64,7 +64,7 @@ def test_two_processes_train_and_checkpoint(tmp_path):
 def test_kill_9_then_rerun_continues_identically(tmp_path):
   cfg = tiny_config(**{'train.steps': 16, 'train.ckpt_every': 4, 'train.async_ckpt': True})
   run_train(tmp_path / 'ref', cfg)
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  env = cpu_env()
   cmd = [sys.executable, 'train.py', '--config=configs/transformer.py:tiny',
          f'--workdir={tmp_path / "killed"}', *cli_overrides(cfg)]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import ROOT, cpu_env
 from configs.transformer import get_config
 from data import synthetic
 from flax import nnx
@@ -17,7 +18,8 @@ from training.checkpoint import CheckpointError
 from training.config import ConfigError, resolve
 from training.step import token_nll
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test reads the module's one trained run: one test worker runs them all.
+pytestmark = pytest.mark.xdist_group('evaluate_run')
 SEQ_LEN = 64
 
 
@@ -138,9 +140,8 @@ def test_config_errors(workdir, tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=120)
+                        env=cpu_env(), capture_output=True, text=True, timeout=120)
 
 
 def test_cli_end_to_end(workdir, tmp_path):

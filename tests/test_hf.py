@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import ROOT, cli_overrides, tiny_config
+from conftest import ROOT, cli_overrides, cpu_env, tiny_config
 from data import pipeline
 from data.hf_tokenizer import HFTokenizer, get_tokenizer
 from models import decode, hf_llama
@@ -282,8 +282,7 @@ def test_continued_pretraining_8_devices_fsdp_then_evaluate(tmp_path, tokenizer_
                        'train.lr': 1e-3, 'data.source': f'glob:{CORPUS}/*.py',
                        'train.init_from': f'hf:{hf_dir}'})     # model.* from config.json
   workdir = tmp_path / 'run'
-  env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  env = cpu_env(8)
   cmd = [sys.executable, os.path.join(ROOT, 'train.py'),
          f'--config={ROOT}/configs/llama.py:{hf_dir}', f'--workdir={workdir}',
          *cli_overrides(cfg), '--config.mesh.data=1', '--config.mesh.fsdp=8']
@@ -309,7 +308,7 @@ def test_continued_pretraining_8_devices_fsdp_then_evaluate(tmp_path, tokenizer_
        '--sample=def ', '--config.decode.temperature=0.8', '--config.decode.top_p=0.9',
        '--config.decode.max_new_tokens=8', '--config.eval.lengths=(128,)',
        '--config.eval.examples=2', '--config.eval.tasks=("passkey",)'],
-      env={**env, 'XLA_FLAGS': ''}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+      env=cpu_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-4000:]
   report = json.loads((workdir / 'eval' / 'eval_step4.json').read_text())
   assert report['loss']['loss'] == pytest.approx(loss[4]['eval_loss'], rel=1e-4)

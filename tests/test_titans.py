@@ -98,7 +98,8 @@ def test_gates_alpha_one_erases_theta_zero_keeps(form):
   # alpha = 1, eta = 0: only the last token's surprise -theta_n u_n(M_0) remains
   w3, _ = update(w, s, k, v, theta, zeros, ones)
   u_last = jax.grad(lambda w: titans.token_losses(w, k[:, :, -1:], v[:, :, -1:]).sum())(w)
-  assert max_diff(w3, jax.tree.map(lambda u: -theta[..., -1, None, None] * u, u_last)) < 1e-6
+  # (entries up to ~3.3: 1e-5 is a few float32 roundings, the compiled code's order of ops)
+  assert max_diff(w3, jax.tree.map(lambda u: -theta[..., -1, None, None] * u, u_last)) < 1e-5
 
 
 def build(mixer, **titans_keys):
