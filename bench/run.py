@@ -683,9 +683,12 @@ def page(res, prefix):
               f"{' (' + x['note'] + ')' if x['note'] else ''} |" for x in t]
     h2h = [r for r in res.get('ratio', []) if 'ratio' in r]
     if h2h:
+      remat = ', '.join(f"{k} {kind_config(k).model.remat}"
+                        for k in sorted({r['kind'] for r in h2h} | {'plain'}))
       lines += ['', f"Head to head: the kind's train step and plain's alternated, "
                 f"{h2h[0]['rounds']} rounds after a warm-up step each; the ratio of the median "
-                'step times (plain / kind). Step times: ' + '; '.join(
+                f'step times (plain / kind). Each at its preset\'s `model.remat` ({remat}: '
+                'block / segment: each block / segment recomputed in the backward pass). Step times: ' + '; '.join(
                     f"{r['kind']} at {r['length']}: {step_times(r)}" for r in h2h) + '.']
     lines.append('')
   rows = res.get('train', [])
