@@ -1,5 +1,4 @@
 """Multi-device, multi-process and kill -9 behaviour, through train.py subprocesses."""
-import os
 import signal
 import socket
 import subprocess
