@@ -35,6 +35,13 @@ def test_head_to_head_ratios_take_precedence_over_the_table():
   assert (mac['value'], mac['met']) == ('4.20x head to head (3.60x in the table)', True)
 
 
+def test_step_times_name_plains_faster_remat_and_give_the_other():
+  row = dict(kind_s=[1.0, 2.0], plain_s=[3.0], plain_remat='none',
+             plain_other=[dict(remat='block', s=[4.5])])
+  assert run.step_times(row) == '1.00 2.00 s vs 3.00 s (plain remat none; remat block: 4.50 s)'
+  assert run.step_times(dict(kind_s=[1.0], plain_s=[2.0])) == '1.00 s vs 2.00 s'   # older rows
+
+
 def test_on_cores_pins_every_thread_and_restores_them():
   import os
   import threading
