@@ -256,13 +256,12 @@ def ratio_section(kinds, plan):
   preset; the same tokens per step)."""
   rows = []
   plain_remats = list(dict.fromkeys([kind_config('plain').model.remat, 'none']))
+  plains_cfg = [kind_config('plain', **{'model.remat': r}) for r in plain_remats]
   for kind in [k for k in RATIO_KINDS if k in kinds]:
+    cfgs = [kind_config(kind)] + plains_cfg
     for L in sorted(set(target_lengths(plan))):
-      row = dict(kind=kind, length=L, rounds=plan.ratio_rounds,
-                 kind_remat=kind_config(kind).model.remat)
+      row = dict(kind=kind, length=L, rounds=plan.ratio_rounds, kind_remat=cfgs[0].model.remat)
       try:
-        cfgs = [kind_config(kind)] + [kind_config('plain', **{'model.remat': r})
-                                      for r in plain_remats]
         row['kind_s'], *plains = head_to_head([at_length(c, L, plan.train_tokens) for c in cfgs],
                                               plan.ratio_rounds)
         fast = int(np.argmin([np.median(t) for t in plains]))
@@ -698,9 +697,11 @@ def page(res, prefix):
               f"{' (' + x['note'] + ')' if x['note'] else ''} |" for x in t]
     h2h = [r for r in res.get('ratio', []) if 'ratio' in r]
     if h2h:
-      fair = all('plain_remat' in r for r in h2h)
-      names = sorted({r['kind'] for r in h2h}) + ([] if fair else ['plain'])
-      remat = ', '.join(f"{k} {kind_config(k).model.remat}" for k in names)
+      fair = all('plain_remat' in r for r in h2h)    # older rows: plain at its preset only
+      remats = {r['kind']: r.get('kind_remat') or kind_config(r['kind']).model.remat for r in h2h}
+      if not fair:
+        remats['plain'] = kind_config('plain').model.remat
+      remat = ', '.join(f'{k} {v}' for k, v in sorted(remats.items()))
       lines += ['', f"Head to head: the kind's train step and plain's alternated, "
                 f"{h2h[0]['rounds']} rounds after a warm-up step each; the ratio of the median "
                 'step times (plain / kind). Each kind at its preset\'s `model.remat` '
