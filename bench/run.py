@@ -228,8 +228,15 @@ def train_section(kinds, plan, peak):
       row['best_of'] = 3       # peak the highest of the run's and two taken around the steps
       row['peak'] = max(peak, flops.measure_peak_flops(repeats=20))
     try:
-      row.update(measure_train(at_length(kind_config(kind), L, plan.train_tokens),
-                               row.get('peak', peak), plan.train_steps, row.get('best_of', 1)))
+      if kind == 'plain':      # at each remat setting (plain_configs), the faster kept
+        runs = [dict(measure_train(at_length(cfg, L, plan.train_tokens), peak, plan.train_steps),
+                     remat=cfg.model.remat) for cfg in plain_configs()]
+        row.update(max(runs, key=lambda r: r['tokens_per_s']))
+        row['remat_other'] = [dict(remat=r['remat'], tokens_per_s=r['tokens_per_s'])
+                              for r in runs if r['remat'] != row['remat']]
+      else:
+        row.update(measure_train(at_length(kind_config(kind), L, plan.train_tokens),
+                                 row.get('peak', peak), plan.train_steps, row.get('best_of', 1)))
       if kind == 'plain_wide':
         after = flops.measure_peak_flops(repeats=20)
         row['mfu'] *= row['peak'] / max(row['peak'], after)
@@ -240,12 +247,21 @@ def train_section(kinds, plan, peak):
     log(f"train {kind:13s} L={L:6d} " + (
         row['skipped'] if 'skipped' in row else
         f"{row['tokens_per_s']:9.0f} tok/s MFU {100 * row['mfu']:5.1f}% "
-        f"{row['memory_mib']:8.1f} MiB (compile {row['compile_s']:.0f}s)"))
+        f"{row['memory_mib']:8.1f} MiB (compile {row['compile_s']:.0f}s)"
+        + ''.join(f"; remat {o['remat']}: {o['tokens_per_s']:.0f} tok/s"
+                  for o in row.get('remat_other', []))))
   plain = {r['length']: r.get('tokens_per_s') for r in rows if r['kind'] == 'plain'}
   for r in rows:
     if plain.get(r['length']) and 'tokens_per_s' in r and r['kind'] != 'plain_wide':
       r['vs_plain'] = r['tokens_per_s'] / plain[r['length']]
   return rows
+
+
+def plain_configs():
+  """Plain at its preset's model.remat and without rematerialisation: the reference for the
+  memory kinds is the faster of the two."""
+  remats = dict.fromkeys([kind_config('plain').model.remat, 'none'])
+  return [kind_config('plain', **{'model.remat': r}) for r in remats]
 
 
 def ratio_section(kinds, plan):
@@ -255,8 +271,8 @@ def ratio_section(kinds, plan):
   the reference. ratio = that plain's median step time / the kind's (the kind at its
   preset; the same tokens per step)."""
   rows = []
-  plain_remats = list(dict.fromkeys([kind_config('plain').model.remat, 'none']))
-  plains_cfg = [kind_config('plain', **{'model.remat': r}) for r in plain_remats]
+  plains_cfg = plain_configs()
+  plain_remats = [c.model.remat for c in plains_cfg]
   for kind in [k for k in RATIO_KINDS if k in kinds]:
     cfgs = [kind_config(kind)] + plains_cfg
     for L in sorted(set(target_lengths(plan))):
@@ -532,13 +548,16 @@ def capability_section(kinds, plan, workdir):
 CORE_ROUNDS = 2
 
 
-def profile_section(kind, L, why, plan):
+def profile_section(kind, L, why, plain_remat, plan):
   """The train step of `kind` at length L: timed, run once under the profiler (how many XLA
   ops, how long each), and split into parts by timing fwd+bwd of each alone at the same
   batch and length: one block's mixer, its neural memory (Titans), its MLP. With more than
-  one core: the kind's and plain's steps on one core and on all (`core_scaling`)."""
+  one core: the kind's and plain's (at model.remat = plain_remat) steps on one core and on
+  all (`core_scaling`)."""
   cfg = at_length(kind_config(kind), L, plan.train_tokens)
-  step = whole_step(kind, cfg, plan)
+  plain_remat_over = {'model.remat': plain_remat} if plain_remat else {}
+  plain = at_length(kind_config('plain', **plain_remat_over), L, plan.train_tokens)
+  step = whole_step(kind, cfg, plain, plan)
   model = init_model(cfg)
   B, D = cfg.train.batch_size, cfg.model.d_model
   x = jax.random.normal(jax.random.key(0), (B, L, D))
@@ -547,6 +566,9 @@ def profile_section(kind, L, why, plan):
   blk = model.blocks[0]
   C = cfg.model.segment_len or L
   seg = lambda a: a.reshape(B, L // C, C, *a.shape[2:]).swapaxes(0, 1)
+  # each segment recomputed in the backward pass where the kind's model.remat does (without,
+  # a part's residuals for every segment made it slower alone than the whole step)
+  remat = jax.checkpoint if cfg.model.remat != 'none' else (lambda f: f)
 
   def mixer_loss(mixer, x):
     state = mixer.init_state(B, L - C)
@@ -556,13 +578,13 @@ def profile_section(kind, L, why, plan):
     def body(s, inp):
       y, s = mixer(inp[0], s, inp[1], tokens_BxT=inp[2])
       return s, y.sum()
-    return jax.lax.scan(body, state, (seg(x), seg(pos), seg(tok)))[1].sum()
+    return jax.lax.scan(remat(body), state, (seg(x), seg(pos), seg(tok)))[1].sum()
 
   def memory_loss(memory, x):           # reads and writes, segment by segment
     def body(s, x_seg):
       reads, s = memory.forward(x_seg, s)
       return s, reads.sum()
-    s, reads = jax.lax.scan(body, memory.init_state(B), seg(x))
+    s, reads = jax.lax.scan(remat(body), memory.init_state(B), seg(x))
     return reads.sum() + sum(w.sum() for w in jax.tree.leaves(s.w))
 
   parts = {'mixer (one layer)': (blk.mixer, mixer_loss)}
@@ -576,10 +598,10 @@ def profile_section(kind, L, why, plan):
     grad = grad.lower(params, x).compile()
     out[name] = 1e3 * time_calls(lambda: grad(params, x), max(plan.train_steps, 2), True)
   return dict(kind=kind, length=L, why=why, batch=B, layers=cfg.model.n_layers, parts_ms=out,
-              **step)
+              plain_remat=plain_remat, **step)
 
 
-def whole_step(kind, cfg, plan):
+def whole_step(kind, cfg, plain_cfg, plan):
   """{step_ms, cores, op_trace's keys}: the train step compiled once, timed, traced and (with
   more than one core) compared with plain's on one core and on all."""
   one = train_program(cfg)[0]
@@ -588,7 +610,7 @@ def whole_step(kind, cfg, plan):
   cores = None
   if len(os.sched_getaffinity(0)) > 1:
     try:
-      plain = warm_steps([at_length(kind_config('plain'), cfg.data.seq_len, plan.train_tokens)])
+      plain = warm_steps([plain_cfg])
       cores = core_scaling({kind: one, 'plain': plain[0]})
     except TooBig as e:                      # plain's step at L does not fit: no comparison
       log(f'cores: skipped ({e})')
@@ -717,7 +739,9 @@ def page(res, prefix):
               f"Real train step (the same jitted code as train.py), batch = max(1, "
               f"{P['train_tokens']} / length), "
               f"mean of {P['train_steps']} timed step(s) after a warm-up. Cells: tokens/s "
-              '(ratio to plain at that length) / MFU / XLA memory. Full attention stops at '
+              '(ratio to plain at that length) / MFU / XLA memory. Each kind at its preset\'s '
+              '`model.remat`; plain at its preset\'s and without rematerialisation, the faster '
+              'of the two kept (named in its cells). Full attention stops at '
               f"{max(P['ratio_lengths'])} (quadratic).", '',
               '| kind | ' + ' | '.join(f'L = {L}' for L in lengths) + ' |',
               '|---|' + '---|' * len(lengths)]
@@ -731,6 +755,8 @@ def page(res, prefix):
           cells.append(f"skipped: {r['skipped']}")
         else:
           ratio = f" ({r['vs_plain']:.2f}x)" if 'vs_plain' in r else ''
+          if 'remat_other' in r:              # plain: the faster remat setting, named
+            ratio = f" ({r['vs_plain']:.2f}x, remat {r['remat']})"
           cells.append(f"{r['tokens_per_s']:.0f}{ratio} / "
                        f"{100 * r['mfu']:.1f}% / {r['memory_mib']:.0f} MiB")
       if kind == 'plain_wide':
@@ -870,7 +896,9 @@ def page(res, prefix):
     lines += [f"### Profile: {prof['kind']} at L = {prof['length']} ({why})", '',
               f"Train step at L = {prof['length']}, batch {prof['batch']}: "
               f"{prof['step_ms']:.0f} ms.{ops} Parts timed alone (forward + backward, same batch "
-              'and length; timed alone they need not add up to the step):', '',
+              'and length, segment by segment, each segment recomputed in the backward pass '
+              "where the kind's `model.remat` does; timed alone they need not add up to the "
+              'step):', '',
               '| part | ms | x layers, share of the step |', '|---|---|---|']
     for name, ms in prof['parts_ms'].items():
       k = prof['layers']
@@ -883,7 +911,9 @@ def cores_text(prof):
   """The profile's core scaling in words (medians of the alternated steps)."""
   c, kind, n = prof['cores'], prof['kind'], prof['cores']['cores']
   med = {k: (np.median(c[k]['one']), np.median(c[k]['all'])) for k in (kind, 'plain')}
-  each = '; '.join(f'{k} {one:.2f} s vs {all_:.2f} s ({one / all_:.2f}x from {n - 1} more '
+  name = {kind: kind, 'plain': 'plain' + (f" (remat {prof['plain_remat']})"
+                                            if 'plain_remat' in prof else '')}
+  each = '; '.join(f'{name[k]} {one:.2f} s vs {all_:.2f} s ({one / all_:.2f}x from {n - 1} more '
                    f"core{'s' * (n > 2)})" for k, (one, all_) in med.items())
   return (f"Cores: the train step at L = {prof['length']} with every thread of the process on "
           f'one core vs on all {n} (alternated, {len(c[kind]["one"])} rounds, medians): {each}. '
@@ -1083,9 +1113,10 @@ def main(argv):
 
 
 def worst_gap(res, path, plan):
-  """(kind, length, why) to profile: where the speed target missed by most was measured;
-  with every speed target met, the memory kind slowest relative to plain at 2048 (this
-  run's train and ratio rows, else an earlier run's)."""
+  """(kind, length, why, plain's remat) to profile: where the speed target missed by most
+  was measured; with every speed target met, the memory kind slowest relative to plain at
+  2048 (this run's train and ratio rows, else an earlier run's); plain's model.remat is
+  the one its train row at that length ran (the faster; None: its preset's)."""
   old = {}
   if os.path.exists(path):
     with open(path) as f:
@@ -1097,10 +1128,13 @@ def worst_gap(res, path, plan):
   missed = [t for t in targets(rows, {}, [], plan, ratios) if 'fraction' in t and not t['met']]
   if missed:
     t = min(missed, key=lambda t: t['fraction'])
-    return t['kind'], t['length'], f"the target missed by most: {t['name']}, {t['value']}"
-  r = min([r for r in rows if r['length'] == 2048 and 'vs_plain' in r
-           and not r['kind'].startswith('plain')], key=lambda r: r['vs_plain'])
-  return r['kind'], 2048, 'the slowest kind relative to plain at 2048'
+    kind, L, why = t['kind'], t['length'], f"the target missed by most: {t['name']}, {t['value']}"
+  else:
+    r = min([r for r in rows if r['length'] == 2048 and 'vs_plain' in r
+             and not r['kind'].startswith('plain')], key=lambda r: r['vs_plain'])
+    kind, L, why = r['kind'], 2048, 'the slowest kind relative to plain at 2048'
+  plain = next((r for r in rows if r['kind'] == 'plain' and r['length'] == L), {})
+  return kind, L, why, plain.get('remat')
 
 
 def save(prefix, res, sections, plan):

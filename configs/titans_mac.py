@@ -12,7 +12,10 @@ from configs.base import apply_preset, get_base_config
 # own kernels) made steps at 4K x batch 1 1.12x faster (MAC; MAG 1.17x, MAL 1.12x; medians of
 # interleaved steps), but at 2K x batch 8 0.89x, so the default stays. At batch 1 the step is
 # a chain of such tiny ops and gains nothing from a second core, where full attention's large
-# matmuls do (bench/results/run.md, profile: the step on one core vs on all).
+# matmuls do (bench/results/run.md, profile: the step on one core vs on all). What does use
+# a second core is a second XLA device: XLA_FLAGS=--xla_force_host_platform_device_count=2
+# (mesh.data=-1 splits the batch over both) made steps at 2K x batch 8 1.36x faster (3.54 s
+# -> 2.60 s; plain 1.22x, 2.20 s -> 1.80 s; medians of 4 interleaved rounds).
 PRESETS = {
     'tiny': dict(model=dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, segment_len=64,
                             window=64, titans=dict(chunk=16, expansion=2, persistent=8)),

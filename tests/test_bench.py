@@ -42,6 +42,27 @@ def test_step_times_name_plains_faster_remat_and_give_the_other():
   assert run.step_times(dict(kind_s=[1.0], plain_s=[2.0])) == '1.00 s vs 2.00 s'   # older rows
 
 
+def test_plains_train_row_is_its_faster_remat_and_the_ratios_use_it(monkeypatch):
+  import dataclasses
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  speed = {('plain', 'none'): 2000., ('plain', 'block'): 1500., ('titans_mac', 'block'): 1000.}
+
+  def fake(cfg, peak, steps, best_of=1):
+    kind = 'plain' if cfg.model.mixer == 'attention' else cfg.model.mixer
+    return dict(length=cfg.data.seq_len, tokens_per_s=speed[kind, cfg.model.remat], mfu=0.1,
+                memory_mib=1., compile_s=0.)
+  monkeypatch.setattr(run, 'measure_train', fake)
+  plan = dataclasses.replace(run.FULL, train_lengths=(2048,), scale_lengths=())
+  plain, mac = run.train_section(['plain', 'titans_mac'], plan, 1e9)
+  assert (plain['remat'], plain['tokens_per_s']) == ('none', 2000.)
+  assert plain['remat_other'] == [dict(remat='block', tokens_per_s=1500.)]
+  assert mac['vs_plain'] == 0.5
+  assert run.worst_gap({'train': [plain, mac]}, '', plan) == (
+      'titans_mac', 2048, 'the target missed by most: titans_mac tokens/s >= 0.7x plain at '
+      '2048, 0.50x', 'none')
+
+
 def test_on_cores_pins_every_thread_and_restores_them():
   import os
   import threading
@@ -73,4 +94,6 @@ def test_cores_text_gives_each_kinds_speedup_and_the_ratio_on_one_and_all_cores(
   text = run.cores_text(prof)
   assert 'titans_mac 11.00 s vs 11.00 s (1.00x from 1 more core)' in text
   assert 'plain 70.00 s vs 40.00 s (1.75x from 1 more core)' in text
+  prof['plain_remat'] = 'none'
+  assert 'plain (remat none) 70.00 s vs 40.00 s' in run.cores_text(prof)
   assert 'Plain / titans_mac: 6.36x on one core, 3.64x on 2.' in text
