@@ -11,8 +11,8 @@ import glob
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ['foundation', 'run', 'titans', 'infini', 'anchor_prose', 'anchor', 'anchor_2layer', 'namm',
-         'hf']
+ORDER = ['foundation', 'run', 'run_quick', 'titans', 'infini', 'anchor_prose', 'anchor',
+         'anchor_2layer', 'namm', 'hf']
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
 

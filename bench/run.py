@@ -1,7 +1,9 @@
 """The results page in one command: speed, memory, decode and capability of every model kind.
 
-  python bench/run.py --quick --jobs=2   # ~15 min on 2 CPU cores (small lengths, few steps)
-  python bench/run.py --jobs=2      # the full page (2K..64K training, streams to 1M tokens)
+  python bench/run.py --quick --jobs=2   # ~15 min on 2 CPU cores (small lengths, few steps):
+                                         # bench/results/run_quick.md
+  python bench/run.py --jobs=2      # the full page (2K..64K training, streams to 1M tokens):
+                                    # bench/results/run.md
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
   python bench/run.py --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
                                     # on a GPU/TPU: width 512, 8 layers, bigger steps
@@ -64,7 +66,9 @@ _SECTIONS = flags.DEFINE_list('sections', ['train', 'ratio', 'stream', 'decode',
                                           'profile'],
                               'Sections to run; the others stay as an earlier run wrote them '
                               '(empty: only re-render the page).')
-_OUT = flags.DEFINE_string('out', 'bench/results/run', 'Output path prefix.')
+_OUT = flags.DEFINE_string('out', '', 'Output path prefix (default bench/results/run, with '
+                           '--quick bench/results/run_quick: a quick run never replaces the '
+                           'full page).')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Where capability runs train (default: a temp dir).')
 _NAMM_RUN = flags.DEFINE_string('namm_run', '', 'evolve.py workdir for the NAMM policy (default: '
                                 'a random parameter vector drawn like a CMA-ES population member).')
@@ -116,7 +120,7 @@ class Plan:
   scale_lengths: tuple       # more points for the scaling fit, SCALE_KINDS only
   train_tokens: int          # per step (batch = tokens / length)
   train_steps: int           # timed steps
-  ratio_lengths: tuple       # where the ratio to plain is a target
+  ratio_lengths: tuple       # plain (full attention) trains up to the longest of these
   wide_length: int
   stream_lengths: tuple      # every kind with a constant state (and plain up to its max)
   stream_long: tuple         # SCALE_KINDS only
@@ -275,7 +279,7 @@ def ratio_section(kinds, plan):
   plain_remats = [c.model.remat for c in plains_cfg]
   for kind in [k for k in RATIO_KINDS if k in kinds]:
     cfgs = [kind_config(kind)] + plains_cfg
-    for L in sorted(set(target_lengths(plan))):
+    for L in target_lengths(plan):
       row = dict(kind=kind, length=L, rounds=plan.ratio_rounds, kind_remat=cfgs[0].model.remat)
       try:
         row['kind_s'], *plains = head_to_head([at_length(c, L, plan.train_tokens) for c in cfgs],
@@ -633,9 +637,12 @@ def core_scaling(steps):
 RATIO_KINDS = ('titans_mac', 'infini')       # the kinds with speed targets
 
 
+TARGET_LENGTHS = (2048, 32768)   # the issue's: >= 0.7x plain at 2K, >= 4x full attention at 32K
+
+
 def target_lengths(plan):
-  """(L2, Lmax): the lengths of the '>= 0.7x plain' and '>= 4x full attention' targets."""
-  return (2048 if 2048 in plan.train_lengths else plan.train_lengths[0]), max(plan.ratio_lengths)
+  """The speed targets' lengths (TARGET_LENGTHS) that this plan trains at."""
+  return [L for L in TARGET_LENGTHS if L in plan.train_lengths]
 
 
 def targets(train_rows, stream_fits, decode_rows, plan, ratios=()):
@@ -646,7 +653,8 @@ def targets(train_rows, stream_fits, decode_rows, plan, ratios=()):
   h2h = {(r['kind'], r['length']): r['ratio'] for r in ratios if 'ratio' in r}
 
   def add(name, value, met, note='', **where):
-    out.append(dict(name=name, value=value, met=bool(met), note=note, **where))
+    out.append(dict(name=name, value=value, met=None if met is None else bool(met), note=note,
+                    **where))
 
   def speed(kind, L, name, table, target):
     ratio = h2h.get((kind, L), table)
@@ -656,17 +664,22 @@ def targets(train_rows, stream_fits, decode_rows, plan, ratios=()):
         kind=kind, length=L, fraction=ratio / target)
 
   tr = {(r['kind'], r['length']): r for r in train_rows}
-  L2, Lmax = target_lengths(plan)
-  for kind in RATIO_KINDS:
-    r = tr.get((kind, L2), {})
-    if 'vs_plain' in r:
-      speed(kind, L2, f'{kind} tokens/s >= 0.7x plain at {L2}', r['vs_plain'], 0.7)
-    r, p = tr.get((kind, Lmax), {}), tr.get(('plain', Lmax), {})
-    name = f'{kind} >= 4x faster than full attention at {Lmax}'
-    if 'tokens_per_s' in r and 'tokens_per_s' in p:
-      speed(kind, Lmax, name, r['tokens_per_s'] / p['tokens_per_s'], 4)
-    elif 'tokens_per_s' in r:
-      add(name, 'plain: ' + p.get('skipped', 'not run'), True, 'full attention could not run at all')
+  L2, Lmax = TARGET_LENGTHS
+  for kind in [k for k in RATIO_KINDS if any(kk == k for kk, _ in tr)]:
+    for L in TARGET_LENGTHS:
+      r, p = tr.get((kind, L), {}), tr.get(('plain', L), {})
+      name = (f'{kind} tokens/s >= 0.7x plain at {L}' if L == L2 else
+              f'{kind} >= 4x faster than full attention at {L}')
+      if L not in plan.train_lengths:
+        add(name, f'not measured: this plan trains at {", ".join(map(str, plan.train_lengths))}',
+            None)
+      elif L == L2 and 'vs_plain' in r:
+        speed(kind, L, name, r['vs_plain'], 0.7)
+      elif L == Lmax and 'tokens_per_s' in r and 'tokens_per_s' in p:
+        speed(kind, L, name, r['tokens_per_s'] / p['tokens_per_s'], 4)
+      elif L == Lmax and 'tokens_per_s' in r:
+        add(name, 'plain: ' + p.get('skipped', 'not run'), True,
+            'full attention could not run at all')
   w = tr.get(('plain_wide', plan.wide_length), {})
   if 'mfu' in w:
     add(f'plain width 512 step >= 50% of the measured matmul peak (L={plan.wide_length})',
@@ -715,7 +728,8 @@ def page(res, prefix):
   t = res.get('targets', [])
   if t:
     lines += ['### Targets', '', '| target | measured | met |', '|---|---|---|']
-    lines += [f"| {x['name']} | {x['value']} | {'yes' if x['met'] else '**no**'}"
+    met = {True: 'yes', False: '**no**', None: '-'}
+    lines += [f"| {x['name']} | {x['value']} | {met[x['met']]}"
               f"{' (' + x['note'] + ')' if x['note'] else ''} |" for x in t]
     h2h = [r for r in res.get('ratio', []) if 'ratio' in r]
     if h2h:
@@ -1074,7 +1088,7 @@ def main(argv):
   for k in kinds:
     if k not in KINDS and k != 'plain_wide':
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS) + ["plain_wide"]}')
-  prefix = os.path.join(ROOT, _OUT.value)
+  prefix = os.path.join(ROOT, _OUT.value or 'bench/results/run' + '_quick' * _QUICK.value)
   res = dict(quick=_QUICK.value, preset=_PRESET.value, plan=dataclasses.asdict(plan),
              models={k: model_shape(kind_config(k)) for k in kinds if k in KINDS},
              machine=machine(),

@@ -97,3 +97,12 @@ def test_cores_text_gives_each_kinds_speedup_and_the_ratio_on_one_and_all_cores(
   prof['plain_remat'] = 'none'
   assert 'plain (remat none) 70.00 s vs 40.00 s' in run.cores_text(prof)
   assert 'Plain / titans_mac: 6.36x on one core, 3.64x on 2.' in text
+
+
+def test_a_plan_without_a_target_length_reads_not_measured_and_profiles_what_it_ran():
+  quick = [r for r in rows(3600.) if r['length'] == 2048]
+  t = {x['name']: x for x in run.targets(quick, {}, [], run.QUICK)}
+  mac = t['titans_mac >= 4x faster than full attention at 32768']
+  assert mac['met'] is None and mac['value'].startswith('not measured: this plan trains at 512')
+  assert t['titans_mac tokens/s >= 0.7x plain at 2048']['met']
+  assert run.worst_gap({'train': quick}, '', run.QUICK)[:2] == ('infini', 2048)
