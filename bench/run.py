@@ -723,7 +723,8 @@ def page(res, prefix):
     minutes = max(i.get('minutes', float('nan')) for _, i in items)   # cumulative per section
     lines.append(f"- `{command}` (sections {', '.join(s for s, _ in items)}; started "
                  f"{c['started']} UTC, {minutes:.0f} min; matmul peak "
-                 f"measured in that run {c['peak'] / 1e9:.1f} GFLOP/s/device)")
+                 f"measured in that run {c['peak'] / 1e9:.1f} GFLOP/s/device"
+                 + (f"; on {c['cores']} of the host's cores" if 'cores' in c else '') + ')')
   lines.append('')
   t = res.get('targets', [])
   if t:
@@ -1116,7 +1117,8 @@ def main(argv):
                         *worst_gap(res, prefix + '.json', plan), plan)})):
     if name in sections:     # (set here: a save() before lists the earlier run's command)
       res['commands'][name] = dict(command=command, peak=peak, kinds=kinds,
-                                   started=time.strftime('%Y-%m-%d %H:%M'))
+                                   started=time.strftime('%Y-%m-%d %H:%M'),
+                                   cores=len(os.sched_getaffinity(0)))
       res.update(run())
       res['commands'][name]['minutes'] = (time.time() - t0) / 60
       done.append(name)
