@@ -665,7 +665,7 @@ def targets(train_rows, stream_fits, decode_rows, plan, ratios=()):
 
   tr = {(r['kind'], r['length']): r for r in train_rows}
   L2, Lmax = TARGET_LENGTHS
-  for kind in [k for k in RATIO_KINDS if any(kk == k for kk, _ in tr)]:
+  for kind in [k for k in RATIO_KINDS if k in {kind for kind, _ in tr}]:
     for L in TARGET_LENGTHS:
       r, p = tr.get((kind, L), {}), tr.get(('plain', L), {})
       name = (f'{kind} tokens/s >= 0.7x plain at {L}' if L == L2 else
