@@ -2,7 +2,7 @@
 
   python bench/run.py --quick --jobs=2   # ~15 min on 2 CPU cores (small lengths, few steps):
                                          # bench/results/run_quick.md
-  python bench/run.py --jobs=2      # the full page (2K..64K training, streams to 1M tokens):
+  python bench/run.py --jobs=2      # the full page, ~50 min (2K..64K training, 1M-token streams):
                                     # bench/results/run.md
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
   python bench/run.py --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
@@ -81,7 +81,8 @@ _PLAN = flags.DEFINE_list('plan', [], 'Plan fields to change, FIELD=VALUE (tuple
                           'preset starts afresh (see --out).')
 _JOBS = flags.DEFINE_integer('jobs', 1, 'Run the sections in this many processes side by side, '
                              'each pinned to its share of the CPU cores (2 on a 2-core '
-                             'machine: capability in one, the rest in the other).')
+                             'machine: train, ratio, profile in one, the rest in the other; '
+                             'the speed sections then time one core).')
 
 # kind -> (config, overrides), at --preset (':tiny' here): the same width and depth; the
 # sliding window is the memory kinds' segment (titans_mac's). 'plain' is full causal attention with the
@@ -269,32 +270,36 @@ def plain_configs():
 
 
 def ratio_section(kinds, plan):
-  """The speed targets' ratios head to head: at each target length the kind's train step
+  """The speed targets' ratios head to head: at each target length the kinds' train steps
   and plain's alternate for plan.ratio_rounds rounds (bench.common.head_to_head); plain runs
   at its preset's model.remat and without rematerialisation, and the faster of the two is
-  the reference. ratio = that plain's median step time / the kind's (the kind at its
-  preset; the same tokens per step)."""
+  the reference (its steps shared by the kinds). ratio = that plain's median step time /
+  the kind's (the kind at its preset; the same tokens per step)."""
   rows = []
   plains_cfg = plain_configs()
   plain_remats = [c.model.remat for c in plains_cfg]
-  for kind in [k for k in RATIO_KINDS if k in kinds]:
-    cfgs = [kind_config(kind)] + plains_cfg
-    for L in target_lengths(plan):
-      row = dict(kind=kind, length=L, rounds=plan.ratio_rounds, kind_remat=cfgs[0].model.remat)
-      try:
-        row['kind_s'], *plains = head_to_head([at_length(c, L, plan.train_tokens) for c in cfgs],
-                                              plan.ratio_rounds)
-        fast = int(np.argmin([np.median(t) for t in plains]))
-        row['plain_remat'], row['plain_s'] = plain_remats[fast], plains[fast]
-        row['plain_other'] = [dict(remat=r, s=t) for r, t in zip(plain_remats, plains)
-                              if r != row['plain_remat']]
-        row['ratio'] = float(np.median(row['plain_s']) / np.median(row['kind_s']))
-      except TooBig as e:
+  ratio_kinds = {k: kind_config(k) for k in RATIO_KINDS if k in kinds}
+  for L in target_lengths(plan) if ratio_kinds else ():
+    new = [dict(kind=k, length=L, rounds=plan.ratio_rounds, kind_remat=c.model.remat)
+           for k, c in ratio_kinds.items()]
+    try:
+      times = head_to_head([at_length(c, L, plan.train_tokens)
+                            for c in [*ratio_kinds.values(), *plains_cfg]], plan.ratio_rounds)
+      plains = times[len(new):]
+      fast = int(np.argmin([np.median(t) for t in plains]))
+      for row, kind_s in zip(new, times):
+        row.update(kind_s=kind_s, plain_remat=plain_remats[fast], plain_s=plains[fast],
+                   plain_other=[dict(remat=r, s=t) for r, t in zip(plain_remats, plains)
+                                if r != plain_remats[fast]],
+                   ratio=float(np.median(plains[fast]) / np.median(kind_s)))
+    except TooBig as e:
+      for row in new:
         row['skipped'] = str(e)
-      rows.append(row)
-      log(f"ratio {kind:11s} L={L:6d} " + (row.get('skipped') or f"{row['ratio']:.2f}x plain "
-          f'(steps {step_times(row)})'))
-  return rows
+    for row in new:
+      log(f"ratio {row['kind']:11s} L={L:6d} " + (
+          row.get('skipped') or f"{row['ratio']:.2f}x plain (steps {step_times(row)})"))
+    rows += new
+  return sorted(rows, key=lambda r: (RATIO_KINDS.index(r['kind']), r['length']))
 
 
 def step_times(row):
@@ -1005,9 +1010,10 @@ def plots(res, prefix):
 SECTION_KEYS = dict(train=('train',), ratio=('ratio',), stream=('stream', 'stream_fits'),
                     decode=('decode',),
                     capability=('capability',), profile=('profile',))
-# Core-minutes of each section in a full run on this 2-core host (the page's commands list
-# what each took); only used to share the sections out between --jobs processes.
-SECTION_COST = dict(train=25, ratio=8, stream=9, decode=5, capability=40, profile=5)
+# Minutes of each section of a full run on one core of this 2-core host (a --jobs=2 run,
+# 2026-12-04: 61 min, ratio then 26 min; 13.5 since the kinds share plain's steps); only
+# used to share the sections out between --jobs processes (2: ~45 min each).
+SECTION_COST = dict(train=28, ratio=14, stream=6, decode=9, capability=30, profile=1)
 
 
 def share_sections(sections, jobs):

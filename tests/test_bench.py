@@ -106,3 +106,23 @@ def test_a_plan_without_a_target_length_reads_not_measured_and_profiles_what_it_
   assert mac['met'] is None and mac['value'].startswith('not measured: this plan trains at 512')
   assert t['titans_mac tokens/s >= 0.7x plain at 2048']['met']
   assert run.worst_gap({'train': quick}, '', run.QUICK)[:2] == ('infini', 2048)
+
+
+def test_the_ratio_kinds_share_plains_faster_steps_at_each_length(monkeypatch):
+  import dataclasses
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()
+  secs = {'titans_mac': 2., 'infini': 1., ('attention', 'block'): 4., ('attention', 'none'): 3.}
+  calls = []
+
+  def fake(cfgs, rounds):       # one head to head per length: both kinds and plain's two
+    calls.append([c.model.mixer for c in cfgs])
+    return [[secs.get(c.model.mixer) or secs[c.model.mixer, c.model.remat]] * rounds
+            for c in cfgs]
+  monkeypatch.setattr(run, 'head_to_head', fake)
+  rows = run.ratio_section(['plain', 'infini', 'titans_mac'], run.FULL)
+  assert calls == [['titans_mac', 'infini', 'attention', 'attention']] * 2
+  assert [(r['kind'], r['length'], r['plain_remat'], r['ratio']) for r in rows] == [
+      ('titans_mac', 2048, 'none', 1.5), ('titans_mac', 32768, 'none', 1.5),
+      ('infini', 2048, 'none', 3.0), ('infini', 32768, 'none', 3.0)]
+  assert rows[0]['plain_other'] == [dict(remat='block', s=[4.] * 5)]
