@@ -2,7 +2,7 @@
 
   python bench/run.py --quick --jobs=2   # ~15 min on 2 CPU cores (small lengths, few steps):
                                          # bench/results/run_quick.md
-  python bench/run.py --jobs=2      # the full page, ~50 min (2K..64K training, 1M-token streams):
+  python bench/run.py --jobs=2      # the full page, ~40 min (2K..64K training, 1M-token streams):
                                     # bench/results/run.md
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
   python bench/run.py --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
@@ -1012,7 +1012,7 @@ SECTION_KEYS = dict(train=('train',), ratio=('ratio',), stream=('stream', 'strea
                     capability=('capability',), profile=('profile',))
 # Minutes of each section of a full run on one core of this 2-core host (a --jobs=2 run,
 # 2026-12-04: 61 min, ratio then 26 min; 13.5 since the kinds share plain's steps); only
-# used to share the sections out between --jobs processes (2: ~45 min each).
+# used to share the sections out between --jobs processes (2: a full run took 40 min).
 SECTION_COST = dict(train=28, ratio=14, stream=6, decode=9, capability=30, profile=1)
 
 
