@@ -670,7 +670,8 @@ def targets(train_rows, stream_fits, decode_rows, plan, ratios=()):
 
   tr = {(r['kind'], r['length']): r for r in train_rows}
   L2, Lmax = TARGET_LENGTHS
-  for kind in [k for k in RATIO_KINDS if k in {kind for kind, _ in tr}]:
+  run_kinds = {k for k, _ in tr}
+  for kind in [k for k in RATIO_KINDS if k in run_kinds]:
     for L in TARGET_LENGTHS:
       r, p = tr.get((kind, L), {}), tr.get(('plain', L), {})
       name = (f'{kind} tokens/s >= 0.7x plain at {L}' if L == L2 else
@@ -1152,9 +1153,10 @@ def worst_gap(res, path, plan):
     t = min(missed, key=lambda t: t['fraction'])
     kind, L, why = t['kind'], t['length'], f"the target missed by most: {t['name']}, {t['value']}"
   else:
-    r = min([r for r in rows if r['length'] == 2048 and 'vs_plain' in r
+    L = TARGET_LENGTHS[0]
+    r = min([r for r in rows if r['length'] == L and 'vs_plain' in r
              and not r['kind'].startswith('plain')], key=lambda r: r['vs_plain'])
-    kind, L, why = r['kind'], 2048, 'the slowest kind relative to plain at 2048'
+    kind, why = r['kind'], f'the slowest kind relative to plain at {L}'
   plain = next((r for r in rows if r['kind'] == 'plain' and r['length'] == L), {})
   return kind, L, why, plain.get('remat')
 
