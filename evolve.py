@@ -14,6 +14,7 @@ re-running the same command resumes. Use the result with
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from models import registry
 from training.config import ConfigError, resolve, validate
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
@@ -27,6 +28,7 @@ def main(argv):
   try:
     cfg = resolve(_CONFIG.value)
     validate(cfg, jax.device_count(), check_mesh=False)
+    registry.policy('namm').validate(cfg)          # the evolved policy's keys
     if not cfg.evolve.base:
       raise ConfigError('config.evolve.base: set it to the train.py workdir of the base LM')
   except ConfigError as e:

@@ -30,8 +30,6 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, 'bench'))
 
 SEQ = 256
 LONG = 2048      # a second, longer prefix for the KV cache reduction
@@ -69,13 +67,8 @@ def model_cfg(mixer, mode, n_layers):
 def restore(workdir, cfg):
   """The checkpoint's parameters in a model built from `cfg` (any mixer with the same
   parameters: attention <-> anchor)."""
-  from training import mesh as meshlib
-  from training.checkpoint import Checkpointer
-  from flax import nnx
-  ckpt = Checkpointer.open(workdir)
-  graphdef, state, _ = ckpt.restore_model(cfg, meshlib.make_mesh(cfg))
-  ckpt.close()
-  return nnx.merge(graphdef, state)
+  from training.run import load_run
+  return load_run(workdir, config=cfg).model()
 
 
 def held_out_loss(model, source, batches=8):
@@ -97,7 +90,7 @@ def held_out_loss(model, source, batches=8):
 
 def probe_accuracy(model, ks, n=200, ac=False):
   """The fact probe per distance k (sentences of filler) and the chain probe ('chain')."""
-  from anchor_corpus import chain_probe, probe
+  from bench.anchor_corpus import chain_probe, probe
   out = {k: answer_accuracy(model, probe(k, n), ac) for k in ks}
   out['chain'] = answer_accuracy(model, chain_probe(n), ac)
   return out
@@ -240,7 +233,7 @@ def main():
   if args.render:
     with open(args.render) as f:
       return write(json.load(f), args.out)
-  from anchor_corpus import write_corpus, write_prose
+  from bench.anchor_corpus import write_corpus, write_prose
   W = args.work
   os.makedirs(W, exist_ok=True)
   if not os.path.isdir(os.path.join(W, 'corpus')):

@@ -8,10 +8,7 @@ fwd + bwd program); a program whose temporaries exceed --max_run_gib is compiled
 reported but not run.
 """
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

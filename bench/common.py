@@ -13,7 +13,8 @@ import numpy as np
 
 from training import flops, mesh as meshlib
 from training.config import key_node, resolve, validate
-from training.loop import model_ctor, train_ctor, train_step_for
+from training.loop import train_step_for
+from training.state import model_ctor, train_state_ctor
 from training.step import make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +151,7 @@ def train_program(cfg):
   validate(cfg, jax.device_count())
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
-  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
+  graphdef, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
   step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh)
   B, L = cfg.train.batch_size, cfg.data.seq_len

@@ -7,12 +7,10 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 TRAIN = 'python train.py --config=configs/transformer.py:tiny --workdir={w}'
 EVAL = 'python evaluate.py --workdir={w}'

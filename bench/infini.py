@@ -23,16 +23,14 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from bench.common import infini_gates, machine  # noqa: E402
-from configs.infini import get_config  # noqa: E402
-from training.config import resolve, validate  # noqa: E402
+from bench.common import infini_gates, machine
+from configs.infini import get_config
+from training.config import resolve, validate
 
 VARIANTS = ('infini', 'infini_delta', 'local', 'full')
 

@@ -16,7 +16,6 @@ import shutil
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax
@@ -28,6 +27,7 @@ from absl import app, flags
 from bench.common import machine
 from models import eviction, namm as nammlib
 from training import evolve as evo
+from training.checkpoint import Checkpointer
 from training.metrics import read_metrics
 
 _BASE = flags.DEFINE_string('base', None, 'train.py workdir of the base LM the runs evolved on.')
@@ -39,40 +39,37 @@ _OUT = flags.DEFINE_string('out', 'bench/results/namm', 'Output prefix (.json / 
 flags.mark_flags_as_required(['base', 'runs'])
 
 
-def evaluate(base, policy, theta, mu, sigma, tokens, contexts, chunk):
-  graphdef, state, _ = base
-  score = jax.jit(evo.make_scorer(graphdef, policy, contexts, chunk))
+def evaluate(base, policy, tokens, contexts, chunk):
+  score = jax.jit(evo.make_scorer(base.graphdef, contexts, chunk))
   out = {}
   for t, tok in tokens.items():
-    s, frac_L, _ = score(state, theta, mu, sigma, {t: tok})
+    s, frac_L, _ = score(base.state, policy, {t: tok})
     out[t] = dict(score=float(np.mean(s[t])), cache=float(np.mean(frac_L)),
                   layers=np.asarray(frac_L).round(4).tolist())
   return out
 
 
-def compare(base, run_arrays, namm_cfg, ev, seed, n):
-  """{policy: {task: {score, cache, normalised}}} on held-out prompts of one base LM."""
-  policy = nammlib.namm_from_config(namm_cfg)
+def compare(base, policy, ev, seed, n):
+  """{policy: {task: {score, cache, normalised}}} on held-out prompts of one base LM
+  (`policy`: an evolve.py run's NAMM)."""
   chunk = policy.update_interval
   tasks = evo.all_tasks(ev)
-  sets = {t: evo.task_examples(t, n, ev.length, seed, 'eval', evo.corpus_source(base[2]))
+  sets = {t: evo.task_examples(t, n, ev.length, seed, 'eval', evo.corpus_source(base.cfg))
           for t in tasks}
   tokens = {t: v['tokens'] for t, v in sets.items()}
   contexts = {t: v['context'] for t, v in sets.items()}
-  F = policy.n_feat
-  zeros = (jnp.zeros(policy.n_params), jnp.zeros(F), jnp.ones(F))
-  full = evaluate(base, policy, *zeros, tokens, contexts, chunk)
+  keep_all = policy.replace(theta=jnp.zeros_like(policy.theta), mu=jnp.zeros_like(policy.mu),
+                            sigma=jnp.ones_like(policy.sigma))         # zero parameters
+  full = evaluate(base, keep_all, tokens, contexts, chunk)
   res = dict(full=full)
-  res['namm'] = evaluate(base, policy, jnp.asarray(run_arrays['theta']),
-                         jnp.asarray(run_arrays['mu']), jnp.asarray(run_arrays['sigma']),
-                         tokens, contexts, chunk)
+  res['namm'] = evaluate(base, policy, tokens, contexts, chunk)
   for name in ('recency', 'h2o', 'l2'):
     res[name] = {}
     for t in tasks:
       budget = max(int(round(res['namm'][t]['cache'] * contexts[t])), 2)
       pol = dict(recency=eviction.Recency(budget), h2o=nammlib.H2O(budget, budget // 2),
                  l2=nammlib.L2Norm(budget, min(8, budget)))[name]
-      res[name].update(evaluate(base, pol, *zeros, {t: tokens[t]}, {t: contexts[t]}, chunk))
+      res[name].update(evaluate(base, pol, {t: tokens[t]}, {t: contexts[t]}, chunk))
   for name, by_task in res.items():
     for t, r in by_task.items():
       r['normalised'] = r['score'] / max(full[t]['score'], 1e-7)
@@ -87,9 +84,9 @@ def summarise(res):
 
 def run_info(run):
   """The evolve.py run's saved config and its per-generation metrics."""
-  ck = evo.EvolveCheckpointer(run, read_only=True)
+  ck = Checkpointer.open(run)
   try:
-    saved = ck.read_config(ck.latest())
+    saved = ck.read_config()
   finally:
     ck.close()
   rows = read_metrics(run)
@@ -103,7 +100,7 @@ def run_info(run):
 
 
 def base_info(base):
-  c = base[2]
+  c = base.cfg
   return dict(layers=c.model.n_layers, d_model=c.model.d_model, heads=c.model.n_heads,
               kv_heads=c.model.n_kv_heads, steps=c.train.steps, seq_len=c.data.seq_len,
               source=c.data.source, loss=c.data.loss)
@@ -120,20 +117,19 @@ def main(argv):
   if other:
     report['transfer_base'] = dict(path=_TRANSFER.value, **base_info(other))
   for run in _RUNS.value:
-    arrays, namm_dict = evo.load_policy_arrays(run)
+    policy = evo.load_namm(run)
     saved, evolution = run_info(run)
     ev = ml_collections.ConfigDict(saved['evolve'])
-    namm_cfg = ml_collections.ConfigDict(namm_dict)
-    res = compare(base, arrays, namm_cfg, ev, _SEED.value, _PROMPTS.value)
+    res = compare(base, policy, ev, _SEED.value, _PROMPTS.value)
     settings = dict(strategy=ev.strategy, population=ev.population, stages=list(ev.stages),
                     generations=list(ev.generations), prompts=ev.prompts, length=ev.length,
                     cache_weight=ev.get('cache_weight', 0.0),
-                    update_interval=namm_cfg.update_interval)
+                    update_interval=policy.update_interval)
     report['runs'].append(dict(run=run, seed=saved['seed'], results=res, summary=summarise(res),
                                settings=settings, evolution=evolution))
     print(run, json.dumps(summarise(res)), flush=True)
     if other:
-      res = compare(other, arrays, namm_cfg, ev, _SEED.value, _PROMPTS.value)
+      res = compare(other, policy, ev, _SEED.value, _PROMPTS.value)
       report['transfer'].append(dict(run=run, seed=saved['seed'], results=res,
                                      summary=summarise(res)))
       print('transfer', run, json.dumps(summarise(res)), flush=True)

@@ -41,8 +41,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,7 +208,7 @@ def format_guess(task, n=64):
 
 
 def init_model(cfg):
-  from training.loop import model_ctor
+  from training.state import model_ctor
   return model_ctor(cfg)()
 
 
@@ -400,19 +398,18 @@ def policy_overrides(name, budget, interval):
 
 
 def make_policy_for(cfg):
-  from models import namm as nammlib
-  from models.eviction import make_policy
+  from training.policy import make_policy
+  policy = make_policy(cfg)
   if cfg.decode.policy == 'namm' and not cfg.decode.namm_run:
-    n = nammlib.namm_from_config(cfg.namm).n_params
-    theta = 0.065 * np.random.default_rng(_SEED.value).standard_normal(n).astype(np.float32)
-    return nammlib.namm_from_config(cfg.namm, theta=theta)
-  return make_policy(cfg.decode)
+    theta = 0.065 * np.random.default_rng(_SEED.value).standard_normal(policy.n_params)
+    return policy.replace(theta=jnp.asarray(theta, jnp.float32))
+  return policy
 
 
 def decode_program(cfg, prompt_BxP, n_new):
   """Prefill under the policy, then n_new greedy steps compiled: (run, row) where run() runs
   the steps once (for timing) and row holds the KV bytes per step."""
-  from models import decode
+  from models import decode, registry
   model = init_model(cfg)
   graphdef, params = nnx.split(model)
   policy = make_policy_for(cfg)
@@ -433,16 +430,14 @@ def decode_program(cfg, prompt_BxP, n_new):
       logits, state = carry
       tok = logits.argmax(-1).astype(jnp.int32)
       logits, state = decode.step(m, tok, jnp.full((B,), P + i, jnp.int32), state, policy)
-      kv = jnp.stack([s.valid_BxKxS.sum(-1).mean() for s in state if hasattr(s, 'valid_BxKxS')])
+      kv = jnp.stack([s.size_BxK().mean() for s in state if registry.is_kv_cache(s)])
       return (logits, state), kv
     return jax.lax.scan(body, (logits_BxV, state), jnp.arange(n_new))
 
   logits, state = prefill(params, prompt_BxP)
   steps = steps.lower(params, logits, state).compile()
   _, kv_NxL = steps(params, logits, state)
-  kv_caches = [s for s in state if hasattr(s, 'valid_BxKxS')]
-  token_bytes = [2 * math.prod(s.k_BxKxSxH.shape[1::2]) * s.k_BxKxSxH.dtype.itemsize
-                 for s in kv_caches]
+  token_bytes = [s.token_bytes() for s in state if registry.is_kv_cache(s)]
   kv_bytes_N = np.asarray(kv_NxL) @ np.asarray(token_bytes, np.float64)
   return (lambda: steps(params, logits, state)[1],
           dict(kv_bytes=kv_bytes_N.tolist(), prompt=P, batch=B))

@@ -12,9 +12,6 @@ model shows ~0 for memory). Writes bench/results/speed.{md,json,png}.
 """
 import json
 import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 from absl import app, flags

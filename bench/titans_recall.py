@@ -24,8 +24,6 @@ import sys
 import time
 from types import SimpleNamespace
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,9 +1,12 @@
 """Every config key mnemax knows, with defaults. Experiment files start from this.
 
-Unknown keys are an error (see training/config.py), so a typo in a config file or in
+A method's own keys live with the method (models/registry.py) and are added here. Unknown
+keys are an error (see training/config.py), so a typo in a config file or in
 `--config.x=y` fails before anything is compiled, with a message naming the key.
 """
 import ml_collections
+
+from models import registry
 
 
 def get_base_config():
@@ -39,34 +42,6 @@ def get_base_config():
   m.attention_impl = 'xla'
   m.attention_block = 256       # chunked: query / key block size in tokens (256: the fastest
                                 # of 128..1024 in a CPU sweep at 2K and 8K context)
-  # Method sections: each memory method's keys, documented in its models/ module.
-  m.titans = ti = ml_collections.ConfigDict()   # models/titans.py (mixers titans_*)
-  ti.chunk = 16                 # b: tokens per memory chunk (gradients at the chunk start)
-  ti.depth = 2                  # L_M: memory MLP layers (1: linear memory)
-  ti.expansion = 4              # memory MLP hidden width = expansion * head_dim
-  ti.persistent = 16            # N_p learned persistent tokens (MAC/MAG/MAL)
-  ti.conv = 4                   # causal depthwise conv kernel on q, k, v (0: none)
-  ti.theta_max = 0.1            # cap of the inner learning rate theta
-  ti.grad_clip = 1.0            # soft cap of each token's inner gradient norm (0: off)
-  ti.gate_bias = (-2.0, 0.0, -5.0)  # initial pre-sigmoid theta, eta, alpha: theta/theta_max
-                                # ~ 0.12, eta 0.5, alpha ~ 0.007
-  ti.momentum = True            # False: eta = 0 (ablation)
-  ti.forget = True              # False: alpha = 0 (ablation)
-  ti.mac_write = 'residual'      # MAC write (Eq 24): residual (x + y) | y (attention output only)
-  ti.chunk_form = 'closed'      # closed (chunk-end closed form) | scan (per-token + assoc. scan)
-  m.infini = inf = ml_collections.ConfigDict()   # models/infini.py (mixer 'infini')
-  inf.update_rule = 'linear'    # linear (Eq. 8) | delta (Eq. 9) memory update
-  inf.detach = False            # stop gradients into carried (M, z): truncated BPTT (ablation)
-  inf.gate_init = 0.0           # beta per head at init; sigmoid(0) = 0.5 mixes memory/local
-  inf.memory = True             # False: segment-local attention only (the baseline)
-  m.anchor = a = ml_collections.ConfigDict()  # models/anchor.py (mixer 'anchor': AnSAN)
-  a.mode = 'ep'                 # ep: existing end-of-sentence ids are anchors | ac: <AC> only
-  a.ep_ids = (46, 10)           # EP anchors: bytes of '.' and '\n' (Llama '.': 29889)
-  a.ac_id = 259                 # the <AC> id (byte tokenizer); AC data: data.source='ac:...'
-  a.ac_init_from = 46           # init_from into AC mode: <AC> embedding := this id's; -1: off
-  a.bos_id = 257                # a BOS starts a new document (packing): no attention across
-  a.pad_id = 256                # padding: masked as query and as key
-
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'           # stdlib | glob:PATTERN | tfds:NAME[:FEATURE] | synthetic:TASK
   d.tfds_data_dir = ''
@@ -111,28 +86,11 @@ def get_base_config():
 
   c.decode = de = ml_collections.ConfigDict()
   de.policy = 'none'            # none | keep_all | recency | h2o | l2 | namm | anchor (eviction)
-  de.window = 256               # recency window
   de.capacity = 0               # KV slots per layer; 0: prompt + new tokens
   de.prefill_chunk = 0          # read the prompt in pieces (policy acts on each); 0: at once
   de.max_new_tokens = 64
   de.temperature = 0.0          # 0: greedy
   de.top_p = 1.0                # nucleus sampling (with temperature > 0); 1: off
-
-  # NAMM / baseline policy keys (models/namm.py): h2o and l2 keep `budget` tokens per head,
-  # `recent` of them the newest; namm loads an evolve.py run (its shipped mean or best).
-  de.budget = 256
-  de.recent = 32
-  de.namm_run = ''              # evolve.py workdir ('' : zero parameters = keep everything)
-  de.namm_which = 'best_val'    # best_val (shipped: best val mean) | mean (last) | best member
-
-  c.namm = n = ml_collections.ConfigDict()   # models/namm.py (eviction network)
-  n.update_interval = 512       # new tokens between evictions (official 512; prefill_chunk too)
-  n.n_fft = 32                  # STFT window = n_fft (periodic Hann), no centring
-  n.hop = 16
-  n.gamma = 0.99                # EMA decay per token
-  n.rec_dim = 8                 # sinusoidal recency features
-  n.max_freq = 50000.0
-  n.hidden = 32                 # BAM width (4172 parameters with the defaults)
 
   c.evolve = ev = ml_collections.ConfigDict()   # evolve.py (NAMM search; training/evolve.py)
   ev.base = ''                  # train.py workdir of the frozen base LM
@@ -159,6 +117,15 @@ def get_base_config():
   e.depths = (0.1, 0.5, 0.9)
   e.examples = 8                # per (task, length, depth) cell
   e.buckets = 4                 # loss by position bucket
+
+  # Each method's own keys (model.titans, model.infini, model.anchor, namm, decode.budget,
+  # ...): registered with the method in its models/ module (models/registry.py).
+  for key, default in registry.config_keys().items():
+    *parents, leaf = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = ml_collections.ConfigDict(default) if isinstance(default, dict) else default
   return c
 
 

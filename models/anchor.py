@@ -31,8 +31,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
+from models import registry
 from models.attention import Attention, KVCache, attend, write
+from models.registry import check
 from models.chunked_attention import chunked_attention
 
 
@@ -166,7 +169,7 @@ def prune(cache):
   return cache.replace(valid_BxKxS=cache.valid_BxKxS & same_doc & (current | ts['anc']))
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class AnchorPolicy:
   """`decode.policy=anchor`: AnchorAttention layers prune their cache (see `prune`) after
   every chunk. Other attention layers (in a mixed model) keep their full cache."""
@@ -176,11 +179,6 @@ class AnchorPolicy:
 
   def keep(self, cache, probs_BxKxTxS, pos_BxT):
     return jnp.ones_like(cache.valid_BxKxS), cache
-
-
-def make_anchor_policy(decode_cfg):
-  del decode_cfg
-  return AnchorPolicy()
 
 
 def init_ac_embedding(model_cfg, model_state):
@@ -200,3 +198,34 @@ def init_ac_embedding(model_cfg, model_state):
     return x
 
   return jax.tree_util.tree_map_with_path(copy_row, model_state)
+
+
+def validate(cfg):
+  """model.anchor (mixer 'anchor')."""
+  a, v = cfg.model.anchor, cfg.model.vocab_size
+  check(a.mode in ('ep', 'ac'), 'model.anchor.mode', f'{a.mode!r} not ep|ac')
+  if a.mode == 'ep':
+    check(len(a.ep_ids) >= 1, 'model.anchor.ep_ids', 'EP mode needs at least one anchor id')
+  ids = {'ep_ids': tuple(a.ep_ids), 'ac_id': (a.ac_id,), 'bos_id': (a.bos_id,),
+         'pad_id': (a.pad_id,)}
+  for key, values in ids.items():
+    for i in values:
+      check(0 <= i < v, f'model.anchor.{key}', f'id {i} outside the vocabulary [0, {v})')
+  check(a.ac_init_from < v, 'model.anchor.ac_init_from', f'id {a.ac_init_from} >= vocab {v}')
+  src = cfg.data.source
+  if a.mode == 'ac':
+    check(not (src == 'stdlib' or src.startswith('synthetic:')), 'data.source',
+          f'model.anchor.mode=ac needs <AC> tokens in the text: use data.source=ac:{src} '
+          '(inserts <AC> at sentence ends)')
+
+
+CONFIG = {'model.anchor': dict(
+    mode='ep',            # ep: existing end-of-sentence ids are anchors | ac: <AC> only
+    ep_ids=(46, 10),      # EP anchors: bytes of '.' and '\n' (Llama '.': 29889)
+    ac_id=259,            # the <AC> id (byte tokenizer); AC data: data.source='ac:...'
+    ac_init_from=46,      # init_from into AC mode: <AC> embedding := this id's; -1: off
+    bos_id=257,           # a BOS starts a new document (packing): no attention across
+    pad_id=256,           # padding: masked as query and as key
+)}
+registry.register_mixer('anchor', AnchorAttention, state=KVCache, config=CONFIG, validate=validate)
+registry.register_policy('anchor', lambda cfg: AnchorPolicy())

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from models import registry
 from models.chunked_attention import chunked_attention
 from models.layers import constrain, param, rope, rope_scaling
 
@@ -20,7 +21,7 @@ NEG_INF = -1e30
 
 
 @struct.dataclass
-class KVCache:
+class KVCache(registry.KVState):
   k_BxKxSxH: jax.Array
   v_BxKxSxH: jax.Array
   pos_BxKxS: jax.Array          # int32 absolute positions (-1 in empty slots)
@@ -41,6 +42,10 @@ class KVCache:
   def size_BxK(self):
     """Number of cached tokens per (batch row, KV head)."""
     return self.valid_BxKxS.sum(-1)
+
+  def token_bytes(self):
+    """Bytes of one cached token of this layer: (k, v) x kv_heads x head_dim x itemsize."""
+    return 2 * self.k_BxKxSxH.shape[1] * self.k_BxKxSxH.shape[3] * self.k_BxKxSxH.dtype.itemsize
 
 
 def _scatter(buf_BxKxS_, slots_BxKxT, new_BxKxT_):
@@ -178,3 +183,12 @@ class Attention(nnx.Module):
       keep_BxKxS, cache = policy.keep(cache, probs_BxKxTxS, pos_BxT)
       cache = cache.replace(valid_BxKxS=cache.valid_BxKxS & keep_BxKxS)
     return self.out(o), cache
+
+
+def _validate_sliding(cfg):
+  registry.check(cfg.model.window >= 1, 'model.window', 'sliding-window attention needs window >= 1')
+
+
+registry.register_mixer('attention', Attention, state=KVCache)
+registry.register_mixer('sliding', lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
+                        state=KVCache, validate=_validate_sliding)

@@ -9,11 +9,13 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from models import registry
+
 
 def init_state(model, batch, capacity, policy=None):
   state = model.init_state(batch, capacity)
   if policy is not None:
-    state = [policy.init(s) if hasattr(s, 'valid_BxKxS') else s for s in state]
+    state = [policy.init(s) if registry.is_kv_cache(s) else s for s in state]
   return state
 
 
@@ -51,7 +53,7 @@ def sample(logits_BxV, key, temperature=0.0, top_p=1.0):
   return jax.random.categorical(key, logits).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('n_new', 'capacity', 'temperature', 'top_p', 'policy',
+@functools.partial(jax.jit, static_argnames=('n_new', 'capacity', 'temperature', 'top_p',
                                              'prefill_chunk'))
 def generate(model, prompt_BxP, key, *, n_new, capacity=0, temperature=0.0, top_p=1.0,
              policy=None, prefill_chunk=0):

@@ -39,14 +39,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from models import registry
 from models.attention import Attention, attend, position_mask
 from models.layers import constrain, rope
+from models.registry import check
 
 EPS = 1e-10
 
 
 @struct.dataclass
-class InfiniState:
+class InfiniState(registry.LayerState):
   M_BxKxHxH: jax.Array          # fp32 memory, d_key x d_value per KV head
   z_BxKxH: jax.Array            # fp32 normaliser
   k_BxSxKxH: jax.Array          # position-free keys of the current partial segment (S = N or 0)
@@ -190,3 +192,25 @@ class InfiniAttention(Attention):
                            pos_BxS=pick(jnp.full_like(state.pos_BxS, -1), state.pos_BxS))
 
     return jax.lax.cond(done_B.any(), fold, lambda s: s, state)
+
+
+def validate(cfg):
+  """model.infini (mixer 'infini')."""
+  m = cfg.model
+  check(m.infini.update_rule in ('linear', 'delta'), 'model.infini.update_rule',
+        f'{m.infini.update_rule!r} not linear|delta')
+  check(m.segment_len >= 1, 'model.segment_len',
+        'mixer infini needs segments (memory is written per segment): set segment_len >= 1')
+  check(cfg.decode.prefill_chunk % m.segment_len == 0, 'decode.prefill_chunk',
+        f'{cfg.decode.prefill_chunk} must be a multiple of model.segment_len={m.segment_len} '
+        '(infini chunks may not cross a segment boundary)')
+
+
+CONFIG = {'model.infini': dict(
+    update_rule='linear',   # linear (Eq. 8) | delta (Eq. 9) memory update
+    detach=False,           # stop gradients into carried (M, z): truncated BPTT (ablation)
+    gate_init=0.0,          # beta per head at init; sigmoid(0) = 0.5 mixes memory/local
+    memory=True,            # False: segment-local attention only (the baseline)
+)}
+registry.register_mixer('infini', InfiniAttention, state=InfiniState, config=CONFIG,
+                        validate=validate)

@@ -1,7 +1,8 @@
 """Decoder-only LM: embed -> blocks (norm, mixer, norm, SwiGLU) -> norm -> head.
 
 Each layer's sequence mixer is chosen by config (`model.mixer`: one name, or a
-comma-separated pattern cycled over the layers). Every mixer follows one contract:
+comma-separated pattern cycled over the layers) among the mixers registered in
+models/registry.py. Every mixer follows one contract:
 
     mixer(x_BxTxD, state, pos_BxT, policy=None, tokens_BxT=None) -> (y_BxTxD, state)
     mixer.init_state(batch, capacity) -> state
@@ -11,35 +12,16 @@ where `state` is the layer's recurrent memory (a KV cache for attention); `token
 are the chunk's token ids (for token-dependent masks such as AnSAN anchors). Long inputs
 are processed segment by segment (`model.segment_len`) by `lax.scan`, carrying states.
 """
-import importlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import Attention
+from models import registry
 from models.layers import DTYPES, RMSNorm, SwiGLU, constrain, param
-
-# name -> ctor(model_cfg, rngs) -> mixer, or 'module:attribute' imported on first use
-# (so a method's module is only loaded by the configs that use it).
-MIXERS = {
-    'attention': Attention,
-    'sliding': lambda cfg, rngs: Attention(cfg, window=cfg.window, rngs=rngs),
-    'titans_mac': 'models.titans:MAC',
-    'titans_mag': 'models.titans:MAG',
-    'titans_mal': 'models.titans:MAL',
-    'titans_lmm': 'models.titans:LMM',
-    'infini': 'models.infini:InfiniAttention',
-    'anchor': 'models.anchor:AnchorAttention',
-}
 
 
 def make_mixer(name, cfg, rngs):
-  ctor = MIXERS[name]
-  if isinstance(ctor, str):
-    module, attr = ctor.split(':')
-    ctor = getattr(importlib.import_module(module), attr)
-  return ctor(cfg, rngs=rngs)
+  return registry.mixer(name).build(cfg, rngs=rngs)
 
 
 def layer_mixers(cfg):

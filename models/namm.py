@@ -17,11 +17,10 @@ layer, every `update_interval` new tokens:
   7. keep rule: K = max over heads of #(score >= 0); each head keeps its own top-K; the newest
      token is always kept (+inf), empty slots never (-inf). Zero parameters keep everything.
 
-Parameters and statistics are traced data, not part of the (hashable, static) policy object:
-`NAMM.init(cache)` puts the policy's own `theta` / `mu` / `sigma` (baked-in constants, zeros
-and (0, 1) by default) into `cache.policy_state`, and `with_params(state, theta, mu, sigma)`
-replaces them in every layer's cache, so the evolution loop vmaps one compiled program over
-population members (training/evolve.py). Per-slot state (`cache.token_state`, zeroed when a
+The policy is a pytree (models/eviction.py): hyper-parameters static, the scorer parameters
+`theta` and the normalisation statistics `mu` / `sigma` array fields (zeros and (0, 1) by
+default: keep everything), so the evolution loop vmaps one compiled program over population
+members' theta (training/evolve.py). Per-slot state (`cache.token_state`, zeroed when a
 slot is written): the EMA `ema` [.., F] and a ring `rows` [.., hop + n] of the latest
 attention rows (the previous update's last `hop` and the `n` since). `policy_state['stats']`
 accumulates [count, sum, sum of squares] of E over valid tokens at every update (pooled per
@@ -35,34 +34,15 @@ so it follows the kept cache rather than the capacity.
 Deviation (documented): K is the max over heads per batch row, not over the batch too (the
 official B = 1 makes them equal; this keeps prompts of one batch independent).
 """
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+
+from models import registry
+from models.registry import check
 
 INF = 1e30
-
-
-# --- Hashable frozen arrays (policy constants) -------------------------------------------
-
-class FrozenArray:
-  """A NumPy array hashable by value, so a policy holding one stays a static jit argument."""
-
-  def __init__(self, a):
-    self.a = np.asarray(a, np.float32)
-    self.a.setflags(write=False)
-    self._hash = hash((self.a.shape, self.a.tobytes()))
-
-  def __hash__(self):
-    return self._hash
-
-  def __eq__(self, other):
-    return isinstance(other, FrozenArray) and self.a.shape == other.a.shape and bool(
-        np.array_equal(self.a, other.a))
-
-  def __repr__(self):
-    return f'FrozenArray{self.a.shape}'
 
 
 # --- Scorer parameters -------------------------------------------------------------------
@@ -208,23 +188,34 @@ def keep_rule(score_BxKxS, valid_BxKxS, pos_BxKxS):
 
 # --- The NAMM policy ---------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
+static = lambda default: struct.field(pytree_node=False, default=default)
+
+
+@struct.dataclass
 class NAMM:
-  """Eviction by the evolved BAM scorer (see the module docstring). Static fields only;
-  `theta`, `mu`, `sigma` are optional baked-in constants (an evolve.py checkpoint)."""
-  update_interval: int = 512
-  n_fft: int = 32
-  hop: int = 16
-  gamma: float = 0.99
-  rec_dim: int = 8
-  max_freq: float = 50000.0
-  hidden: int = 32
-  block: int = 256              # BAM keys per block (memory O(S * block), not O(S^2))
-  buckets: int = 4              # features + BAM on the valid slots gathered into the smallest
+  """Eviction by the evolved BAM scorer (see the module docstring). Build with `make`."""
+  theta: jax.Array              # [n_params] scorer parameters (official row-major layout)
+  mu: jax.Array                 # [n_feat] normalisation of the EMA features
+  sigma: jax.Array
+  update_interval: int = static(512)
+  n_fft: int = static(32)
+  hop: int = static(16)
+  gamma: float = static(0.99)
+  rec_dim: int = static(8)
+  max_freq: float = static(50000.0)
+  hidden: int = static(32)
+  block: int = static(256)      # BAM keys per block (memory O(S * block), not O(S^2))
+  buckets: int = static(4)      # features + BAM on the valid slots gathered into the smallest
                                 # of S/2^(buckets-1) .. S/2, S that holds them (1: all S slots)
-  theta: FrozenArray | None = None
-  mu: FrozenArray | None = None
-  sigma: FrozenArray | None = None
+
+  @classmethod
+  def make(cls, theta=None, mu=None, sigma=None, **hyper):
+    """The policy with these hyper-parameters; parameters default to zeros (keep all)."""
+    p = cls(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0), **hyper)
+    F = p.n_feat
+    as_f32 = lambda a, default: default if a is None else jnp.asarray(a, jnp.float32)
+    return p.replace(theta=as_f32(theta, jnp.zeros(p.n_params)), mu=as_f32(mu, jnp.zeros(F)),
+                     sigma=as_f32(sigma, jnp.ones(F)))
 
   @property
   def n_feat(self):
@@ -237,11 +228,8 @@ class NAMM:
   def init(self, cache):
     B, K, S = cache.valid_BxKxS.shape
     F, R = self.n_feat, self.hop + self.update_interval
-    const = lambda f, default: jnp.asarray(f.a) if f is not None else default
     token_state = dict(ema=jnp.zeros((B, K, S, F)), rows=jnp.zeros((B, K, S, R)))
-    policy_state = dict(theta=const(self.theta, jnp.zeros(self.n_params)),
-                        mu=const(self.mu, jnp.zeros(F)), sigma=const(self.sigma, jnp.ones(F)),
-                        count=jnp.zeros((), jnp.int32), written=jnp.zeros((), jnp.int32),
+    policy_state = dict(count=jnp.zeros((), jnp.int32), written=jnp.zeros((), jnp.int32),
                         start_B=jnp.zeros((B,), jnp.int32), stats=jnp.zeros((3, F)))
     return cache.replace(token_state=token_state, policy_state=policy_state)
 
@@ -251,14 +239,14 @@ class NAMM:
     spec = stft_magnitudes(ts['rows'], self.n_fft, self.hop, start=ps['written'])
     offset_BxKxS = cache.pos_BxKxS - ps['start_B'][:, None, None]
     ema = ema_update(ts['ema'], spec, offset_BxKxS, self.gamma, self.hop)
-    e_hat = (ema - ps['mu']) / jnp.maximum(ps['sigma'], 1e-7)
+    e_hat = (ema - self.mu) / jnp.maximum(self.sigma, 1e-7)
     age = newest_B[:, None, None] - cache.pos_BxKxS
     z = jnp.concatenate([recency_features(age, self.rec_dim, self.max_freq), e_hat], -1)
     return z, ema
 
   def bam(self, cache, z_BxKxSxZ):
     """BAM scores [B, K, S] of the features z, per (batch row, head)."""
-    p = unflatten(cache.policy_state['theta'], self.n_feat, self.rec_dim, self.hidden)
+    p = unflatten(self.theta, self.n_feat, self.rec_dim, self.hidden)
     n_valid = cache.valid_BxKxS.sum(-1).max()        # one bound for all rows: a real branch
     bam = lambda z, pos, v: bam_scores(z, pos, v, p, self.hidden, self.block, n_valid)
     return jax.vmap(jax.vmap(bam))(z_BxKxSxZ, cache.pos_BxKxS, cache.valid_BxKxS)
@@ -329,24 +317,10 @@ class NAMM:
         ps, count=jnp.where(count >= n, 0, count), stats=stats))
 
 
-def with_params(layer_states, theta_P, mu_F=None, sigma_F=None):
-  """Every NAMM-managed layer cache with its scorer parameters / statistics replaced."""
-  def put(s):
-    if not (hasattr(s, 'policy_state') and isinstance(s.policy_state, dict)
-            and 'theta' in s.policy_state):
-      return s
-    ps = dict(s.policy_state, theta=theta_P)
-    if mu_F is not None:
-      ps.update(mu=mu_F, sigma=sigma_F)
-    return s.replace(policy_state=ps)
-  return [put(s) for s in layer_states]
-
-
 def pooled_stats(layer_states):
   """[count, sum, sumsq] of E summed over NAMM layers (each row [..., F])."""
   return sum(s.policy_state['stats'] for s in layer_states
-             if hasattr(s, 'policy_state') and isinstance(s.policy_state, dict)
-             and 'stats' in s.policy_state)
+             if registry.is_kv_cache(s) and 'stats' in (s.policy_state or {}))
 
 
 def mean_std(stats_3xF):
@@ -381,12 +355,12 @@ def _top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
   return jax.lax.cond(over_BxKx1.max() <= 1, one_over, sorted_keep)
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class H2O:
   """Heavy-hitter oracle (Zhang et al. 2023): keep the `recent` newest tokens plus those with
   the largest attention accumulated since they entered the cache, `budget` per head."""
-  budget: int = 256
-  recent: int = 32
+  budget: int = static(256)
+  recent: int = static(32)
 
   def init(self, cache):
     return cache.replace(token_state=dict(acc=jnp.zeros(cache.valid_BxKxS.shape)))
@@ -398,12 +372,12 @@ class H2O:
                        self.recent), cache
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class L2Norm:
   """Key-norm eviction (Devoto et al. 2024): keep the `recent` newest tokens plus the
   tokens with the LOWEST key L2 norm, `budget` per head."""
-  budget: int = 256
-  recent: int = 32
+  budget: int = static(256)
+  recent: int = static(32)
 
   def init(self, cache):
     return cache
@@ -414,34 +388,60 @@ class L2Norm:
                        self.recent), cache
 
 
-# --- Factories (models/eviction.py registry: make(decode_cfg) -> policy) ------------------
+# --- Registration (models/registry.py) ------------------------------------------------------
 
-def make_h2o(cfg):
-  return H2O(int(cfg.budget), int(cfg.recent))
-
-
-def make_l2(cfg):
-  return L2Norm(int(cfg.budget), int(cfg.recent))
-
-
-def namm_from_config(namm_cfg, theta=None, mu=None, sigma=None):
-  frozen = lambda a: None if a is None else FrozenArray(a)
-  return NAMM(update_interval=int(namm_cfg.update_interval), n_fft=int(namm_cfg.n_fft),
-              hop=int(namm_cfg.hop), gamma=float(namm_cfg.gamma), rec_dim=int(namm_cfg.rec_dim),
-              max_freq=float(namm_cfg.max_freq), hidden=int(namm_cfg.hidden),
-              theta=frozen(theta), mu=frozen(mu), sigma=frozen(sigma))
+def from_config(namm_cfg, theta=None, mu=None, sigma=None):
+  """The NAMM policy of a `namm` config section (dict or ConfigDict), with these parameters
+  (training/evolve.py load_namm reads an evolve.py run's)."""
+  n = namm_cfg
+  return NAMM.make(theta, mu, sigma, update_interval=int(n['update_interval']),
+                   n_fft=int(n['n_fft']), hop=int(n['hop']), gamma=float(n['gamma']),
+                   rec_dim=int(n['rec_dim']), max_freq=float(n['max_freq']),
+                   hidden=int(n['hidden']))
 
 
-def make_namm(cfg):
-  """From the `decode` section: `decode.namm_run` names an evolve.py workdir whose shipped
-  parameters (`decode.namm_which`: best_val | mean | best) and normalisation statistics are
-  baked into the policy, with that run's `namm` hyper-parameters; without it, zero
-  parameters (keep everything) and the configs/base.py `namm` defaults."""
-  from ml_collections import ConfigDict
-  from configs.base import get_base_config
-  run = cfg.get('namm_run', '')
-  if not run:
-    return namm_from_config(get_base_config().namm)
-  from training.evolve import load_policy_arrays
-  arrays, namm_cfg = load_policy_arrays(run, which=cfg.get('namm_which', 'best_val'))
-  return namm_from_config(ConfigDict(namm_cfg), arrays['theta'], arrays['mu'], arrays['sigma'])
+def validate_budget(cfg):
+  de = cfg.decode
+  check(de.budget >= 1, 'decode.budget', f'must be >= 1, got {de.budget}')
+  check(0 <= de.recent <= de.budget, 'decode.recent',
+        f'must be in [0, decode.budget={de.budget}], got {de.recent}')
+
+
+def validate(cfg):
+  """The `namm` section (and decode.namm_which); evolve.py calls it too."""
+  n = cfg.namm
+  check(cfg.decode.namm_which in ('best_val', 'mean', 'best'), 'decode.namm_which',
+        f'{cfg.decode.namm_which!r} not best_val|mean|best')
+  check(n.hop >= 1 and n.n_fft >= n.hop, 'namm.hop', f'need 1 <= hop <= n_fft, got hop={n.hop} '
+        f'n_fft={n.n_fft}')
+  check(n.update_interval >= n.hop and n.update_interval % n.hop == 0, 'namm.update_interval',
+        f'must be a positive multiple of namm.hop={n.hop}, got {n.update_interval}')
+  check(n.n_fft == 2 * n.hop, 'namm.n_fft',
+        f'the official framing pads one previous hop: n_fft must be 2*hop, got {n.n_fft}')
+  check(0 < n.gamma <= 1, 'namm.gamma', f'must be in (0, 1], got {n.gamma}')
+  check(n.rec_dim >= 2 and n.rec_dim % 2 == 0, 'namm.rec_dim', f'must be even >= 2, got {n.rec_dim}')
+  check(n.hidden >= 1, 'namm.hidden', f'must be >= 1, got {n.hidden}')
+
+
+BUDGET = {'decode.budget': 256,   # h2o and l2 keep `budget` tokens per head,
+          'decode.recent': 32}    # `recent` of them the newest
+NAMM_CONFIG = {
+    # decode.policy=namm loads an evolve.py run (training/evolve.py load_namm)
+    'decode.namm_run': '',            # evolve.py workdir ('' : zero parameters = keep everything)
+    'decode.namm_which': 'best_val',  # best_val (shipped: best val mean) | mean (last) | best member
+    'namm': dict(
+        update_interval=512,    # new tokens between evictions (official 512; prefill_chunk too)
+        n_fft=32,               # STFT window = n_fft (periodic Hann), no centring
+        hop=16,
+        gamma=0.99,             # EMA decay per token
+        rec_dim=8,              # sinusoidal recency features
+        max_freq=50000.0,
+        hidden=32,              # BAM width (4172 parameters with the defaults)
+    ),
+}
+registry.register_policy('h2o', lambda cfg: H2O(int(cfg.decode.budget), int(cfg.decode.recent)),
+                         config=BUDGET, validate=validate_budget)
+registry.register_policy('l2', lambda cfg: L2Norm(int(cfg.decode.budget), int(cfg.decode.recent)),
+                         config=BUDGET, validate=validate_budget)
+registry.register_policy('namm', lambda cfg: from_config(cfg.namm), config=NAMM_CONFIG,
+                         validate=validate)

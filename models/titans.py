@@ -56,8 +56,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from models import registry
 from models.attention import NEG_INF, Attention, KVCache, position_mask, write
 from models.layers import DTYPES, RMSNorm, param, rope
+from models.registry import check
 
 # --- Fast weights: the memory MLP and its associative loss (pure functions) -----------------
 
@@ -200,7 +202,7 @@ UPDATES = {'closed': (closed_gate_terms, chunk_update_closed),
 
 
 @struct.dataclass
-class MemState:
+class MemState(registry.LayerState):
   w_base: dict        # fast weights at the last chunk boundary: reads + gradients of this chunk
   w: dict             # fast weights after every token seen
   s: dict             # surprise (momentum)
@@ -480,7 +482,7 @@ class MAL(_WindowedMemory):
 
 
 @struct.dataclass
-class MACState:
+class MACState(registry.LayerState):
   mem: MemState        # memory after the completed segments (y-stream conv buffer inside)
   conv_x: jax.Array    # [B, K-1, 1, N, H] retrieval-query conv buffer (x stream)
   buf_BxCxD: jax.Array  # inputs of the current, incomplete segment
@@ -555,3 +557,54 @@ class MAC(_PersistentAttention):
     done = n == C - 1
     new = jax.tree.map(lambda a, b: jnp.where(done, a, b), new, state)
     return o, new.replace(buf_BxCxD=buf)
+
+
+def validate(cfg):
+  """model.titans (mixers titans_mac / titans_mag / titans_mal / titans_lmm)."""
+  m = cfg.model
+  ti = m.titans
+  for key in ('chunk', 'depth', 'expansion'):
+    check(ti[key] >= 1, f'model.titans.{key}', f'must be >= 1, got {ti[key]}')
+  for key in ('persistent', 'conv'):
+    check(ti[key] >= 0, f'model.titans.{key}', f'must be >= 0, got {ti[key]}')
+  check(ti.theta_max > 0, 'model.titans.theta_max', f'must be > 0, got {ti.theta_max}')
+  check(ti.grad_clip >= 0, 'model.titans.grad_clip', f'must be >= 0, got {ti.grad_clip}')
+  check(len(ti.gate_bias) == 3, 'model.titans.gate_bias',
+        f'must be 3 numbers (theta, eta, alpha), got {ti.gate_bias}')
+  check(ti.mac_write in ('y', 'residual'), 'model.titans.mac_write',
+        f'{ti.mac_write!r} not y|residual')
+  check(ti.chunk_form in ('closed', 'scan'), 'model.titans.chunk_form',
+        f'{ti.chunk_form!r} not closed|scan')
+  unit = ti.chunk
+  if 'titans_mac' in m.mixer:
+    check(m.segment_len >= 1, 'model.segment_len', 'titans_mac needs segments (C): set >= 1')
+    check(m.segment_len % ti.chunk == 0, 'model.titans.chunk',
+          f'chunk={ti.chunk} must divide model.segment_len={m.segment_len}')
+    unit = m.segment_len
+  elif m.segment_len:
+    check(m.segment_len % ti.chunk == 0, 'model.titans.chunk',
+          f'chunk={ti.chunk} must divide model.segment_len={m.segment_len}')
+  if 'titans_mag' in m.mixer or 'titans_mal' in m.mixer:
+    check(m.window >= 1, 'model.window', 'titans_mag / titans_mal need a sliding window >= 1')
+  check(cfg.decode.prefill_chunk % unit == 0, 'decode.prefill_chunk',
+        f'titans memory is updated per {unit} tokens: prefill_chunk must be a multiple of it')
+
+
+CONFIG = {'model.titans': dict(
+    chunk=16,                   # b: tokens per memory chunk (gradients at the chunk start)
+    depth=2,                    # L_M: memory MLP layers (1: linear memory)
+    expansion=4,                # memory MLP hidden width = expansion * head_dim
+    persistent=16,              # N_p learned persistent tokens (MAC/MAG/MAL)
+    conv=4,                     # causal depthwise conv kernel on q, k, v (0: none)
+    theta_max=0.1,              # cap of the inner learning rate theta
+    grad_clip=1.0,              # soft cap of each token's inner gradient norm (0: off)
+    gate_bias=(-2.0, 0.0, -5.0),  # initial pre-sigmoid theta, eta, alpha: theta/theta_max
+                                # ~ 0.12, eta 0.5, alpha ~ 0.007
+    momentum=True,              # False: eta = 0 (ablation)
+    forget=True,                # False: alpha = 0 (ablation)
+    mac_write='residual',       # MAC write (Eq 24): residual (x + y) | y (attention output only)
+    chunk_form='closed',        # closed (chunk-end closed form) | scan (per-token + assoc. scan)
+)}
+for _name, _mixer, _state in (('titans_mac', MAC, MACState), ('titans_mag', MAG, (KVCache, MemState)),
+                              ('titans_mal', MAL, (KVCache, MemState)), ('titans_lmm', LMM, MemState)):
+  registry.register_mixer(_name, _mixer, state=_state, config=CONFIG, validate=validate)

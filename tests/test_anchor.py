@@ -10,7 +10,6 @@ from data.ac import insert_ac, strip_ac
 from data.tokenizer import ByteTokenizer
 from models import decode
 from models.anchor import AnchorPolicy, AnchorRule, anchor_mask, init_ac_embedding
-from models.eviction import make_policy
 from models.lm import LM
 
 TOK = ByteTokenizer()
@@ -137,7 +136,8 @@ def test_pruned_decode_equals_masked_forward():
   masked_model, _ = build(**{'model.attention_impl': 'masked'})
   nnx.update(masked_model, nnx.state(model))
   assert float(jnp.abs(masked_model(x)[0] - full).max()) < 1e-5
-  policy = make_policy(tiny_config(**{'decode.policy': 'anchor'}).decode)
+  from training.policy import make_policy
+  policy = make_policy(tiny_config(**{'decode.policy': 'anchor'}))
   assert isinstance(policy, AnchorPolicy)
 
   rows, sizes, state = decode_logits(model, x, 24, 40, policy, chunk=8)

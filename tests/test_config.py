@@ -71,13 +71,13 @@ def test_partial_and_corrupt_checkpoints(tmp_path):
   ckpts = tmp_path / 'checkpoints'
   # A save killed half-way leaves a tmp folder: ignored, the run resumes from step 6.
   partial = ckpts / '9.orbax-checkpoint-tmp-1234'
-  os.makedirs(partial / 'model')
+  os.makedirs(partial / 'state')
   assert Checkpointer.open(tmp_path).latest_step() == 6
   # A damaged finished step: a clear error naming it, and every saved step stays.
-  for f in (ckpts / '6' / 'model').rglob('*'):
+  for f in (ckpts / '6' / 'state').rglob('*'):
     if f.is_file() and f.stat().st_size > 0 and 'manifest' in f.name or f.suffix == '.zarray':
       f.write_bytes(b'garbage')
-  shutil.rmtree(ckpts / '6' / 'opt')
+  shutil.rmtree(ckpts / '6' / 'data')
   before = sorted(os.listdir(ckpts))
   with pytest.raises(CheckpointError, match=r'checkpoint step 6 in .*checkpoints is unreadable'):
     train(tiny_config(**{'train.steps': 9}), tmp_path)

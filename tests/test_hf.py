@@ -23,8 +23,8 @@ from data.hf_tokenizer import HFTokenizer, get_tokenizer
 from models import decode, hf_llama
 from training import mesh as meshlib
 from training.config import ConfigError, validate
-from training.init_from import load_hf
-from training.loop import model_ctor
+from training.init_from import load_source
+from training.state import model_ctor
 
 VOCAB = 300
 CORPUS = os.path.join(sysconfig.get_paths()['stdlib'], 'json')   # 5 files, ~40 KB
@@ -75,11 +75,11 @@ def make_llama(path, tokenizer_json=None, dtype='float32', shard_size=None, **co
 
 def imported(hf_dir, **overrides):
   """(cfg, LM) built through the user path: resolve() with train.init_from=hf:DIR, then
-  training/init_from.py load_hf on this process's mesh."""
+  training/init_from.py load_source on this process's mesh."""
   cfg = tiny_config(**{'train.init_from': f'hf:{hf_dir}', 'data.tokenizer': 'byte', **overrides})
   validate(cfg, jax.device_count())
   mesh = meshlib.make_mesh(cfg)
-  state = load_hf(cfg, mesh, meshlib.axis_rules(cfg))
+  state = load_source(cfg, mesh)
   graphdef = nnx.graphdef(nnx.eval_shape(model_ctor(cfg)))
   return cfg, nnx.merge(graphdef, state)
 
@@ -132,9 +132,10 @@ def test_imported_logits_match_transformers(case, tmp_path):
 
 @pytest.mark.hf
 def test_hf_model_gives_a_frozen_base_without_a_run(tmp_path, tokenizer_json):
-  from training.init_from import hf_model
+  from training.evolve import load_base
   ref = make_llama(tmp_path, tokenizer_json, num_key_value_heads=2)
-  graphdef, state, cfg = hf_model(str(tmp_path))
+  base = load_base(f'hf:{tmp_path}')
+  graphdef, state, cfg = base.graphdef, base.state, base.cfg
   assert cfg.data.tokenizer == f'hf:{tmp_path}' and cfg.model.mixer == 'attention'
   want = torch_logits(ref, TOKENS)
   np.testing.assert_allclose(np.asarray(nnx.merge(graphdef, state)(jnp.asarray(TOKENS))[0]),

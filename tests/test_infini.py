@@ -220,7 +220,8 @@ def test_plug_and_play_from_a_trained_attention_checkpoint(tmp_path):
   continues training through training.loop.train from far below a fresh model's loss."""
   from training import mesh as meshlib
   from training.init_from import init_model_from, load_source
-  from training.loop import model_ctor, train
+  from training.loop import train
+  from training.state import model_ctor
   from training.metrics import read_metrics
   src_cfg = tiny_config(**{'model.n_kv_heads': 2, 'train.steps': 40, 'train.lr': 1e-2,
                            'train.warmup_steps': 5, 'train.log_every': 40,
@@ -232,8 +233,8 @@ def test_plug_and_play_from_a_trained_attention_checkpoint(tmp_path):
   cfg.train.param_groups = (('mixer/beta$', 10.0, False),)
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   _, fresh, _ = meshlib.sharded_init(model_ctor(cfg), mesh, rules)
-  loaded = init_model_from(cfg, mesh, rules, fresh)
-  source = load_source(cfg, mesh, rules)
+  loaded = init_model_from(cfg, mesh, fresh)
+  source = load_source(cfg, mesh)
   for name in ('wq', 'wk', 'wv', 'wo'):
     np.testing.assert_array_equal(loaded['blocks'][1]['mixer'][name][...],
                                   source['blocks'][1]['mixer'][name][...])

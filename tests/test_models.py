@@ -21,8 +21,8 @@ def tokens(B=2, T=48, seed=1):
 
 
 # Jitted decode entry points (eager per-token loops are slow to run, not to compile).
-step = jax.jit(decode.step, static_argnames=('policy',))
-prefill = jax.jit(decode.prefill, static_argnames=('policy', 'chunk'))
+step = jax.jit(decode.step)                       # policies are pytrees: traced arguments
+prefill = jax.jit(decode.prefill, static_argnames=('chunk',))
 
 
 def max_diff(a, b):

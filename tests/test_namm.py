@@ -50,7 +50,7 @@ def np_features(updates, n_fft=32, hop=16, gamma=0.99):
 
 def test_stft_ema_features_match_numpy_reference():
   n, S = 32, 64
-  pol = namm.NAMM(update_interval=n)
+  pol = namm.NAMM.make(update_interval=n)
   cache = pol.init(KVCache.empty(1, 2, S, 4))
   rng = np.random.default_rng(0)
   updates = {0: [], 1: []}
@@ -120,16 +120,17 @@ def test_compacted_update_equals_all_slots():
   bucket size is taken (few valid slots, about half, all)."""
   rng = np.random.default_rng(5)
   B, K, S, n = 2, 2, 64, 32
-  full, compact = namm.NAMM(update_interval=n, block=16, buckets=1), namm.NAMM(
+  full, compact = namm.NAMM.make(update_interval=n, block=16, buckets=1), namm.NAMM.make(
       update_interval=n, block=16, buckets=3)
   theta = jnp.asarray(0.1 * rng.normal(size=full.n_params), jnp.float32)
+  full, compact = full.replace(theta=theta), compact.replace(theta=theta)
   for frac in (0.1, 0.4, 1.0):
     valid = jnp.asarray(rng.random((B, K, S)) < frac).at[:, :, -1].set(True)
     pos = jnp.asarray(np.stack([[rng.permutation(S) for _ in range(K)] for _ in range(B)]))
     cache = full.init(KVCache.empty(B, K, S, 4).replace(pos_BxKxS=pos, valid_BxKxS=valid))
-    cache = namm.with_params([cache.replace(token_state=dict(
+    cache = cache.replace(token_state=dict(
         ema=jnp.asarray(rng.random((B, K, S, full.n_feat)), jnp.float32),
-        rows=jnp.asarray(rng.random((B, K, S, full.hop + n)) / S, jnp.float32)))], theta)[0]
+        rows=jnp.asarray(rng.random((B, K, S, full.hop + n)) / S, jnp.float32)))
     newest = jnp.where(valid, pos, -1).max((1, 2))
     (k1, e1, s1), (k2, e2, s2) = (jax.jit(p._update)(cache, newest) for p in (full, compact))
     np.testing.assert_array_equal(k2, k1)
@@ -185,14 +186,12 @@ def small_model():
 def test_zero_params_give_the_full_cache_logits_and_positive_params_evict():
   model = small_model()
   tok = jax.random.randint(jax.random.key(1), (2, 96), 0, 256)
-  pol = namm.NAMM(update_interval=32)
+  pol = namm.NAMM.make(update_interval=32)
 
   @functools.partial(jax.jit, static_argnames='policy_is_namm')
   def run(theta, policy_is_namm=True):
-    p = pol if policy_is_namm else eviction.KeepAll()
+    p = pol.replace(theta=theta) if policy_is_namm else eviction.KeepAll()
     st = decode.init_state(model, 2, 97, p)
-    if policy_is_namm:
-      st = namm.with_params(st, theta)
     logits, st = decode.prefill(model, tok, st, p, 32)
     return logits, [s.size_BxK() for s in st]
 
@@ -225,10 +224,12 @@ def test_baselines_respect_budget_and_recent_window():
   pos = np.asarray(cache.pos_BxKxS)[0, 0]
   others = [s for s in np.argsort(norms) if pos[s] >= 0 and pos[s] != 9][:2]
   assert sorted(np.flatnonzero(keep).tolist()) == sorted(others + [int(np.argmax(pos))])
-  cfg = tiny_config().decode
+  from training.policy import make_policy
+  cfg = tiny_config()
   for name in ('h2o', 'l2', 'namm'):
-    cfg.policy = name
-    hash(eviction.make_policy(cfg))                             # static jit argument
+    cfg.decode.policy = name
+    policy = make_policy(cfg)                                   # a pytree: a jit argument
+    assert jax.tree.structure(jax.jit(lambda p: p)(policy)) == jax.tree.structure(policy)
 
 
 # --- Evolution ----------------------------------------------------------------------------
@@ -267,10 +268,9 @@ def evolved(base_lm, tmp_path_factory):
 
 
 def read_state(work, gen):
-  from training.evolve import EvolveCheckpointer
-  ck = EvolveCheckpointer(work, read_only=True)
-  import orbax.checkpoint as ocp
-  s = ck.mngr.restore(gen, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  from training.checkpoint import Checkpointer
+  ck = Checkpointer.open(work)
+  s = ck.restore(gen, state=None)[1].state
   ck.close()
   return s
 

@@ -28,12 +28,12 @@ def test_microbatches_give_the_one_pass_update():
   import jax
   from data.tokenizer import ByteTokenizer
   from training import mesh as meshlib
-  from training.loop import train_ctor
+  from training.state import train_state_ctor
   from training.step import make_optimizer, make_train_step
   cfg = tiny_config()
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
-  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
+  graphdef, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   rng = np.random.default_rng(0)
@@ -75,9 +75,8 @@ def test_non_finite_loss_stops_without_saving(tmp_path):
   assert latest >= 3
   # Whatever was saved holds finite weights only.
   import jax
-  from training import mesh as meshlib
-  cfg = tiny_config()
-  _, state, _ = ckpt.restore_model(cfg, meshlib.make_mesh(cfg))
+  from training.run import load_run
+  state = load_run(tmp_path).state
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
 
 
@@ -99,11 +98,52 @@ def test_init_from_copies_matching_parameters_into_another_mixer(tmp_path):
   cfg = tiny_config(**{'train.init_from': str(tmp_path / 'src'), 'model.mixer': 'sliding',
                        'model.window': 16})
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
-  from training.loop import model_ctor
+  from training.state import model_ctor
   _, fresh, _ = meshlib.sharded_init(model_ctor(cfg), mesh, rules)
-  loaded = init_model_from(cfg, mesh, rules, fresh)
-  source = load_source(cfg, mesh, rules)
+  loaded = init_model_from(cfg, mesh, fresh)
+  source = load_source(cfg, mesh)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(source)):
     np.testing.assert_array_equal(a, b)
   metrics = train(cfg, tmp_path / 'dst')                        # and trains on from there
   assert np.isfinite(metrics['loss'])
+
+
+def test_run_directories_of_the_old_layout_restore_and_resume(tmp_path):
+  """Checkpoints written before the TrainState (items model / opt / data, not state / data)
+  still resume training and load for evaluation; a run without a model says so."""
+  import jax
+  from training import mesh as meshlib
+  from training.checkpoint import CheckpointError
+  from training.run import load_run
+  from training.state import train_state_ctor
+  from training.step import make_optimizer
+  from data import pipeline
+  cfg = tiny_config(**{'train.steps': 3})
+  train(cfg, tmp_path / 'new')
+  tx, _ = make_optimizer(cfg.train)
+  _, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), meshlib.make_mesh(cfg),
+                                             meshlib.axis_rules(cfg))
+  new = Checkpointer.open(tmp_path / 'new')
+  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           state, shardings)
+  d = cfg.data
+  it = pipeline.make_train_iterator(d.source, 'train', d.seq_len, cfg.train.batch_size, cfg.seed,
+                                    0, 1, None, tokenizer=d.tokenizer)
+  _, r = new.restore(3, state=abs_state, data=it, config=None)
+  old = Checkpointer.for_workdir(tmp_path / 'old', async_save=False)
+  old.save(3, model=r.state['model'], opt=r.state['opt'], data=it, config=r.config)
+  old.close()
+  assert Checkpointer.open(tmp_path / 'old').items(3) == {'model', 'opt', 'data', 'config'}
+  for a, b in zip(jax.tree.leaves(load_run(tmp_path / 'old').state),
+                  jax.tree.leaves(load_run(tmp_path / 'new').state)):
+    np.testing.assert_array_equal(a, b)
+  full = tiny_config(**{'train.steps': 6})
+  train(full, tmp_path / 'old')                                  # resumes at 3
+  train(full, tmp_path / 'new')
+  a, b = losses(tmp_path / 'new'), losses(tmp_path / 'old')
+  np.testing.assert_allclose([b[s] for s in range(4, 7)], [a[s] for s in range(4, 7)], rtol=1e-6)
+  evo = Checkpointer.for_workdir(tmp_path / 'evo', async_save=False)   # an evolve.py-like run
+  evo.save(1, state={'x': np.ones(2)}, config={})
+  evo.close()
+  with pytest.raises(CheckpointError, match="item 'state' of step 1 .* has no model"):
+    load_run(tmp_path / 'evo')

@@ -1,4 +1,7 @@
-"""Config resolution and validation: every error names the key, before anything compiles."""
+"""Config resolution and validation: every error names the key, before anything compiles.
+
+Generic checks live here (unknown keys, sizes, mesh, training keys); each method's own keys
+are checked by the validate it registered (models/registry.py) when a config uses it."""
 import math
 
 import jax
@@ -6,16 +9,9 @@ import ml_collections
 
 from configs.base import get_base_config
 from data import synthetic
+from models import registry
 from models.layers import DTYPES
-
-
-class ConfigError(ValueError):
-  pass
-
-
-def _check(ok, key, msg):
-  if not ok:
-    raise ConfigError(f'config.{key}: {msg}')
+from models.registry import ConfigError, check as _check
 
 
 def _unknown_keys(cfg, ref, prefix=''):
@@ -131,29 +127,9 @@ def _validate_hf(cfg):
            f'{n} token ids do not fit model.vocab_size={cfg.model.vocab_size}')
 
 
-def _validate_anchor(cfg):
-  """model.anchor (mixer 'anchor', models/anchor.py)."""
-  a, v = cfg.model.anchor, cfg.model.vocab_size
-  _check(a.mode in ('ep', 'ac'), 'model.anchor.mode', f'{a.mode!r} not ep|ac')
-  if a.mode == 'ep':
-    _check(len(a.ep_ids) >= 1, 'model.anchor.ep_ids', 'EP mode needs at least one anchor id')
-  ids = {'ep_ids': tuple(a.ep_ids), 'ac_id': (a.ac_id,), 'bos_id': (a.bos_id,),
-         'pad_id': (a.pad_id,)}
-  for key, values in ids.items():
-    for i in values:
-      _check(0 <= i < v, f'model.anchor.{key}', f'id {i} outside the vocabulary [0, {v})')
-  _check(a.ac_init_from < v, 'model.anchor.ac_init_from', f'id {a.ac_init_from} >= vocab {v}')
-  src = cfg.data.source
-  if a.mode == 'ac':
-    _check(not (src == 'stdlib' or src.startswith('synthetic:')), 'data.source',
-           f'model.anchor.mode=ac needs <AC> tokens in the text: use data.source=ac:{src} '
-           '(inserts <AC> at sentence ends)')
-
-
-def _validate_infini(cfg):
-  """model.infini (mixer 'infini', models/infini.py) and train.param_groups."""
+def _validate_param_groups(cfg):
+  """train.param_groups: (regex, lr multiplier, weight decay bool) entries."""
   import re
-  m = cfg.model
   for i, group in enumerate(cfg.train.param_groups):
     _check(len(group) == 3, 'train.param_groups', f'entry {i} must be (regex, lr multiplier, '
            f'weight decay bool), got {group!r}')
@@ -162,15 +138,6 @@ def _validate_infini(cfg):
     except re.error as e:
       raise ConfigError(f'config.train.param_groups: entry {i} regex {group[0]!r}: {e}') from None
     _check(group[1] > 0, 'train.param_groups', f'entry {i} lr multiplier must be > 0')
-  if 'infini' not in m.mixer:
-    return
-  _check(m.infini.update_rule in ('linear', 'delta'), 'model.infini.update_rule',
-         f'{m.infini.update_rule!r} not linear|delta')
-  _check(m.segment_len >= 1, 'model.segment_len',
-         'mixer infini needs segments (memory is written per segment): set segment_len >= 1')
-  _check(cfg.decode.prefill_chunk % m.segment_len == 0, 'decode.prefill_chunk',
-         f'{cfg.decode.prefill_chunk} must be a multiple of model.segment_len={m.segment_len} '
-         '(infini chunks may not cross a segment boundary)')
 
 
 def xla_options(train_cfg):
@@ -187,8 +154,6 @@ def xla_options(train_cfg):
 
 def validate(cfg, n_devices, *, check_mesh=True):
   """Raises ConfigError naming the offending key. Call before building anything."""
-  from models.eviction import POLICIES
-  from models.lm import MIXERS
   bad = list(_unknown_keys(cfg, get_base_config()))
   _check(not bad, bad[0] if bad else '', 'unknown key (typo?); known keys are in configs/base.py')
   m, d, t = cfg.model, cfg.data, cfg.train
@@ -199,11 +164,8 @@ def validate(cfg, n_devices, *, check_mesh=True):
            f'n_heads={m.n_heads} does not divide d_model={m.d_model} (or set model.head_dim)')
   _check(m.n_heads % m.n_kv_heads == 0, 'model.n_kv_heads',
          f'n_kv_heads={m.n_kv_heads} must divide n_heads={m.n_heads}')
-  for name in m.mixer.split(','):
-    _check(name.strip() in MIXERS, 'model.mixer',
-           f'unknown mixer {name.strip()!r}; one of {sorted(MIXERS)}')
-  if 'sliding' in m.mixer:
-    _check(m.window >= 1, 'model.window', 'sliding-window attention needs window >= 1')
+  methods = [registry.mixer(name.strip()) for name in m.mixer.split(',')]
+  methods.append(registry.policy(cfg.decode.policy))
   _check(m.dtype in DTYPES, 'model.dtype', f'{m.dtype!r} not one of {sorted(DTYPES)}')
   _check(m.remat in ('none', 'block', 'segment'), 'model.remat', f'{m.remat!r} not none|block|segment')
   _validate_attention(m, n_devices)
@@ -228,14 +190,11 @@ def validate(cfg, n_devices, *, check_mesh=True):
       jax.jit(lambda x: x + 1, compiler_options=xla_options(t)).lower(1.0).compile()
     except jax.errors.JaxRuntimeError as e:
       raise ConfigError(f'config.train.xla_options: {e}') from None
-  if 'anchor' in m.mixer:
-    _validate_anchor(cfg)
-  _validate_infini(cfg)
-  _validate_titans(cfg)
+  _validate_param_groups(cfg)
   _validate_hf(cfg)
-  _check(cfg.decode.policy in POLICIES, 'decode.policy',
-         f'unknown policy {cfg.decode.policy!r}; one of {sorted(POLICIES)}')
-  _validate_namm(cfg)
+  for method_validate in dict.fromkeys(m.validate for m in methods if m.validate):   # once each
+    method_validate(cfg)
+  _validate_evolve(cfg)
   rules = dict(cfg.axis_rules)
   for axis in ('batch', 'embed', 'vocab', 'heads', 'kv_heads', 'head_dim', 'mlp', 'seq', 'norm'):
     _check(axis in rules, 'axis_rules', f'no rule for logical axis {axis!r}')
@@ -273,57 +232,9 @@ def _validate_attention(m, n_devices):
            f'cudnn needs a GPU, this platform is {platform!r} (use xla or chunked)')
 
 
-def _validate_titans(cfg):
-  """model.titans (mixers titans_mac / titans_mag / titans_mal / titans_lmm, models/titans.py)."""
-  m = cfg.model
-  ti = m.titans
-  if 'titans' not in m.mixer:
-    return
-  for key in ('chunk', 'depth', 'expansion'):
-    _check(ti[key] >= 1, f'model.titans.{key}', f'must be >= 1, got {ti[key]}')
-  for key in ('persistent', 'conv'):
-    _check(ti[key] >= 0, f'model.titans.{key}', f'must be >= 0, got {ti[key]}')
-  _check(ti.theta_max > 0, 'model.titans.theta_max', f'must be > 0, got {ti.theta_max}')
-  _check(ti.grad_clip >= 0, 'model.titans.grad_clip', f'must be >= 0, got {ti.grad_clip}')
-  _check(len(ti.gate_bias) == 3, 'model.titans.gate_bias',
-         f'must be 3 numbers (theta, eta, alpha), got {ti.gate_bias}')
-  _check(ti.mac_write in ('y', 'residual'), 'model.titans.mac_write',
-         f'{ti.mac_write!r} not y|residual')
-  _check(ti.chunk_form in ('closed', 'scan'), 'model.titans.chunk_form',
-         f'{ti.chunk_form!r} not closed|scan')
-  unit = ti.chunk
-  if 'titans_mac' in m.mixer:
-    _check(m.segment_len >= 1, 'model.segment_len', 'titans_mac needs segments (C): set >= 1')
-    _check(m.segment_len % ti.chunk == 0, 'model.titans.chunk',
-           f'chunk={ti.chunk} must divide model.segment_len={m.segment_len}')
-    unit = m.segment_len
-  elif m.segment_len:
-    _check(m.segment_len % ti.chunk == 0, 'model.titans.chunk',
-           f'chunk={ti.chunk} must divide model.segment_len={m.segment_len}')
-  if 'titans_mag' in m.mixer or 'titans_mal' in m.mixer:
-    _check(m.window >= 1, 'model.window', 'titans_mag / titans_mal need a sliding window >= 1')
-  _check(cfg.decode.prefill_chunk % unit == 0, 'decode.prefill_chunk',
-         f'titans memory is updated per {unit} tokens: prefill_chunk must be a multiple of it')
-
-
-def _validate_namm(cfg):
-  """decode budget keys, the `namm` and `evolve` sections (models/namm.py, evolve.py)."""
-  de, n, ev = cfg.decode, cfg.namm, cfg.evolve
-  if de.policy in ('h2o', 'l2'):
-    _check(de.budget >= 1, 'decode.budget', f'must be >= 1, got {de.budget}')
-    _check(0 <= de.recent <= de.budget, 'decode.recent',
-           f'must be in [0, decode.budget={de.budget}], got {de.recent}')
-  _check(de.namm_which in ('best_val', 'mean', 'best'), 'decode.namm_which',
-         f'{de.namm_which!r} not best_val|mean|best')
-  _check(n.hop >= 1 and n.n_fft >= n.hop, 'namm.hop', f'need 1 <= hop <= n_fft, got hop={n.hop} '
-         f'n_fft={n.n_fft}')
-  _check(n.update_interval >= n.hop and n.update_interval % n.hop == 0, 'namm.update_interval',
-         f'must be a positive multiple of namm.hop={n.hop}, got {n.update_interval}')
-  _check(n.n_fft == 2 * n.hop, 'namm.n_fft',
-         f'the official framing pads one previous hop: n_fft must be 2*hop, got {n.n_fft}')
-  _check(0 < n.gamma <= 1, 'namm.gamma', f'must be in (0, 1], got {n.gamma}')
-  _check(n.rec_dim >= 2 and n.rec_dim % 2 == 0, 'namm.rec_dim', f'must be even >= 2, got {n.rec_dim}')
-  _check(n.hidden >= 1, 'namm.hidden', f'must be >= 1, got {n.hidden}')
+def _validate_evolve(cfg):
+  """The `evolve` section (evolve.py; the `namm` keys are the NAMM policy's)."""
+  ev = cfg.evolve
   _check(ev.strategy in ('cma_es', 'sep_cma_es', 'snes', 'open_es'), 'evolve.strategy',
          f'{ev.strategy!r} not one of cma_es|sep_cma_es|snes|open_es')
   _check(ev.population >= 2, 'evolve.population', f'must be >= 2, got {ev.population}')

@@ -1,12 +1,8 @@
 """Evaluation of a trained checkpoint: held-out loss, loss by position, synthetic-task accuracy,
 decode KV-cache size. evaluate.py is the CLI; `run` does everything and returns the report.
 
-Config precedence (`build_config`), lowest to highest:
-  1. the config saved with the checkpoint step, laid over configs/base.py defaults, with
-     `mesh` reset to data=-1, fsdp=1, tensor=1 (the training mesh need not fit here);
-  2. a whole config (`--config=file.py:preset`), which replaces 1 entirely;
-  3. single-key overrides (`--config.decode.policy=recency`).
-Keys that fix parameter shapes must still match the checkpoint (ConfigError otherwise).
+The checkpoint and its config (saved config < --config=file.py:preset < --config.x=y
+overrides) are loaded by training/run.py load_run.
 
 Task accuracy is exact match of every answer token. With decode.policy 'none' it is teacher
 forcing on the full forward; otherwise the decode path: prefill all but the last prompt token
@@ -23,7 +19,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -31,61 +26,13 @@ from jax.experimental import multihost_utils
 from data import pipeline, synthetic
 from data.hf_tokenizer import get_tokenizer
 from data.tokenizer import ByteTokenizer
-from models import decode
-from models.eviction import make_policy
+from models import decode, registry
 from training import mesh as meshlib
-from training.checkpoint import Checkpointer, CheckpointError
-from training.config import ConfigError, key_node, resolve, saved_config, validate
+from training.policy import make_policy
+from training.run import load_run
 from training.step import token_nll
 
-# Model keys that change parameter shapes: they must equal the checkpoint's.
-SHAPE_KEYS = ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'head_dim',
-              'mlp_dim', 'mixer', 'tie_embeddings')
-
-
-# --- Config --------------------------------------------------------------------------------
-
-def build_config(saved, config=None, overrides=None):
-  """Config for evaluating a checkpoint whose saved config (a dict) is `saved`.
-
-  `config`: a whole ConfigDict replacing the saved one (its mesh kept as given);
-  `overrides`: {'dotted.key': value} applied last. Returns a resolved ConfigDict.
-  """
-  if config is None:
-    cfg = saved_config(saved)
-    cfg.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  else:
-    cfg = ml_collections.ConfigDict(config.to_dict())
-  for key, value in (overrides or {}).items():
-    node, leaf = key_node(cfg, key)
-    try:
-      node[leaf] = value
-    except TypeError as e:
-      raise ConfigError(f'config.{key}: {e}') from None
-  cfg = resolve(cfg)
-  trained = resolve(saved_config(saved)).model
-  for key in SHAPE_KEYS:
-    if cfg.model[key] != trained[key]:
-      raise ConfigError(f'config.model.{key}: {cfg.model[key]!r} does not match the '
-                        f'checkpoint ({trained[key]!r}); it changes parameter shapes')
-  return cfg
-
-
-# --- Restore -------------------------------------------------------------------------------
-
-def checkpoint_step(ckpt, step=None):
-  """The latest (or the given) complete step of `ckpt`, with clear errors."""
-  steps = list(ckpt.mngr.all_steps())
-  if not steps:
-    raise CheckpointError(f'no checkpoint in {ckpt.directory}')
-  if step is None:
-    return ckpt.latest_step()
-  if step not in steps:
-    raise CheckpointError(f'no step {step} in {ckpt.directory}; it has steps {sorted(steps)}')
-  return step
-
-
-# --- Jitted programs (closing over the graphdef; policy and sizes are static) --------------
+# --- Jitted programs (closing over the graphdef; sizes are static) ------------------------
 
 def make_programs(graphdef, prefill_chunk=0, pad_id=ByteTokenizer.PAD):
   """The jitted pieces for one model structure, taking its state as the first argument."""
@@ -103,7 +50,7 @@ def make_programs(graphdef, prefill_chunk=0, pad_id=ByteTokenizer.PAD):
     logits_BxLxV, _ = nnx.merge(graphdef, state)(tokens_BxL[:, :-1])
     return logits_BxLxV.argmax(-1).astype(jnp.int32)
 
-  @functools.partial(jax.jit, static_argnums=(2, 3, 4))
+  @functools.partial(jax.jit, static_argnums=(2, 3))
   def decode_predictions(state, tokens_BxL, start, capacity, policy):
     """Decode path: prefill tokens[:, :start], then step tokens start..L-2 one at a time.
 
@@ -123,7 +70,7 @@ def make_programs(graphdef, prefill_chunk=0, pad_id=ByteTokenizer.PAD):
     _, pred_NxB = jax.lax.scan(body, cache, jnp.arange(start, L - 1))
     return jnp.concatenate([jnp.full((B, start), -1, jnp.int32), pred_NxB.T], 1)
 
-  @functools.partial(jax.jit, static_argnums=(2, 3))
+  @functools.partial(jax.jit, static_argnums=(2,))
   def prefill_state(state, prompt_BxP, capacity, policy):
     model = nnx.merge(graphdef, state)
     cache = decode.init_state(model, prompt_BxP.shape[0], capacity, policy)
@@ -136,13 +83,14 @@ def make_programs(graphdef, prefill_chunk=0, pad_id=ByteTokenizer.PAD):
 
 
 class Evaluator:
-  """A restored model on a mesh, with the jitted programs that evaluate it."""
+  """A loaded run (training/run.py Run) with the jitted programs that evaluate it."""
 
-  def __init__(self, cfg, graphdef, state, mesh):
-    self.cfg, self.graphdef, self.state, self.mesh = cfg, graphdef, state, mesh
-    self.policy = make_policy(cfg.decode)
-    self.tokenizer = get_tokenizer(cfg.data.tokenizer)
-    self.programs = make_programs(graphdef, cfg.decode.prefill_chunk, self.tokenizer.PAD)
+  def __init__(self, run):
+    self.run = run
+    self.cfg, self.graphdef, self.state, self.mesh = run.cfg, run.graphdef, run.state, run.mesh
+    self.policy = make_policy(self.cfg)
+    self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)
+    self.programs = make_programs(self.graphdef, self.cfg.decode.prefill_chunk, self.tokenizer.PAD)
 
   def put(self, x_Bx_):
     """A global host array onto the mesh: split over the batch axes when they divide B."""
@@ -212,19 +160,17 @@ class Evaluator:
     prompt_BxP = self.eval_batches()[0][0][:, :cfg.data.seq_len]
     capacity = cfg.decode.capacity or cfg.data.seq_len
     layers = self.programs.prefill_state(self.state, self.put(prompt_BxP), capacity, self.policy)
-    kv = [s for s in layers if hasattr(s, 'valid_BxKxS')]
+    kv = [s for s in layers if registry.is_kv_cache(s)]
     tokens = [float(_fetch(s.size_BxK()).mean()) for s in kv]
-    # bytes per cached token of one layer: (k, v) x kv_heads x head_dim x itemsize
-    token_bytes = [2 * math.prod(s.k_BxKxSxH.shape[1::2]) * s.k_BxKxSxH.dtype.itemsize
-                   for s in kv]
-    other = [x for s in layers if not hasattr(s, 'valid_BxKxS') for x in jax.tree.leaves(s)]
+    token_bytes = [s.token_bytes() for s in kv]
+    other = [s for s in layers if not registry.is_kv_cache(s)]
     return dict(
         prompt_len=cfg.data.seq_len, capacity=capacity, policy=cfg.decode.policy,
         kv_layers=len(kv), tokens_per_layer=float(np.mean(tokens)) if kv else 0.0,
         tokens_by_layer=tokens,
         bytes_per_sequence=float(sum(t * b for t, b in zip(tokens, token_bytes))),
         capacity_bytes_per_sequence=int(sum(s.capacity * b for s, b in zip(kv, token_bytes))),
-        other_state_bytes_per_sequence=int(sum(x.nbytes for x in other) // len(prompt_BxP)))
+        other_state_bytes_per_sequence=int(sum(map(registry.nbytes, other)) // len(prompt_BxP)))
 
   def sample(self, prompt, seed=0):
     """A continuation of `prompt` (decode.generate with the decode config)."""
@@ -310,24 +256,16 @@ def format_report(r):
 # --- Everything ------------------------------------------------------------------------------
 
 def load(workdir, *, step=None, config=None, overrides=None):
-  """An Evaluator for a checkpoint of `workdir` (config: see `build_config`), its step."""
-  ckpt = Checkpointer.open(workdir)
-  try:
-    step = checkpoint_step(ckpt, step)
-    cfg = build_config(ckpt.read_config(step), config, overrides)
-    validate(cfg, jax.device_count())
-    mesh = meshlib.make_mesh(cfg)
-    graphdef, state, _ = ckpt.restore_model(cfg, mesh, step)
-  finally:
-    ckpt.close()
-  return Evaluator(cfg, graphdef, state, mesh), step
+  """An Evaluator for a checkpoint of `workdir` (config: see training/run.py), its step."""
+  run = load_run(workdir, step, config=config, overrides=overrides)
+  return Evaluator(run), run.step
 
 
 def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=None):
   """Evaluates a checkpoint of `workdir`; writes OUTPUT/eval_step{N}.json and
   OUTPUT/tasks_step{N}.png (OUTPUT default workdir/eval). Returns the report dict.
 
-  config / overrides: see `build_config`. Raises CheckpointError / ConfigError.
+  config / overrides: see training/run.py. Raises CheckpointError / ConfigError.
   """
   t0 = time.time()
   ev, step = load(workdir, step=step, config=config, overrides=overrides)

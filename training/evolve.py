@@ -13,20 +13,21 @@ Protocol (SakanaAI/evo-memory memory_trainer.py; /work/shared/specs/namm.md sect
   * scores: retrieval tasks (passkey / niah / mqar) = teacher-forced answer-token accuracy,
     every answer token predicted from the evicted cache; corpus = exp(-mean nll) of the
     last `CORPUS_TARGET` tokens of a held-out text window.
-  * the population is evaluated by one jitted program vmapped over members, its member axis
-    sharded over a 1-D 'pop' mesh (strategy state replicated: ask/tell run outside it).
+  * the population is evaluated by one jitted program vmapped over the members' NAMM
+    parameters (the policy pytree's theta), its member axis sharded over a 1-D 'pop' mesh
+    (strategy state replicated: ask/tell run outside it).
   * every `evolve.eval_every` generations the strategy mean (official `prefer_mean_to_best`)
     is validated on the whole training pool of the current stage's tasks (as official: val =
     the training prompts) and on the held-out prompts (reported only). The shipped solution
     (`best_val`, official `ckpt.pt` on the best val score) is the mean with the best val
     fitness within the latest stage (a mean scored on fewer tasks in an earlier stage is not
     comparable); the current mean and the best member seen are saved too.
-Checkpoints (orbax, workdir/checkpoints): strategy state, generation, normalisation
-statistics, reference scores, best_val / mean / best parameters, config. Re-running resumes;
+Checkpoints (training/checkpoint.py, workdir/checkpoints): item `state` (strategy state,
+generation, normalisation statistics, reference scores, best_val / mean / best parameters)
+and the config. `load_namm` reads the shipped policy for decode.policy=namm. Re-running resumes;
 keys are fold_in(seed, generation) and prompt samples depend only on (seed, generation), so a
 resumed run continues identically.
 """
-import dataclasses
 import json
 import os
 import time
@@ -36,41 +37,26 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx, serialization
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from data import pipeline, synthetic
-from models import decode, namm as nammlib
+from models import decode, namm as nammlib, registry
+from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
-from training.config import resolve, saved_config
 from training.metrics import MetricWriter
+from training.run import load_run
 
 CORPUS_TARGET = 32          # scored tokens at the end of a corpus window
 
 
 # --- Base model ----------------------------------------------------------------------------
 
-def load_base(base_workdir, step=None):
-  """(graphdef, model state on one device, model config) of a train.py run, or of a
-  Hugging Face Llama directory given as `hf:DIR`."""
-  if base_workdir.startswith('hf:'):
-    from training.init_from import hf_model
-    return hf_model(base_workdir[3:], jax.devices()[:1])
-  from training import mesh as meshlib
-  ckpt = Checkpointer.open(base_workdir)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f'evolve.base: no checkpoint in {base_workdir}')
-    cfg = resolve(saved_config(ckpt.read_config(step)))
-    cfg.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
-    mesh = meshlib.make_mesh(cfg, jax.devices()[:1])
-    graphdef, state, _ = ckpt.restore_model(cfg, mesh, step)
-  finally:
-    ckpt.close()
-  return graphdef, state, cfg
+def load_base(source, step=None):
+  """The frozen base LM (training/run.py Run) of a train.py run or `hf:DIR`, on one device."""
+  cfg = ml_collections.ConfigDict(dict(mesh=dict(data=1, fsdp=1, tensor=1)))
+  return load_run(source, step, mesh=meshlib.make_mesh(cfg, jax.devices()[:1]))
 
 
 # --- Tasks ---------------------------------------------------------------------------------
@@ -109,17 +95,14 @@ def all_tasks(ev):
 
 # --- The population program ----------------------------------------------------------------
 
-def make_scorer(graphdef, policy, contexts, chunk=None):
-  """score(model_state, theta, mu, sigma, {task: tokens}) -> ({task: score_B}, cache_frac_L
-  (per layer), stats_3xF): one member on every task (contexts: {task: C}, static). The
-  context is prefilled in chunks of `chunk` (default: the NAMM update interval); any policy works
-  (theta / mu / sigma only reach NAMM caches)."""
-  chunk = chunk or policy.update_interval
+def make_scorer(graphdef, contexts, chunk):
+  """score(model_state, policy, {task: tokens}) -> ({task: score_B}, cache_frac_L (per layer),
+  stats_3xF): one member (a policy pytree) on every task (contexts: {task: C}, static). The
+  context is prefilled in chunks of `chunk` (the NAMM update interval)."""
 
-  def run_task(model, theta, mu, sigma, tokens_BxL, C, task):
+  def run_task(model, policy, tokens_BxL, C, task):
     B, L = tokens_BxL.shape
     state = decode.init_state(model, B, L, policy)
-    state = nammlib.with_params(state, theta, mu, sigma)
     _, state = decode.prefill(model, tokens_BxL[:, :C], state, policy, chunk)
     pos_BxA = jnp.broadcast_to(jnp.arange(C, L - 1, dtype=jnp.int32), (B, L - 1 - C))
     logits_BxAxV, _ = model(tokens_BxL[:, C:-1], state, pos_BxA)
@@ -129,13 +112,13 @@ def make_scorer(graphdef, policy, contexts, chunk=None):
       score_B = jnp.exp(-nll[..., 0].mean(-1))
     else:
       score_B = (logits_BxAxV.argmax(-1) == target_BxA).mean(-1)
-    kv = [s for s in state if hasattr(s, 'valid_BxKxS')]
+    kv = [s for s in state if registry.is_kv_cache(s)]
     frac_L = jnp.stack([s.size_BxK().mean() for s in kv]) / C
     return score_B, frac_L, nammlib.pooled_stats(state)
 
-  def score(model_state, theta, mu, sigma, tokens):
+  def score(model_state, policy, tokens):
     model = nnx.merge(graphdef, model_state)
-    out = {t: run_task(model, theta, mu, sigma, tokens[t], contexts[t], t) for t in tokens}
+    out = {t: run_task(model, policy, tokens[t], contexts[t], t) for t in tokens}
     scores = {t: o[0] for t, o in out.items()}
     frac_L = jnp.mean(jnp.stack([o[1] for o in out.values()]), 0)
     stats = sum(o[2] for o in out.values())
@@ -149,21 +132,24 @@ def pop_mesh(ev):
   return jax.make_mesh((n,), ('pop',), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
 
-def make_population_eval(graphdef, policy, contexts, mesh):
-  """Jitted: (model_state, theta_PxD, mu, sigma, tokens) -> ({task: [P, B]}, frac_PxL,
-  stats_Px3xF): members vmapped and sharded over the 'pop' axis; model and prompts
-  replicated (a single member, as in the keep-all pass and the held-out checks, is
-  replicated too). Called with one task at a time, so each task compiles once per shape: the
-  generations of every stage share one, the single-member calls another."""
-  score = make_scorer(graphdef, policy, contexts)
+def make_population_eval(graphdef, contexts, chunk, mesh):
+  """Jitted: (model_state, policy with theta [P, D], tokens) -> ({task: [P, B]}, frac_PxL,
+  stats_Px3xF): vmapped over the policy's theta (members), sharded over the 'pop' axis;
+  mu, sigma, model and prompts shared and replicated (a single member, as in the keep-all
+  pass and the held-out checks, is replicated too). Called with one task at a time, so each
+  task compiles once per shape: the generations of every stage share one, the single-member
+  calls another."""
+  score = make_scorer(graphdef, contexts, chunk)
 
   @jax.jit
-  def run(model_state, theta_PxD, mu, sigma, tokens):
+  def run(model_state, policy, tokens):
+    theta_PxD = policy.theta
     split = theta_PxD.shape[0] % mesh.shape['pop'] == 0
     theta_PxD = jax.lax.with_sharding_constraint(
         theta_PxD, NamedSharding(mesh, P('pop') if split else P()))
-    return jax.vmap(score, in_axes=(None, 0, None, None, None))(
-        model_state, theta_PxD, mu, sigma, tokens)
+    members = policy.replace(theta=0, mu=None, sigma=None)          # vmap axes
+    return jax.vmap(score, in_axes=(None, members, None))(
+        model_state, policy.replace(theta=theta_PxD), tokens)
 
   return run
 
@@ -191,51 +177,21 @@ def make_strategy(ev, n_dims):
 
 # --- Checkpoints ---------------------------------------------------------------------------
 
-class EvolveCheckpointer:
-  """Orbax manager for the evolution state (all small, host-side arrays)."""
-
-  def __init__(self, workdir, keep=3, read_only=False):
-    directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    if read_only and not os.path.isdir(directory):
-      raise CheckpointError(f'no evolve checkpoints in {directory}')
-    self.mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=False))
-
-  def latest(self):
-    return self.mngr.latest_step()
-
-  def save(self, gen, state, config):
-    self.mngr.save(gen, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(jax.device_get(state)), config=ocp.args.JsonSave(config)),
-        force=True)
-
-  def restore(self, gen, template):
-    r = self.mngr.restore(gen, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.device_get(template)), config=ocp.args.JsonRestore()))
-    return r.state, r.config
-
-  def read_config(self, gen):
-    return self.mngr.restore(gen, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
-
-  def close(self):
-    self.mngr.close()
-
-
-def load_policy_arrays(run, which='best_val', gen=None):
-  """({'theta', 'mu', 'sigma'} NumPy arrays, the run's namm config dict) of an evolve.py run."""
-  ck = EvolveCheckpointer(run, read_only=True)
+def load_namm(run, which='best_val', gen=None):
+  """The NAMM policy shipped by an evolve.py run: its `which` parameters (best_val | mean |
+  best), normalisation statistics and `namm` hyper-parameters."""
+  ck = Checkpointer.open(run)
   try:
-    gen = ck.latest() if gen is None else gen
-    if gen is None:
-      raise CheckpointError(f'decode.namm_run: no evolve checkpoint in {run}')
-    saved = ck.read_config(gen)
-    r = ck.mngr.restore(gen, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    try:
+      gen = ck.step(gen)
+    except CheckpointError as e:
+      raise CheckpointError(f'decode.namm_run: {e}') from None
+    _, r = ck.restore(gen, state=None, config=None)
   finally:
     ck.close()
   s = r.state
-  return dict(theta=np.asarray(s[which]), mu=np.asarray(s['mu']),
-              sigma=np.asarray(s['sigma'])), saved['namm']
+  return nammlib.from_config(r.config['namm'], np.asarray(s[which]), np.asarray(s['mu']),
+                             np.asarray(s['sigma']))
 
 
 # --- The loop ------------------------------------------------------------------------------
@@ -258,9 +214,10 @@ class Evolution:
   def __init__(self, cfg, workdir, base=None):
     self.cfg, self.ev = cfg, cfg.evolve
     self.workdir = os.path.abspath(workdir)
-    self.graphdef, model_state, self.base_cfg = base or load_base(self.ev.base)
+    base = base or load_base(self.ev.base)
+    self.graphdef, model_state, self.base_cfg = base.graphdef, base.state, base.cfg
     # buckets=1: vmapped over members, the valid-slot compaction's switch would run every branch
-    self.policy = dataclasses.replace(nammlib.namm_from_config(cfg.namm), buckets=1)
+    self.policy = nammlib.from_config(cfg.namm).replace(buckets=1)
     self.mesh = pop_mesh(self.ev)
     if self.ev.population % self.mesh.shape['pop']:
       raise ValueError(f'config.evolve.population: {self.ev.population} is not divisible by '
@@ -277,7 +234,7 @@ class Evolution:
   def program(self, task):
     if task not in self._programs:
       self._programs[task] = make_population_eval(
-          self.graphdef, self.policy, {task: self.contexts[task]}, self.mesh)
+          self.graphdef, {task: self.contexts[task]}, self.policy.update_interval, self.mesh)
     return self._programs[task]
 
   def evaluate(self, theta_PxD, mu, sigma, tokens):
@@ -292,9 +249,10 @@ class Evolution:
       theta_PxD = jnp.concatenate(
           [theta_PxD, jnp.broadcast_to(theta_PxD[:1], (self.ev.population - n_pop,) +
                                        theta_PxD.shape[1:])])
+    policy = self.policy.replace(theta=theta_PxD, mu=jnp.asarray(mu), sigma=jnp.asarray(sigma))
     scores, fracs, stats = {}, [], 0
     for t, tok in tokens.items():
-      parts = [self.program(t)(self.model_state, theta_PxD, mu, sigma, {t: tok[i:i + n]})
+      parts = [self.program(t)(self.model_state, policy, {t: tok[i:i + n]})
                for i in range(0, len(tok), n)]
       scores[t] = np.concatenate([np.asarray(p[0][t]) for p in parts], 1)[:n_pop]
       fracs.append(np.mean([np.asarray(p[1]) for p in parts], 0)[:n_pop])
@@ -382,13 +340,12 @@ class Evolution:
   def run(self):
     ev, cfg = self.ev, self.cfg
     total = int(sum(ev.generations))
-    ck = EvolveCheckpointer(self.workdir, keep=ev.keep_ckpts)
+    ck = Checkpointer.for_workdir(self.workdir, keep=ev.keep_ckpts, async_save=False)
     config_json = json.loads(cfg.to_json_best_effort())
     template = self.initial_state()
-    start = ck.latest()
+    start = ck.latest_step()
     if start is not None:
-      st, _ = ck.restore(start, template)
-      st = dict(st)
+      st = dict(ck.restore(start, state=jax.device_get(template))[1].state)
       logging.info('resumed evolution at generation %d from %s', start, self.workdir)
     else:
       st = template
@@ -396,7 +353,7 @@ class Evolution:
       st.update(self.keep_all_pass())
       logging.info('keep-all pass (%.1fs): full-cache scores %s; normalisation frozen',
                    time.time() - t0, {t: round(float(np.mean(v)), 4) for t, v in st['ref'].items()})
-      ck.save(0, st, config_json)
+      ck.save(0, state=jax.device_get(st), config=config_json)
     es_template = self.es.init(jax.random.key(cfg.seed), jnp.zeros(self.policy.n_params),
                                self.es_params)
     es_state = serialization.from_state_dict(es_template, st['es'])
@@ -423,7 +380,7 @@ class Evolution:
       writer.write(gen, metrics)
       if gen % ev.ckpt_every == 0 or gen == total:
         st['es'] = serialization.to_state_dict(jax.device_get(es_state))
-        ck.save(gen, st, config_json)
+        ck.save(gen, state=jax.device_get(st), config=config_json)
     ck.close()
     writer.close()
     if jax.process_index() == 0:

@@ -1,6 +1,6 @@
 """Export a trained checkpoint to a Hugging Face Llama directory (export_hf.py is the CLI).
 
-The model is restored on all devices as evaluate.py does; parameters are gathered to the
+The model is loaded on all devices (training/run.py load_run); parameters are gathered to the
 host one at a time and written by process 0 (models/hf_llama.py export_hf), with the
 tokenizer files of the run's hf: tokenizer (or source model) copied beside them.
 """
@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from models import hf_llama
-from training import evaluation
+from training.run import load_run
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json',
                    'special_tokens_map.json', 'generation_config.json')
@@ -27,15 +27,15 @@ def model_params(state):
 
 def export_checkpoint(workdir, out_dir, *, step=None, dtype='float32'):
   """Writes OUT_DIR/config.json, model.safetensors and tokenizer files. Returns the step."""
-  ev, step = evaluation.load(workdir, step=step)
-  cfg = ev.cfg
+  run = load_run(workdir, step)
+  cfg = run.cfg
   source = cfg.train.init_from[len('hf:'):] if cfg.train.init_from.startswith('hf:') else ''
   base = hf_llama.read_config(source) if source else None
   writer = jax.process_index() == 0        # every process takes part in the gathers
-  hf_llama.export_hf(model_params(ev.state), cfg.model, out_dir, dtype=dtype,
+  hf_llama.export_hf(model_params(run.state), cfg.model, out_dir, dtype=dtype,
                      base_config=base, write=writer)
   tok_dir = cfg.data.tokenizer[len('hf:'):] if cfg.data.tokenizer.startswith('hf:') else ''
   for name in TOKENIZER_FILES if tok_dir and writer else ():
     if os.path.isfile(os.path.join(tok_dir, name)):
       shutil.copy(os.path.join(tok_dir, name), os.path.join(out_dir, name))
-  return step
+  return run.step

@@ -5,17 +5,15 @@ Parameters are matched by path: every parameter of the new model that the source
 gates a memory mixer adds to a plain-attention model). A shape mismatch is an error
 naming the parameter. This is how continued pretraining and method conversions start.
 
-`hf:DIR` sources are Hugging Face Llama-family checkpoints (models/hf_llama.py): the source
-state is the plain-attention LM of the config's sizes (filled from DIR/config.json by
-training/config.py resolve), each parameter built with jax.make_array_from_callback so
-every device reads only its own shard from the memory-mapped safetensors files.
+Sources are read by training/run.py load_run: a train.py run directory, or `hf:DIR`, a
+Hugging Face Llama-family checkpoint (the plain-attention LM of DIR/config.json's sizes,
+every device reading only its own shard from the memory-mapped safetensors files).
 """
 import jax
 from absl import logging
 
-from training import mesh as meshlib
-from training.checkpoint import Checkpointer
-from training.config import ConfigError, resolve, saved_config
+from training.config import ConfigError
+from training.run import load_run
 
 
 def _by_path(tree):
@@ -23,65 +21,17 @@ def _by_path(tree):
   return {jax.tree_util.keystr(p): x for p, x in leaves}, [jax.tree_util.keystr(p) for p, _ in leaves], treedef
 
 
-def load_hf(cfg, mesh, rules):
-  """The safetensors checkpoint of train.init_from=hf:DIR as a plain-attention LM state."""
-  import ml_collections
-  from models import hf_llama
-  from training.loop import model_ctor
-  src = ml_collections.ConfigDict(cfg.to_dict())
-  src.model.mixer = 'attention'
-  _, abs_state, _ = meshlib.abstract_state(model_ctor(src), mesh, rules)
-  try:
-    ckpt = hf_llama.Checkpoint(cfg.train.init_from[len('hf:'):])
-  except ValueError as e:
-    raise ConfigError(f'config.train.init_from: {e}') from None
-  used = set()
-
-  def build(path, a):
-    name = hf_llama.param_name(path)
-    try:
-      used.add(ckpt.check(name, src.model))          # present, with the expected shape
-    except ValueError as e:
-      raise ConfigError(f'config.train.init_from: {e}') from None
-    read = lambda index: ckpt.read(name, a.shape, index, src.model).astype(a.dtype)
-    return jax.make_array_from_callback(a.shape, a.sharding, read)
-
-  state = jax.tree_util.tree_map_with_path(build, abs_state)
-  logging.info('init_from %s: %d tensors; not used: %s', cfg.train.init_from, len(used),
-               sorted(set(ckpt.tensors) - used) or 'none')
-  return state
+def load_source(cfg, mesh):
+  """The source's model state (its own architecture), sharded on `mesh` by cfg's rules."""
+  run = load_run(cfg.train.init_from, mesh=mesh, overrides={'axis_rules': cfg.axis_rules})
+  logging.info('init_from %s: step %s (mixer %s)', cfg.train.init_from, run.step,
+               run.cfg.model.mixer)
+  return run.state
 
 
-def hf_model(hf_dir, devices=None):
-  """(graphdef, state, cfg) of the plain-attention LM of an HF checkpoint, without a train.py
-  run (a frozen base, e.g. for evolve.py): configs/base.py filled from DIR/config.json,
-  sharded over `devices` (default all) by the default mesh and axis rules."""
-  from configs.base import get_base_config
-  from training.loop import model_ctor
-  cfg = get_base_config()
-  cfg.train.init_from = f'hf:{hf_dir}'
-  cfg = resolve(cfg)
-  mesh = meshlib.make_mesh(cfg, devices)
-  rules = meshlib.axis_rules(cfg)
-  graphdef, _, _ = meshlib.abstract_state(model_ctor(cfg), mesh, rules)
-  return graphdef, load_hf(cfg, mesh, rules), cfg
-
-
-def load_source(cfg, mesh, rules):
-  """The source checkpoint's model state (its own architecture), sharded on `mesh`."""
-  if cfg.train.init_from.startswith('hf:'):
-    return load_hf(cfg, mesh, rules)
-  ckpt = Checkpointer.open(cfg.train.init_from)
-  src = resolve(saved_config(ckpt.read_config()))
-  src.axis_rules = cfg.axis_rules
-  _, state, step = ckpt.restore_model(src, mesh)
-  logging.info('init_from %s: step %d (mixer %s)', cfg.train.init_from, step, src.model.mixer)
-  return state
-
-
-def init_model_from(cfg, mesh, rules, fresh_state):
+def init_model_from(cfg, mesh, fresh_state):
   """fresh_state with every parameter the source checkpoint has replaced by its value."""
-  source, _, _ = _by_path(load_source(cfg, mesh, rules))
+  source, _, _ = _by_path(load_source(cfg, mesh))
   fresh, order, treedef = _by_path(fresh_state)
   out, new = [], []
   for path in order:

@@ -10,27 +10,13 @@ from flax import nnx
 from data import pipeline
 from data.hf_tokenizer import get_tokenizer
 from data.tokenizer import ByteTokenizer
-from models.lm import LM
 from training import flops, mesh as meshlib
 from training.checkpoint import Checkpointer
 from training.config import xla_options
 from training.init_from import init_model_from
 from training.metrics import MetricWriter, Progress
+from training.state import model_ctor, train_state_ctor
 from training.step import make_eval_step, make_optimizer, make_train_step
-
-
-def model_ctor(cfg):
-  return lambda: LM(cfg.model, rngs=nnx.Rngs(cfg.seed))
-
-
-def train_ctor(cfg, tx):
-  """() -> (model, optimizer): what a training run holds and checkpoints."""
-
-  def ctor():
-    model = model_ctor(cfg)()
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  return ctor
 
 
 def train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id=ByteTokenizer.PAD):
@@ -57,11 +43,11 @@ def train(cfg, workdir):
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
 
-  # --- Model + optimizer, created sharded -----------------------------------------------
+  # --- TrainState (model + optimizer), created sharded -------------------------------------
   tx, schedule = make_optimizer(t)
-  graphdef, state, shardings = meshlib.sharded_init(train_ctor(cfg, tx), mesh, rules)
-  model_graphdef = nnx.graphdef(nnx.merge(graphdef, state)[0])
-  n_params = flops.param_count(state[0])
+  graphdef, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), mesh, rules)
+  model_graphdef = nnx.graphdef(nnx.merge(graphdef, state).model)
+  n_params = flops.param_count(state['model'])
   logging.info('model: %.2fM parameters', n_params / 1e6)
 
   # --- Data -------------------------------------------------------------------------------
@@ -81,18 +67,14 @@ def train(cfg, workdir):
   ckpt = Checkpointer.for_workdir(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
   start = ckpt.latest_step() or 0
   if start:
-    abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             state, shardings)
-    _, r = ckpt.restore(model=abs_state[0], opt=abs_state[1], data_iter=data_iter)
-    state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((r.model, r.opt)))
+    state = restore_train_state(ckpt, start, state, shardings, data_iter)
     logging.info('resumed from %s at step %d', ckpt.directory, start)
   elif t.init_from:
-    model_state = init_model_from(cfg, mesh, rules, state[0])
-    state = jax.tree.unflatten(jax.tree.structure(state), jax.tree.leaves((model_state, state[1])))
+    state['model'] = init_model_from(cfg, mesh, state['model'])
 
   pad_id = get_tokenizer(d.tokenizer).PAD
   train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
-  eval_step = make_eval_step(model_graphdef, shardings[0], batch_sh, pad_id)
+  eval_step = make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id)
 
   def evaluate(model_state):
     tot = [eval_step(model_state, global_batch(b, batch_sh), global_batch(w, batch_sh))
@@ -100,7 +82,7 @@ def train(cfg, workdir):
     return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
 
   # --- Loop -------------------------------------------------------------------------------
-  flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state)[0], d.seq_len)
+  flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state).model, d.seq_len)
   peak = t.peak_flops or flops.measure_peak_flops()
   tokens_per_step = t.batch_size * d.seq_len
   progress = Progress(start, t.steps, tokens_per_step, flops_tok * tokens_per_step,
@@ -127,20 +109,31 @@ def train(cfg, workdir):
       pending = None
       metrics = progress.update(step, metrics)
       if step % t.eval_every == 0 or step == t.steps:
-        metrics['eval_loss'] = evaluate(state[0])
+        metrics['eval_loss'] = evaluate(state['model'])
         logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
       writer.write(step, metrics)
     if step % t.ckpt_every == 0 or step == t.steps:
       if pending is not None:
         _finish(pending, ckpt, last_saved)
         pending = None
-      ckpt.save(step, model=state[0], opt=state[1], data_iter=data_iter,
-                config=json.loads(cfg.to_json_best_effort()))
+      ckpt.save(step, state=state, data=data_iter, config=json.loads(cfg.to_json_best_effort()))
       last_saved = step
   ckpt.wait()
   ckpt.close()
   writer.close()
   return metrics
+
+
+def restore_train_state(ckpt, step, state, shardings, data_iter):
+  """The TrainState and the data iterator's position at `step`, onto `state`'s shardings."""
+  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           state, shardings)
+  if 'state' in ckpt.items(step):
+    return ckpt.restore(step, state=abs_state, data=data_iter)[1].state
+  # A run directory written before the TrainState: items `model` and `opt`.
+  r = ckpt.restore(step, model=abs_state['model'], opt=abs_state['opt'], data=data_iter)[1]
+  state['model'], state['opt'] = r.model, r.opt
+  return state
 
 
 def _finish(pending, ckpt, last_saved):
@@ -161,7 +154,7 @@ def compile_only(cfg):
   model (abstract shapes only): checks a paper-size config's sharding and memory on CPU."""
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
-  graphdef, abs_state, shardings = meshlib.abstract_state(train_ctor(cfg, tx), mesh, rules)
+  graphdef, abs_state, shardings = meshlib.abstract_state(train_state_ctor(cfg, tx), mesh, rules)
   batch_sh = meshlib.batch_sharding(mesh)
   B, L = cfg.train.batch_size, cfg.data.seq_len
   tokens = jax.ShapeDtypeStruct((B, L + 1), jax.numpy.int32, sharding=batch_sh)
@@ -171,7 +164,7 @@ def compile_only(cfg):
   mem = compiled.memory_analysis()
   flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)
   report = dict(
-      mesh=dict(mesh.shape), params=flops.param_count(abs_state[0]),
+      mesh=dict(mesh.shape), params=flops.param_count(abs_state['model']),
       model_flops_per_step=flops_tok * cfg.train.batch_size * cfg.data.seq_len,
       per_device_bytes=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                             temp=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes))

@@ -99,7 +99,8 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
                      in_shardings=(state_shardings, batch_sharding, batch_sharding),
                      out_shardings=(state_shardings, None), compiler_options=compiler_options)
   def train_step(state, tokens_BxL1, weights_BxL):
-    model, opt = nnx.merge(graphdef, state)
+    train_state = nnx.merge(graphdef, state)             # training/state.py TrainState
+    model, opt = train_state.model, train_state.opt
     if microbatches > 1:
       loss, grads = accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches,
                                                pad_id)
@@ -109,7 +110,7 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = opt.step[...]
     opt.update(model, grads)
-    new_state = nnx.split((model, opt))[1]
+    new_state = nnx.split(train_state)[1]
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), finite=finite)
     return new_state, metrics
