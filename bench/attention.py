@@ -7,14 +7,13 @@ Memory is `compiled.memory_analysis().temp_size_in_bytes` (XLA's scratch for the
 fwd + bwd program); a program whose temporaries exceed --max_run_gib is compiled and
 reported but not run.
 """
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from models.chunked_attention import chunked_attention
+from models.ops.chunked import chunked_attention
 
 _LENGTHS = flags.DEFINE_string('lengths', '2048,8192,32768', 'Context lengths.')
 _HEADS = flags.DEFINE_integer('heads', 4, 'Query heads (= KV heads).')

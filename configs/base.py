@@ -35,13 +35,16 @@ def get_base_config():
   m.tie_embeddings = True
   m.scale_embeddings = True     # multiply embeddings by sqrt(d_model)
   m.remat = 'block'             # none | block | segment
-  # Training attention (one chunk, no cache): xla: jax.nn.dot_product_attention (dense
-  # [B, heads, T, T] scores) | chunked: blockwise flash attention in pure JAX, O(T * block)
-  # memory (models/chunked_attention.py) | cudnn: cuDNN fused attention (GPU, bf16/fp16) |
-  # masked: einsum + mask (the decode path's code, a reference).
-  m.attention_impl = 'xla'
-  m.attention_block = 256       # chunked: query / key block size in tokens (256: the fastest
-                                # of 128..1024 in a CPU sweep at 2K and 8K context)
+  # Attention backend of every mixer's training chunk (models/ops/attention.py; a cache, an
+  # explicit mask or a persistent prefix always take the dense masked path): auto: the
+  # fastest correct one for the platform and dtype (chunked on CPU, cudnn on GPU for
+  # bf16/fp16 else xla, splash on TPU) | xla: jax.nn.dot_product_attention (dense [B, heads,
+  # T, T] scores) | chunked: blockwise flash attention in pure JAX, O(T * block) memory |
+  # cudnn: cuDNN fused attention (GPU, bf16/fp16) | splash: TPU Pallas splash attention |
+  # masked: einsum + mask (the decode path's math, a reference).
+  m.attention_impl = 'auto'
+  m.attention_block = 256       # chunked / splash: query / key block size in tokens (256: the
+                                # fastest of 128..1024 in a CPU sweep at 2K and 8K context)
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'           # stdlib | glob:PATTERN | tfds:NAME[:FEATURE] | synthetic:TASK
   d.tfds_data_dir = ''

@@ -75,42 +75,37 @@ class _SyntheticWindows:
     return {"tokens": tokens, "weights": weights}
 
 
-class _Mixed:
-  """Item i = item i // n of part i % n (n parts, round robin), as long as the shortest part."""
-
-  def __init__(self, parts: list):
-    self.parts = parts
-
-  def __len__(self) -> int:
-    return len(self.parts) * min(len(p) for p in self.parts)
-
-  def __getitem__(self, index: int) -> dict:
-    n = len(self.parts)
-    return self.parts[int(index) % n][int(index) // n]
-
-
 def is_text(source: str) -> bool:
   """Whether `source` is text only (it has a unigram baseline; synthetic and mixes do not)."""
   return not source.startswith(("synthetic:", "mix:"))
 
 
+def _mix_parts(source: str) -> list:
+  """The parts of a 'mix:A+B+...' source ([source] for any other)."""
+  if not source.startswith("mix:"):
+    return [source]
+  parts = source[len("mix:"):].split("+")
+  if len(parts) < 2 or any(p.startswith("mix:") for p in parts):
+    raise ValueError(f"data.source: {source!r}: a mix needs two or more '+'-separated parts "
+                     "(no nested mix:)")
+  return parts
+
+
 def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int = 0,
-             tokenizer: str = "byte", answer_loss: bool = False):
+             tokenizer: str = "byte", answer_loss: bool = False) -> grain.MapDataset:
+  """The source's windows; a mix's parts interleaved round robin (grain's MapDataset.mix with
+  equal weights: item i is item i // n of part i % n, as long as the shortest part)."""
   if source.startswith("mix:"):
-    parts = source[len("mix:"):].split("+")
-    if len(parts) < 2 or any(p.startswith("mix:") for p in parts):
-      raise ValueError(f"data.source: {source!r}: a mix needs two or more '+'-separated parts "
-                       "(no nested mix:)")
-    return _Mixed([_windows(p, split, width, tfds_data_dir, seed, tokenizer, answer_loss)
-                   for p in parts])
+    return grain.MapDataset.mix([_windows(p, split, width, tfds_data_dir, seed, tokenizer,
+                                          answer_loss) for p in _mix_parts(source)])
   if source.startswith("synthetic:"):
-    return _SyntheticWindows(
+    return grain.MapDataset.source(_SyntheticWindows(
         synthetic.synthetic_documents(source[len("synthetic:"):], width, split, seed),
-        answer_loss)
+        answer_loss))
   windows = _Windows(token_stream(source, split, tfds_data_dir, tokenizer), width)
   if not len(windows):
     raise ValueError(f"data.source: {source!r} split {split!r} has fewer than {width} tokens")
-  return windows
+  return grain.MapDataset.source(windows)
 
 
 def _local_batch(batch: int, process_count: int) -> int:
@@ -135,7 +130,7 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
   """
   local_batch = _local_batch(global_batch, process_count)
   windows = _windows(source, split, seq_len + 1, tfds_data_dir, seed, tokenizer, answer_loss)
-  ds = grain.MapDataset.source(windows).shuffle(seed=seed % 2**32).repeat()
+  ds = windows.shuffle(seed=seed % 2**32).repeat()
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
   return iter(ds.to_iter_dataset())
 
@@ -154,7 +149,7 @@ def _held_out_rows(source: str, seq_len: int, total: int, split: str, tfds_data_
   if total <= n:
     # evenly spaced rounds; a mix takes every part in each round (a plain stride over the
     # round robin could land on one part only)
-    k = len(windows.parts) if isinstance(windows, _Mixed) else 1
+    k = len(_mix_parts(source))
     i = np.arange(total)
     index = (i // k) * (n // k) // -(-total // k) * k + i % k
   else:

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from flax import struct
 
 from models import registry
-from models.attention import Attention, KVCache, attend, write
+from models.attention import Attention, KVCache, write
 from models.registry import check
-from models.chunked_attention import chunked_attention
+from models.ops.attention import attention, concat_kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,28 +122,21 @@ class AnchorAttention(Attention):
     counts = cache.policy_state
     seg, doc = sentence_and_document(anc, bos, counts['n_anc'], counts['n_bos'])
     new = dict(pos=pos_BxT.astype(jnp.int32), seg=seg, doc=doc, anc=anc, ok=~pad)
-    if cache.capacity == 0 and self.impl == 'chunked':
-      # Training fast path, blockwise: the rule is applied block by block, O(T * block).
-      info = {n: a for n, a in new.items() if n != 'pos'}   # positions are 0..T-1 here
-      o = chunked_attention(q, k, v, block=self.block, rule=(_block_rule, info))
-      return self.out(o), cache
-    if cache.capacity == 0 and self.impl != 'masked':
-      # Training fast path, dense: mask [B, 1, T, T] broadcast over heads.
-      mask = ansan_mask(new, {n: a[:, None] for n, a in new.items()})
-      o = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if cache.capacity == 0:
+      # Training: one chunk at positions 0..T-1, the rule applied by any backend (blockwise by
+      # chunked, O(T * block)); PAD query rows come out as zeros.
+      info = {n: a for n, a in new.items() if n != 'pos'}
+      o = attention(q, k_new, v_new, impl=self.impl, block=self.block, rule=(_block_rule, info))
       return self.out(o), cache
     K = self.kv_heads
-    k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     new_BxKxT = {n: jnp.broadcast_to(a[:, None], (B, K, T)) for n, a in new.items()}
+    k_all, v_all, pos_all, ok_all = concat_kv(cache.k_BxKxSxH, cache.v_BxKxSxH, cache.pos_BxKxS,
+                                              cache.valid_BxKxS, k_new, v_new, pos_BxT, ~pad)
     ts = cache.token_state
-    old = dict(pos=cache.pos_BxKxS, seg=ts['seg'], doc=ts['doc'], anc=ts['anc'],
-               ok=cache.valid_BxKxS)
-    keys = {n: jnp.concatenate([old[n], new_BxKxT[n]], 2) for n in old}
-    o, _ = attend(q, jnp.concatenate([cache.k_BxKxSxH.astype(k.dtype), k_new], 2),
-                  jnp.concatenate([cache.v_BxKxSxH.astype(v.dtype), v_new], 2),
-                  ansan_mask(new, keys))
-    if cache.capacity == 0:
-      return self.out(o), cache
+    keys = dict(pos=pos_all, ok=ok_all,
+                **{n: jnp.concatenate([ts[n], new_BxKxT[n]], 2) for n in ('seg', 'doc', 'anc')})
+    o = attention(q, k_all, v_all, mask_BxKxTxS=ansan_mask(new, keys))
     cache = self._store(cache, k_new, v_new, pos_BxT, new_BxKxT)
     if policy is not None:
       cache = prune(cache)

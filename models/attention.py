@@ -14,10 +14,8 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models import registry
-from models.chunked_attention import chunked_attention
 from models.layers import constrain, param, rope, rope_scaling
-
-NEG_INF = -1e30
+from models.ops.attention import attention, concat_kv
 
 
 @struct.dataclass
@@ -77,34 +75,6 @@ def write(cache: KVCache, k_BxKxTxH, v_BxKxTxH, pos_BxT):
   return cache, slots_BxKxT
 
 
-def position_mask(q_pos_BxT, k_pos_BxKxS, k_valid_BxKxS, window=0):
-  """mask[b, k, t, s]: key s is valid, not in the future of query t, and inside the window."""
-  q = q_pos_BxT[:, None, :, None]
-  k = k_pos_BxKxS[:, :, None, :]
-  mask = k_valid_BxKxS[:, :, None, :] & (k <= q)
-  if window:
-    mask &= (q - k) < window
-  return mask
-
-
-def attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxKxTxS):
-  """Masked softmax attention (GQA), fp32 softmax. Returns out [B,T,N,H], probs [B,K,T,S].
-
-  probs are averaged over the query heads of each KV group (what eviction policies read).
-  Rows with no visible key give zeros, not NaN.
-  """
-  B, T, N, H = q_BxTxNxH.shape
-  K = k_BxKxSxH.shape[1]
-  q_BxKxGxTxH = q_BxTxNxH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  logits = jnp.einsum('bkgth,bksh->bkgts', q_BxKxGxTxH, k_BxKxSxH,
-                      preferred_element_type=jnp.float32) * H ** -0.5
-  mask_Bx1xKx1xTxS = mask_BxKxTxS[:, :, None]
-  logits = jnp.where(mask_Bx1xKx1xTxS, logits, NEG_INF)
-  probs_BxKxGxTxS = jax.nn.softmax(logits, axis=-1) * mask_Bx1xKx1xTxS
-  out = jnp.einsum('bkgts,bksh->btkgh', probs_BxKxGxTxS.astype(v_BxKxSxH.dtype), v_BxKxSxH)
-  return out.reshape(B, T, N, H), probs_BxKxGxTxS.mean(2)
-
-
 class Attention(nnx.Module):
   """Multi-head causal attention with GQA and RoPE; `window` > 0 makes it sliding-window.
 
@@ -144,32 +114,22 @@ class Attention(nnx.Module):
     k = constrain(k, ('batch', 'seq', 'kv_heads', 'head_dim'))
     return q, k, v
 
-  def causal(self, q_BxTxNxH, k_BxTxKxH, v_BxTxKxH):
-    """Training fast path (one chunk, no cache, positions contiguous): model.attention_impl
-    'xla' / 'cudnn' (jax.nn.dot_product_attention) or 'chunked' (blockwise, O(T * block))."""
-    if self.impl == 'chunked':
-      return chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window=self.window,
-                               block=self.block)
-    window = (self.window - 1, 0) if self.window else None
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True,
-                                        local_window_size=window, implementation=self.impl)
-
   def out(self, o_BxTxNxH):
     return jnp.einsum('btnh,nhd->btd', o_BxTxNxH, self.wo[...].astype(o_BxTxNxH.dtype))
 
   def __call__(self, x_BxTxD, cache: KVCache, pos_BxT, *, policy=None, tokens_BxT=None):
     q, k, v = self.qkv(x_BxTxD, pos_BxT)
-    if cache.capacity == 0 and policy is None and self.impl != 'masked':
-      return self.out(self.causal(q, k, v)), cache
     k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if cache.capacity == 0 and policy is None:      # one chunk, positions 0..T-1: any backend
+      return self.out(attention(q, k_new, v_new, impl=self.impl, block=self.block,
+                                window=self.window)), cache
     T = x_BxTxD.shape[1]
-    k_all = jnp.concatenate([cache.k_BxKxSxH.astype(k.dtype), k_new], 2)
-    v_all = jnp.concatenate([cache.v_BxKxSxH.astype(v.dtype), v_new], 2)
-    pos_all = jnp.concatenate(
-        [cache.pos_BxKxS, jnp.broadcast_to(pos_BxT[:, None], k_new.shape[:3])], 2)
-    valid_all = jnp.concatenate([cache.valid_BxKxS, jnp.ones(k_new.shape[:3], bool)], 2)
-    o, probs_BxKxTxS_T = attend(q, k_all, v_all,
-                                position_mask(pos_BxT, pos_all, valid_all, self.window))
+    k_all, v_all, pos_all, valid_all = concat_kv(cache.k_BxKxSxH, cache.v_BxKxSxH,
+                                                 cache.pos_BxKxS, cache.valid_BxKxS, k_new,
+                                                 v_new, pos_BxT)
+    o, probs_BxKxTxS_T = attention(q, k_all, v_all, q_pos_BxT=pos_BxT, k_pos_BxKxS=pos_all,
+                                   k_valid_BxKxS=valid_all, window=self.window,
+                                   return_probs=True)
     if cache.capacity == 0:
       return self.out(o), cache
     cache, slots_BxKxT = write(cache, k_new, v_new, pos_BxT)

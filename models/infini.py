@@ -40,8 +40,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models import registry
-from models.attention import Attention, attend, position_mask
+from models.attention import Attention
 from models.layers import constrain, rope
+from models.ops.attention import attention, concat_kv
 from models.registry import check
 
 EPS = 1e-10
@@ -136,7 +137,8 @@ class InfiniAttention(Attention):
     q_rope, k_rope = self._rope(q, pos_BxT), self._rope(k, pos_BxT)
     whole_segment = state.slots == 0 or T == self.segment_len
     if whole_segment:                           # training: one segment, positions contiguous
-      o_dot = jax.nn.dot_product_attention(q_rope, k_rope, v, is_causal=True)
+      tr = lambda a: a.transpose(0, 2, 1, 3)    # [B, T, K, H] -> [B, K, T, H]
+      o_dot = attention(q_rope, tr(k_rope), tr(v), impl=self.impl, block=self.block)
     else:
       o_dot = self._attend_partial(q_rope, k_rope, v, state, pos_BxT)
     M, z = state.M_BxKxHxH, state.z_BxKxH
@@ -161,16 +163,13 @@ class InfiniAttention(Attention):
 
   def _attend_partial(self, q_rope, k_rope, v, state, pos_BxT):
     """Local attention of a chunk over the current segment's earlier tokens (slots) + itself."""
-    k_slots = self._rope(state.k_BxSxKxH.astype(k_rope.dtype), state.pos_BxS)
     tr = lambda a: a.transpose(0, 2, 1, 3)     # [B, T, K, H] -> [B, K, T, H]
-    k_all = jnp.concatenate([tr(k_slots), tr(k_rope)], 2)
-    v_all = jnp.concatenate([tr(state.v_BxSxKxH.astype(v.dtype)), tr(v)], 2)
-    pos_all_BxS = jnp.concatenate([state.pos_BxS, pos_BxT.astype(jnp.int32)], 1)
-    K = k_all.shape[1]
-    pos_BxKxS = jnp.broadcast_to(pos_all_BxS[:, None], (pos_all_BxS.shape[0], K,
-                                                        pos_all_BxS.shape[1]))
-    o, _ = attend(q_rope, k_all, v_all, position_mask(pos_BxT, pos_BxKxS, pos_BxKxS >= 0))
-    return o
+    k_slots = tr(self._rope(state.k_BxSxKxH.astype(k_rope.dtype), state.pos_BxS))
+    pos_BxKxS = jnp.broadcast_to(state.pos_BxS[:, None], k_slots.shape[:3])
+    k_all, v_all, pos_all, valid_all = concat_kv(k_slots, tr(state.v_BxSxKxH), pos_BxKxS,
+                                                 pos_BxKxS >= 0, tr(k_rope), tr(v), pos_BxT)
+    return attention(q_rope, k_all, v_all, q_pos_BxT=pos_BxT, k_pos_BxKxS=pos_all,
+                     k_valid_BxKxS=valid_all)
 
   def _write_and_fold(self, state, k, v, pos_BxT):
     """Stores the chunk's position-free K/V in slots pos mod N; a row whose chunk ends its

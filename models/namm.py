@@ -1,7 +1,7 @@
 """NAMM (Sakana AI, arXiv 2410.13166): evolved KV-cache eviction from attention spectrograms,
 plus the H2O and L2-norm baselines, behind the models/eviction.py policy interface.
 
-Official semantics (SakanaAI/evo-memory @3a0a6bd; /work/shared/specs/namm.md section 1), per
+Official semantics (SakanaAI/evo-memory @3a0a6bd: memory_policy/; arXiv 2410.13166), per
 layer, every `update_interval` new tokens:
   1. the new queries' attention rows (averaged per GQA group, fp32) are buffered per key:
      A^T [N keys, n rows], left-padded with that key's previous-update last `hop` rows

@@ -19,6 +19,7 @@ The layer-state protocol: a mixer's `init_state(batch, capacity)` returns its re
 state type, a LayerState (or a tuple of them); `is_kv_cache(state)` says whether eviction
 policies act on it (a KVState, i.e. a KVCache), and `nbytes(state)` is its size in bytes.
 """
+import contextlib
 import dataclasses
 import importlib
 from typing import Any, Callable
@@ -76,6 +77,19 @@ def load_builtins():
     _loaded.append(True)
     for module in BUILTINS:
       importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def scope():
+  """Registrations made inside are undone at exit (a test's or a notebook's own methods)."""
+  load_builtins()
+  saved = [(table, dict(table)) for table in (_MIXERS, _POLICIES, _KEYS)]
+  try:
+    yield
+  finally:
+    for table, old in saved:
+      table.clear()
+      table.update(old)
 
 
 def mixers():

@@ -57,8 +57,9 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from models import registry
-from models.attention import NEG_INF, Attention, KVCache, position_mask, write
+from models.attention import Attention, KVCache, write
 from models.layers import DTYPES, RMSNorm, param, rope
+from models.ops.attention import attention, concat_kv
 from models.registry import check
 
 # --- Fast weights: the memory MLP and its associative loss (pure functions) -----------------
@@ -361,23 +362,6 @@ def _nan_unless(ok_B, y_BxT_):
 
 # --- attention with position-free persistent tokens ------------------------------------------
 
-def attend_with_prefix(q_BxTxNxH, qraw_BxTxNxH, pk_KxPxH, pv_KxPxH, k_BxKxSxH, v_BxKxSxH,
-                       mask_BxKxTxS):
-  """softmax over [persistent keys (always visible, unrotated query) || masked keys]."""
-  B, T, N, H = q_BxTxNxH.shape
-  K = k_BxKxSxH.shape[1]
-  G, P = N // K, pk_KxPxH.shape[1]
-  q = q_BxTxNxH.reshape(B, T, K, G, H)
-  qr = qraw_BxTxNxH.reshape(B, T, K, G, H)
-  lp = jnp.einsum('btkgh,kph->bkgtp', qr, pk_KxPxH.astype(q.dtype), preferred_element_type=jnp.float32)
-  lm = jnp.einsum('btkgh,bksh->bkgts', q, k_BxKxSxH, preferred_element_type=jnp.float32)
-  lm = jnp.where(mask_BxKxTxS[:, :, None], lm, NEG_INF)
-  probs = jax.nn.softmax(jnp.concatenate([lp, lm], -1) * H ** -0.5, -1).astype(v_BxKxSxH.dtype)
-  out = (jnp.einsum('bkgtp,kph->btkgh', probs[..., :P], pv_KxPxH.astype(v_BxKxSxH.dtype))
-         + jnp.einsum('bkgts,bksh->btkgh', probs[..., P:], v_BxKxSxH))
-  return out.reshape(B, T, N, H)
-
-
 class _PersistentAttention(Attention):
   """Attention (same wq/wk/wv/wo as models.attention) plus N_p learned persistent tokens."""
 
@@ -406,14 +390,11 @@ class _PersistentAttention(Attention):
   def swa(self, x_BxTxD, cache: KVCache, pos_BxT):
     """Sliding-window causal attention over (P || cached tokens || x). Returns y, cache."""
     q, qraw, k, v = self.proj(x_BxTxD, pos_BxT)
-    B, K, T, _ = k.shape
-    pos_new = jnp.broadcast_to(pos_BxT[:, None], (B, K, T))
-    k_all = jnp.concatenate([cache.k_BxKxSxH.astype(k.dtype), k], 2)
-    v_all = jnp.concatenate([cache.v_BxKxSxH.astype(v.dtype), v], 2)
-    pos_all = jnp.concatenate([cache.pos_BxKxS, pos_new], 2)
-    valid_all = jnp.concatenate([cache.valid_BxKxS, jnp.ones((B, K, T), bool)], 2)
-    mask = position_mask(pos_BxT, pos_all, valid_all, self.window)
-    o = attend_with_prefix(q, qraw, *self.prefix_kv(q.dtype), k_all, v_all, mask)
+    k_all, v_all, pos_all, valid_all = concat_kv(cache.k_BxKxSxH, cache.v_BxKxSxH,
+                                                 cache.pos_BxKxS, cache.valid_BxKxS, k, v, pos_BxT)
+    o = attention(q, k_all, v_all, q_pos_BxT=pos_BxT, k_pos_BxKxS=pos_all,
+                  k_valid_BxKxS=valid_all, window=self.window,
+                  prefix=(qraw, *self.prefix_kv(q.dtype)))
     if cache.capacity:
       cache, _ = write(cache, k, v, pos_BxT)
     return self.out(o), cache
@@ -527,8 +508,8 @@ class MAC(_PersistentAttention):
     _, _, k_h, v_h = self.proj(h, rel_BxL)
     causal_LxL = jnp.tril(jnp.ones((L, L), bool))
     mask = jnp.broadcast_to(jnp.concatenate([causal_LxL, causal_LxL], 1), (B, self.kv_heads, L, 2 * L))
-    o = attend_with_prefix(q, qraw, *self.prefix_kv(q.dtype), jnp.concatenate([k_h, k_x], 2),
-                           jnp.concatenate([v_h, v_x], 2), mask)                  # Eq 22-23
+    o = attention(q, jnp.concatenate([k_h, k_x], 2), jnp.concatenate([v_h, v_x], 2),
+                  mask_BxKxTxS=mask, prefix=(qraw, *self.prefix_kv(q.dtype)))      # Eq 22-23
     y = self.out(o)
     w = x_BxLxD + y if self.write_residual else y
     m, mem = self.memory.forward(w, mem)                                         # Eq 24

@@ -1,12 +1,12 @@
-"""attention_impl='chunked' (models/chunked_attention.py) == the dense paths, in O(T * block)."""
+"""attention_impl='chunked' (models/ops/chunked.py) == the dense paths, in O(T * block)."""
 import jax
 import jax.numpy as jnp
 import pytest
 from flax import nnx
 
 from conftest import tiny_config
-from models.attention import attend, position_mask
-from models.chunked_attention import chunked_attention
+from models.ops.attention import attention, position_mask
+from models.ops.chunked import chunked_attention
 from models.lm import LM
 from training.step import loss_fn
 
@@ -17,8 +17,8 @@ def masked_reference(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, window):
   pos_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
   mask = position_mask(pos_BxT, jnp.broadcast_to(pos_BxT[:, None], (B, K, T)),
                        jnp.ones((B, K, T), bool), window)
-  return attend(q_BxTxNxH, k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3),
-                mask)[0]
+  return attention(q_BxTxNxH, k_BxTxKxH.transpose(0, 2, 1, 3), v_BxTxKxH.transpose(0, 2, 1, 3),
+                   mask_BxKxTxS=mask)
 
 
 def output_and_grads(attention, q, k, v, cotangent):

@@ -7,7 +7,8 @@ from flax import nnx
 
 from conftest import tiny_config
 from models import decode, eviction
-from models.attention import KVCache, attend, position_mask, write
+from models.attention import KVCache, write
+from models.ops.attention import attention, position_mask
 from models.lm import LM
 
 
@@ -70,7 +71,8 @@ def test_attend_matches_naive_loops(window):
   k_BxKxSxH = jnp.asarray(k.transpose(1, 0, 2))[None]
   mask = position_mask(pos, jnp.broadcast_to(pos[:, None], (1, K, T)), jnp.ones((1, K, T), bool),
                        window)
-  out, _ = attend(jnp.asarray(q)[None], k_BxKxSxH, jnp.asarray(v.transpose(1, 0, 2))[None], mask)
+  out = attention(jnp.asarray(q)[None], k_BxKxSxH, jnp.asarray(v.transpose(1, 0, 2))[None],
+                  mask_BxKxTxS=mask)
   np.testing.assert_allclose(out[0], naive_attention(q, k, v, window), atol=1e-5)
 
 

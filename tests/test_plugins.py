@@ -61,14 +61,19 @@ class SinkWindow:
     return ((cache.pos_BxKxS < self.sink) | (cache.pos_BxKxS > newest_Bx1x1 - self.window)), cache
 
 
-registry.register_mixer('toy_mean', CausalMean, state=MeanState,
-                        config={'model.toy_mean': dict(scale=1.0)}, validate=validate_mean)
-registry.register_policy('toy_sink', lambda cfg: SinkWindow(cfg.toy_sink.sink,
-                                                            cfg.toy_sink.window),
-                         config={'toy_sink': dict(sink=4, window=8)})
+@pytest.fixture
+def toy_methods():
+  """The two methods registered for one test (other tests in the process do not see them)."""
+  with registry.scope():
+    registry.register_mixer('toy_mean', CausalMean, state=MeanState,
+                            config={'model.toy_mean': dict(scale=1.0)}, validate=validate_mean)
+    registry.register_policy('toy_sink', lambda cfg: SinkWindow(cfg.toy_sink.sink,
+                                                                cfg.toy_sink.window),
+                             config={'toy_sink': dict(sink=4, window=8)})
+    yield
 
 
-def test_a_registered_mixer_and_policy_validate_train_and_decode(tmp_path):
+def test_a_registered_mixer_and_policy_validate_train_and_decode(toy_methods, tmp_path):
   from training.config import ConfigError, validate
   from training.loop import train
   from training.policy import make_policy
@@ -100,3 +105,11 @@ def test_a_registered_mixer_and_policy_validate_train_and_decode(tmp_path):
   assert registry.is_kv_cache(cache) and out.shape == (2, 46)
   kept = np.sort(np.asarray(cache.pos_BxKxS)[np.asarray(cache.valid_BxKxS)].reshape(-1, 12))
   assert (kept == [0, 1, 2, 3] + list(range(38, 46))).all()        # newest: position 45
+
+
+def test_registrations_end_with_their_scope(toy_methods):
+  assert 'toy_mean' in registry.mixers()
+  with registry.scope():
+    registry.register_policy('toy_other', lambda cfg: None, config={'toy_other': dict(a=1)})
+  assert 'toy_other' not in registry.policies() and 'toy_other' not in registry.config_keys()
+  assert 'toy_sink' in registry.policies()

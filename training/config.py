@@ -216,20 +216,22 @@ def validate(cfg, n_devices, *, check_mesh=True):
 
 
 def _validate_attention(m, n_devices):
-  """model.attention_impl and attention_block. cudnn is checked against the platform only
-  when jax may start (n_devices > 0: train.py validates once before jax.distributed)."""
-  _check(m.attention_impl in ('xla', 'chunked', 'cudnn', 'masked'), 'model.attention_impl',
-         f'{m.attention_impl!r} not xla|chunked|cudnn|masked')
+  """model.attention_impl and attention_block. cudnn and splash are checked against the
+  platform only when jax may start (n_devices > 0: train.py validates once before
+  jax.distributed)."""
+  from models.ops.attention import IMPLS
+  _check(m.attention_impl in IMPLS, 'model.attention_impl',
+         f'{m.attention_impl!r} not {"|".join(IMPLS[1:] + IMPLS[:1])}')
   _check(m.attention_block >= 1, 'model.attention_block', f'must be >= 1, got {m.attention_block}')
-  if m.attention_impl != 'cudnn':
-    return
-  _check(m.dtype in ('bfloat16', 'float16'), 'model.attention_impl',
-         f'cudnn needs model.dtype bfloat16 or float16, got {m.dtype!r}')
-  if n_devices:
-    import jax
+  if m.attention_impl == 'cudnn':
+    _check(m.dtype in ('bfloat16', 'float16'), 'model.attention_impl',
+           f'cudnn needs model.dtype bfloat16 or float16, got {m.dtype!r}')
+  needs = dict(cudnn='gpu', splash='tpu').get(m.attention_impl)
+  if needs and n_devices:
     platform = jax.devices()[0].platform
-    _check(platform == 'gpu', 'model.attention_impl',
-           f'cudnn needs a GPU, this platform is {platform!r} (use xla or chunked)')
+    _check(platform == needs, 'model.attention_impl',
+           f'{m.attention_impl} needs a {needs.upper()}, this platform is {platform!r} (use '
+           'auto, xla or chunked)')
 
 
 def _validate_evolve(cfg):

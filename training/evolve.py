@@ -1,6 +1,6 @@
 """NAMM evolution: an evosax strategy searches the scorer parameters of a frozen base LM.
 
-Protocol (SakanaAI/evo-memory memory_trainer.py; /work/shared/specs/namm.md section 3):
+Protocol (SakanaAI/evo-memory memory_trainer.py; arXiv 2410.13166 section 3):
   * generation 0 ("iteration 0") runs the keep-all policy (zero parameters) over the
     training pool of every task: per-prompt full-cache reference scores, and the
     normalisation statistics of the EMA features pooled over prompts, heads, valid tokens and
@@ -327,9 +327,9 @@ class Evolution:
     score_P = np.asarray(normalised_fitness(scores, refs))
     fit_P = score_P - ev.cache_weight * frac_P
     es_state, _ = self.es.tell(k_tell, pop_PxD, jnp.asarray(-fit_P), es_state, self.es_params)
-    if fit_P.max() > st['best_fitness']:
-      st['best_fitness'] = np.float32(fit_P.max())
-      st['best'] = np.asarray(pop_PxD[int(fit_P.argmax())], np.float32)
+    # the best member seen: evosax's own record (it minimises -fitness)
+    st['best_fitness'] = np.float32(-es_state.best_fitness)
+    st['best'] = np.asarray(es_state.best_solution, np.float32)
     st['mean'] = np.asarray(self.es.get_mean(es_state), np.float32)
     st['gen'] = np.int32(gen)
     best = int(fit_P.argmax())

@@ -1,0 +1,1 @@
+"""Kernels and ops shared by the mixers (pure functions, no parameters)."""
