@@ -10,33 +10,28 @@ from flax import nnx
 from data.tokenizer import ByteTokenizer
 
 
-DEFAULT_GROUP = (None, 1.0, True)       # (regex, lr multiplier, weight decay?) of the rest
-
-
 def make_optimizer(t):
   """AdamW with linear warmup + cosine decay and global-norm clipping; no decay on vectors.
 
   `train.param_groups` ((path regex, lr multiplier, weight decay?), ...) give the matching
-  parameters their own learning rate and weight decay switch: one AdamW per group over its
-  parameters (optax.partition), after the clip over all of them."""
+  parameters their own learning rate (updates scaled) and weight decay switch."""
   warmup = min(t.warmup_steps, t.steps - 1)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, t.lr, warmup, t.steps, end_value=t.lr * t.min_lr_ratio)
-
-  def adamw(lr, decay=True):
-    mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2 and decay, params)
-    return optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=mask)
-
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  parts = [optax.clip_by_global_norm(t.grad_clip)]
+  # Not optax.partition: its per-group states hold MaskedNode leaves, which nnx.eval_shape of
+  # an nnx.Optimizer cannot wrap (flax 0.12.8: "'MaskedNode' object has no attribute 'shape'").
   groups = tuple(tuple(g) for g in t.param_groups)
-  if not groups:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw(schedule)), schedule
-  table = groups + (DEFAULT_GROUP,)                   # a parameter's label: its group's index
-  labels = lambda params: jax.tree_util.tree_map_with_path(
-      lambda path, p: table.index(param_group(path, groups)), params)
-  scaled = lambda m: schedule if m == 1.0 else lambda step: schedule(step) * m
-  per_group = {i: adamw(scaled(m), decay) for i, (_, m, decay) in enumerate(table)}
-  return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                     optax.partition(per_group, labels)), schedule
+  if groups:   # (path regex, lr multiplier, weight decay?) per group: e.g. Infini's gates
+    decay_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and param_group(path, groups)[2], params)
+  parts.append(optax.adamw(schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                           mask=decay_mask))
+  if groups:
+    parts.append(optax.stateless(lambda updates, params=None: jax.tree_util.tree_map_with_path(
+        lambda path, u: u * param_group(path, groups)[1], updates)))
+  return optax.chain(*parts), schedule
 
 
 def param_path(path):
@@ -49,7 +44,7 @@ def param_group(path, groups):
   """(regex, lr multiplier, weight decay?) of the first group whose regex is found in the
   parameter's path; the default group (None, 1.0, True) if none."""
   p = param_path(path)
-  return next((g for g in groups if re.search(g[0], p)), DEFAULT_GROUP)
+  return next((g for g in groups if re.search(g[0], p)), (None, 1.0, True))
 
 
 def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
