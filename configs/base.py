@@ -35,8 +35,8 @@ def get_base_config():
   m.tie_embeddings = True
   m.scale_embeddings = True     # multiply embeddings by sqrt(d_model)
   m.remat = 'block'             # none | block | segment
-  # Attention backend of every mixer's training chunk (models/ops/attention.py; a cache, an
-  # explicit mask or a persistent prefix always take the dense masked path): auto: the
+  # Attention backend of every mixer's training chunk (models/ops/attention.py; a cache or an
+  # explicit mask take the dense masked path, a persistent prefix chunked or dense): auto: the
   # fastest correct one for the platform and dtype (chunked on CPU, cudnn on GPU for
   # bf16/fp16 else xla, splash on TPU) | xla: jax.nn.dot_product_attention (dense [B, heads,
   # T, T] scores) | chunked: blockwise flash attention in pure JAX, O(T * block) memory |

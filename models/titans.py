@@ -380,23 +380,28 @@ class _PersistentAttention(Attention):
     k = rope(k.swapaxes(1, 2), pos_BxT, self.rope_theta, self.rope_scaling).swapaxes(1, 2)
     return rope(qraw, pos_BxT, self.rope_theta, self.rope_scaling), qraw, k, v
 
-  def prefix_kv(self, dt):
+  def prefix(self, qraw_BxTxNxH):
+    """The attention op's persistent prefix: (unrotated query, keys, values of the N_p
+    persistent tokens), or None without them."""
     if not self.n_persist:
-      return jnp.zeros((self.kv_heads, 0, self.head_dim), dt), jnp.zeros((self.kv_heads, 0, self.head_dim), dt)
+      return None
+    dt = qraw_BxTxNxH.dtype
     p = self.persistent[...].astype(dt)
-    return (jnp.einsum('pd,dkh->kph', p, self.wk[...].astype(dt)),
+    return (qraw_BxTxNxH, jnp.einsum('pd,dkh->kph', p, self.wk[...].astype(dt)),
             jnp.einsum('pd,dkh->kph', p, self.wv[...].astype(dt)))
 
   def swa(self, x_BxTxD, cache: KVCache, pos_BxT):
     """Sliding-window causal attention over (P || cached tokens || x). Returns y, cache."""
     q, qraw, k, v = self.proj(x_BxTxD, pos_BxT)
+    if cache.capacity == 0:        # one chunk at positions 0..T-1: model.attention_impl's backend
+      return self.out(attention(q, k, v, impl=self.impl, block=self.block, window=self.window,
+                                prefix=self.prefix(qraw))), cache
     k_all, v_all, pos_all, valid_all = concat_kv(cache.k_BxKxSxH, cache.v_BxKxSxH,
                                                  cache.pos_BxKxS, cache.valid_BxKxS, k, v, pos_BxT)
     o = attention(q, k_all, v_all, q_pos_BxT=pos_BxT, k_pos_BxKxS=pos_all,
                   k_valid_BxKxS=valid_all, window=self.window,
-                  prefix=(qraw, *self.prefix_kv(q.dtype)))
-    if cache.capacity:
-      cache, _ = write(cache, k, v, pos_BxT)
+                  prefix=self.prefix(qraw))
+    cache, _ = write(cache, k, v, pos_BxT)
     return self.out(o), cache
 
   def swa_flops(self, seq_len):
@@ -509,7 +514,7 @@ class MAC(_PersistentAttention):
     causal_LxL = jnp.tril(jnp.ones((L, L), bool))
     mask = jnp.broadcast_to(jnp.concatenate([causal_LxL, causal_LxL], 1), (B, self.kv_heads, L, 2 * L))
     o = attention(q, jnp.concatenate([k_h, k_x], 2), jnp.concatenate([v_h, v_x], 2),
-                  mask_BxKxTxS=mask, prefix=(qraw, *self.prefix_kv(q.dtype)))      # Eq 22-23
+                  mask_BxKxTxS=mask, prefix=self.prefix(qraw))                     # Eq 22-23
     y = self.out(o)
     w = x_BxLxD + y if self.write_residual else y
     m, mem = self.memory.forward(w, mem)                                         # Eq 24

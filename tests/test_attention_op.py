@@ -184,6 +184,31 @@ def test_prefix_equals_titans_attend_with_prefix():
   assert float(jnp.abs(got - want).max()) < 1e-5
 
 
+@pytest.mark.parametrize('impl,T,window,block', [('chunked', 37, 0, 8), ('chunked', 37, 5, 8),
+                                                 ('chunked', 20, 6, 64), ('xla', 20, 6, 8)])
+def test_prefix_on_a_chunk_forward_and_gradients(impl, T, window, block):
+  """Titans' SWA over (P || x) on one chunk: the chunked backend (the online softmax starts
+  from the prefix; its own backward) and the dense path == the reference, output and the
+  gradients of q, k, v, q_raw, pk, pv; GQA, T not a multiple of the block."""
+  q, k, v, cot = qkv(T, 4, 2, seed=8)
+  q_raw = jax.random.normal(jax.random.key(9), q.shape)
+  pk, pv = jax.random.normal(jax.random.key(10), (2, 2, 3, 8))
+  pos_BxT = jnp.broadcast_to(jnp.arange(T), (2, T))
+  mask = position_mask(pos_BxT, jnp.broadcast_to(pos_BxT[:, None], (2, 2, T)),
+                       jnp.ones((2, 2, T), bool), window)
+
+  def grads(fn):
+    out, vjp = jax.vjp(fn, q, k, v, q_raw, pk, pv)
+    return [out, *vjp(cot)]
+
+  got = jax.jit(lambda: grads(lambda q, k, v, qr, pk, pv: attention(
+      q, k, v, impl=impl, block=block, window=window, prefix=(qr, pk, pv))))()
+  want = jax.jit(lambda: grads(lambda q, k, v, qr, pk, pv: attend_with_prefix(
+      q, qr, pk, pv, k, v, mask)))()
+  for name, a, b in zip(('out', 'dq', 'dk', 'dv', 'dq_raw', 'dpk', 'dpv'), got, want):
+    assert float(jnp.abs(a - b).max()) < 1e-5, name
+
+
 def test_resolve_impl():
   bf16, fp32 = jnp.bfloat16, jnp.float32
   assert resolve_impl('auto', fp32, platform='cpu') == 'chunked'

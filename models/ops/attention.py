@@ -3,7 +3,7 @@
 Layout: q [B, T, N, H]; k, v [B, K, S, H] (the KV cache's layout, on every path); the N query
 heads share the K KV heads in groups of G = N / K (GQA).
 
-Contiguous path (no positions, mask, prefix or probabilities asked for): causal self-attention
+Contiguous path (no positions, mask or probabilities asked for): causal self-attention
 of one chunk at positions 0..T-1 (S == T), an optional sliding window and an optional per-token
 rule=(fn, info) (models/ops/chunked.py; AnSAN's anchor mask). `impl` picks the backend:
   xla      jax.nn.dot_product_attention(implementation='xla'), is_causal / local_window_size;
@@ -19,9 +19,11 @@ rule=(fn, info) (models/ops/chunked.py; AnSAN's anchor mask). `impl` picks the b
   auto     the fastest correct backend (resolve_impl): chunked on CPU; on GPU cudnn for bf16 /
            fp16 without a rule, else xla; splash on TPU (chunked with a rule).
 
-General path (q_pos / k_pos, an explicit mask, a prefix or return_probs): the dense masked
-einsum whatever `impl` is: eviction policies read the probabilities, and caches with holes,
-AnSAN's cached mask and Titans' [causal | causal] segment mask are arbitrary masks.
+General path (q_pos / k_pos, an explicit mask or return_probs): the dense masked einsum
+whatever `impl` is: eviction policies read the probabilities, and caches with holes, AnSAN's
+cached mask and Titans' [causal | causal] segment mask are arbitrary masks. Titans' persistent
+prefix (keys every query sees, scored with the unrotated query) runs on chunked in a
+contiguous chunk, else on the dense path (dot_product_attention and splash cannot take it).
 
 A query row with no visible key (AnSAN padding) gives zeros on every backend: chunked and the
 einsum do so by construction; dot_product_attention (xla, cudnn) returns the mean of V there,
@@ -77,8 +79,9 @@ def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, *, impl='auto', block=256, window
   q_pos - k_pos < window) where positions are given, and mask_BxKxTxS where given (K may be 1);
   with neither, the contiguous mask. Dense einsum for every impl.
   prefix=(q_raw_BxTxNxH, pk_KxPxH, pv_KxPxH): P keys every query sees, scored with q_raw (the
-  unrotated query), one softmax over [prefix || keys] (models/titans.py attend_with_prefix);
-  probs are those of the S keys. A prefix on a contiguous chunk takes the general path.
+  unrotated query), one softmax over [prefix || keys]; probs are those of the S keys. A
+  prefix on a contiguous chunk runs on chunked (the online softmax starts from it), on the
+  general path for the other backends.
   """
   if (q_pos_BxT is None) != (k_pos_BxKxS is None) or (
       k_valid_BxKxS is not None and k_pos_BxKxS is None):
@@ -88,7 +91,7 @@ def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, *, impl='auto', block=256, window
     raise ValueError('attention: a rule applies to a contiguous chunk; with positions or a '
                      'mask, put it in mask_BxKxTxS')
   impl = resolve_impl(impl, q_BxTxNxH.dtype, rule is not None)
-  if explicit or prefix is not None or return_probs or impl == 'masked':
+  if explicit or return_probs or impl == 'masked' or (prefix is not None and impl != 'chunked'):
     if explicit:
       mask = mask_BxKxTxS
       if k_pos_BxKxS is not None:
@@ -102,7 +105,7 @@ def attention(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, *, impl='auto', block=256, window
   if impl == 'chunked':
     return chunked_attention(q_BxTxNxH, k_BxKxSxH.transpose(0, 2, 1, 3),
                              v_BxKxSxH.transpose(0, 2, 1, 3), window=window, block=block,
-                             rule=rule)
+                             rule=rule, prefix=prefix)
   if impl == 'splash':
     return _splash(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, window, block)
   return _dot_product(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, impl, window, rule)
@@ -133,8 +136,8 @@ def _chunk_mask(T, window, rule):
 
 
 def _dense(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxKxTxS, prefix):
-  """Masked softmax (fp32) over [prefix || keys]: the math of models.attention.attend (and of
-  models.titans.attend_with_prefix). Rows with no visible key give zeros, not NaN.
+  """Masked softmax (fp32) over [prefix || keys] (GQA). Rows with no visible key give zeros,
+  not NaN.
   Returns out [B, T, N, H] and the keys' probs [B, K, T, S] (mean over each group)."""
   B, T, N, H = q_BxTxNxH.shape
   K = k_BxKxSxH.shape[1]

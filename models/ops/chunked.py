@@ -17,6 +17,10 @@ A per-token rule can narrow the causal mask further: `rule=(fn, info)` with info
 [B, T] arrays and fn(info_q, info_k) -> bool [B, Q, C] (AnSAN's anchor mask, models/anchor.py).
 A row it masks entirely (padding) gives zeros.
 
+A persistent prefix `prefix=(q_raw, pk, pv)` (Titans' P learned tokens, position-free): P keys
+every query sees, scored with its own query q_raw [B, T, N, H] (the unrotated one), in the
+same softmax: each query block's online softmax starts from its prefix scores.
+
 Layout inside: q/o [B, K, G, T, H] (G = N / K query heads per KV head), k/v [B, K, T, H].
 """
 import functools
@@ -29,11 +33,13 @@ from jax import lax
 NEG_INF = -1e30
 
 
-def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=256, rule=None):
+def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=256, rule=None,
+                      prefix=None):
   """Causal softmax attention over one contiguous chunk (positions 0..T-1), GQA.
 
   window > 0: key j is visible to query i iff i - window < j <= i (sliding window).
   rule: (fn, {name: [B, T]}): key j is also visible only where fn(info_q, info_k) holds.
+  prefix: (q_raw [B, T, N, H], pk [K, P, H], pv [K, P, H]): always-visible keys (see above).
   T need not be a multiple of `block`: the chunk is padded at the end; padded keys are in
   the future of every real query, so causality masks them. Returns [B, T, N, H].
   """
@@ -42,12 +48,16 @@ def chunked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, *, window=0, block=256, r
   b = min(block, T)
   Tp = -(-T // b) * b
   pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T), (0, 0), (0, 0)))
-  q_BxKxGxTxH = pad(q_BxTxNxH).reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  groups = lambda x: pad(x).reshape(B, Tp, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  q_BxKxGxTxH = groups(q_BxTxNxH)
+  if prefix is not None:
+    prefix = (groups(prefix[0]), prefix[1].astype(q_BxTxNxH.dtype),
+              prefix[2].astype(v_BxTxKxH.dtype))
   k_BxKxTxH = pad(k_BxTxKxH).transpose(0, 2, 1, 3)
   v_BxKxTxH = pad(v_BxTxKxH).transpose(0, 2, 1, 3)
   fn, info = rule or (None, {})
   info = {n: jnp.pad(a, ((0, 0), (0, Tp - T))) for n, a in info.items()}
-  o_BxKxGxTxH = _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, (window, fn), b)
+  o_BxKxGxTxH = _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, prefix, (window, fn), b)
   return o_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(B, Tp, N, H)[:, :T]
 
 
@@ -95,8 +105,16 @@ def _mask(i, j, b, mask_spec, info):
   return mask_QxC.reshape((-1, 1, 1, b, b))
 
 
-def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
-  """Online softmax of query block i over its visible key blocks: out (fp32), lse."""
+def _prefix_scores(qraw_BxKxGxQxH, pk_KxPxH):
+  """Scores of a query block over the prefix keys, fp32 [B, K, G, Q, P]."""
+  H = qraw_BxKxGxQxH.shape[-1]
+  return jnp.einsum('bkgqh,kph->bkgqp', qraw_BxKxGxQxH, pk_KxPxH,
+                    preferred_element_type=jnp.float32) * H ** -0.5
+
+
+def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, prefix, i, b, mask_spec):
+  """Online softmax of query block i over the prefix (if any) and its visible key blocks:
+  out (fp32), lse. prefix: (this block's q_raw, pk, pv) or None."""
   H = q_BxKxGxQxH.shape[-1]
 
   def body(j, carry, masked):
@@ -117,8 +135,16 @@ def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
     return m_new, alpha * l_BxKxGxQ + p.sum(-1), alpha[..., None] * acc_BxKxGxQxH + pv
 
   shape = q_BxKxGxQxH.shape[:-1]
-  init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
-          jnp.zeros(q_BxKxGxQxH.shape, jnp.float32))
+  if prefix is None:
+    init = (jnp.full(shape, NEG_INF, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(q_BxKxGxQxH.shape, jnp.float32))
+  else:                                  # the online softmax starts from the prefix keys
+    qraw_blk, pk_KxPxH, pv_KxPxH = prefix
+    s_p = _prefix_scores(qraw_blk, pk_KxPxH)
+    m = s_p.max(-1)
+    p = jnp.exp(s_p - m[..., None])
+    init = (m, p.sum(-1), jnp.einsum('bkgqp,kph->bkgqh', p.astype(pv_KxPxH.dtype), pv_KxPxH,
+                                     preferred_element_type=jnp.float32))
   m, l, acc = _visit(i, b, mask_spec, body, init)
   # l > 0 unless a rule masks the whole row (padding): that row gives 0, lse 0.
   seen = l > 0
@@ -126,27 +152,32 @@ def _forward_block(q_BxKxGxQxH, k_BxKxTxH, v_BxKxTxH, info, i, b, mask_spec):
   return acc / l[..., None], jnp.where(seen, m + jnp.log(l), 0.)
 
 
-def _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
+def _prefix_block(prefix, i, b):
+  """(query block i of q_raw, pk, pv), or None."""
+  return None if prefix is None else (_block(prefix[0], i, b, -2),) + tuple(prefix[1:])
+
+
+def _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, prefix, mask_spec, b):
   """All query blocks: out [B, K, G, T, H] (q's dtype) and the fp32 log-sum-exp [B, K, G, T]."""
 
   def body(i, carry):
     o, lse = carry
     o_blk, lse_blk = _forward_block(_block(q_BxKxGxTxH, i, b, -2), k_BxKxTxH, v_BxKxTxH,
-                                    info, i, b, mask_spec)
+                                    info, _prefix_block(prefix, i, b), i, b, mask_spec)
     return _put(o, o_blk, i, b, -2), _put(lse, lse_blk, i, b, -1)
 
   init = (jnp.zeros_like(q_BxKxGxTxH), jnp.zeros(q_BxKxGxTxH.shape[:-1], jnp.float32))
   return lax.fori_loop(0, q_BxKxGxTxH.shape[-2] // b, body, init)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
-  return _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _flash(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, prefix, mask_spec, b):
+  return _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, prefix, mask_spec, b)[0]
 
 
-def _flash_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b):
-  o, lse = _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, mask_spec, b)
-  return o, (q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, o, lse, info)
+def _flash_fwd(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, prefix, mask_spec, b):
+  o, lse = _forward(q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, info, prefix, mask_spec, b)
+  return o, (q_BxKxGxTxH, k_BxKxTxH, v_BxKxTxH, o, lse, info, prefix)
 
 
 def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
@@ -157,14 +188,15 @@ def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
   Scores are formed key-major, [B, K, C, G, Q]: dk and dv then contract over the minor
   (G, Q) axes and need no transpose of the [C, G * Q] probabilities (on CPU, a transposing
   elementwise fusion costs more than the matmuls); dq is accumulated as [B, K, H, G, Q].
+  With a prefix, each query block adds its d q_raw and its share of d pk, d pv.
   """
-  q, k, v, o, lse_BxKxGxT, info = residuals
+  q, k, v, o, lse_BxKxGxT, info, prefix = residuals
   H = q.shape[-1]
   delta_BxKxGxT = jnp.einsum('bkgth,bkgth->bkgt', do_BxKxGxTxH.astype(jnp.float32),
                              o.astype(jnp.float32))        # rowsum(dO * O) = sum_j p_j dp_j
 
   def q_body(i, carry):
-    dq, dk, dv = carry
+    dq, dk, dv, dprefix = carry
     q_blk, do_blk = _block(q, i, b, -2), _block(do_BxKxGxTxH, i, b, -2)
     lse_Bx1xKxGxQ = _block(lse_BxKxGxT, i, b, -1)[:, :, None]
     delta_BxKx1xGxQ = _block(delta_BxKxGxT, i, b, -1)[:, :, None]
@@ -193,13 +225,24 @@ def _flash_bwd(mask_spec, b, residuals, do_BxKxGxTxH):
     B, K, G, Q, _ = q_blk.shape
     init = (jnp.zeros((B, K, H, G, Q), jnp.float32), dk, dv)
     dqT_blk, dk, dv = _visit(i, b, mask_spec, kv_body, init)
-    return _put(dq, dqT_blk.transpose(0, 1, 3, 4, 2), i, b, -2), dk, dv
+    if prefix is not None:               # the prefix keys: p = exp(s_p - lse), as any key
+      (qraw_blk, pk, pv), (dqraw, dpk, dpv) = _prefix_block(prefix, i, b), dprefix
+      p_p = jnp.exp(_prefix_scores(qraw_blk, pk) - _block(lse_BxKxGxT, i, b, -1)[..., None])
+      dp_p = jnp.einsum('bkgqh,kph->bkgqp', do_blk, pv, preferred_element_type=jnp.float32)
+      ds_p = p_p * (dp_p - _block(delta_BxKxGxT, i, b, -1)[..., None]) * H ** -0.5
+      dqraw_blk = jnp.einsum('bkgqp,kph->bkgqh', ds_p, pk.astype(jnp.float32))
+      dprefix = (_put(dqraw, dqraw_blk, i, b, -2),
+                 dpk + jnp.einsum('bkgqp,bkgqh->kph', ds_p, qraw_blk.astype(jnp.float32)),
+                 dpv + jnp.einsum('bkgqp,bkgqh->kph', p_p, do_blk.astype(jnp.float32)))
+    return _put(dq, dqT_blk.transpose(0, 1, 3, 4, 2), i, b, -2), dk, dv, dprefix
 
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-          jnp.zeros(v.shape, jnp.float32))
-  dq, dk, dv = lax.fori_loop(0, q.shape[-2] // b, q_body, init)
+  zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
+  init = (zeros(q), zeros(k), zeros(v), None if prefix is None else tuple(map(zeros, prefix)))
+  dq, dk, dv, dprefix = lax.fori_loop(0, q.shape[-2] // b, q_body, init)
+  if prefix is not None:
+    dprefix = tuple(d.astype(a.dtype) for d, a in zip(dprefix, prefix))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
-          jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), info))
+          jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), info), dprefix)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
