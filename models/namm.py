@@ -211,7 +211,7 @@ class NAMM:
   @classmethod
   def make(cls, theta=None, mu=None, sigma=None, **hyper):
     """The policy with these hyper-parameters; parameters default to zeros (keep all)."""
-    p = cls(jnp.zeros(0), jnp.zeros(0), jnp.zeros(0), **hyper)
+    p = cls(None, None, None, **hyper)
     F = p.n_feat
     as_f32 = lambda a, default: default if a is None else jnp.asarray(a, jnp.float32)
     return p.replace(theta=as_f32(theta, jnp.zeros(p.n_params)), mu=as_f32(mu, jnp.zeros(F)),
