@@ -90,7 +90,7 @@ _JOBS = flags.DEFINE_integer('jobs', 1, 'Run the sections in this many processes
 CHUNKED = {'model.attention_impl': 'chunked'}
 KINDS = {
     'plain': ('configs/transformer.py:tiny', CHUNKED),
-    'plain_xla': ('configs/transformer.py:tiny', {}),
+    'plain_xla': ('configs/transformer.py:tiny', {'model.attention_impl': 'xla'}),
     'sliding': ('configs/sliding.py:tiny', {}),
     'titans_mac': ('configs/titans_mac.py:tiny', {}),
     'titans_mag': ('configs/titans_mag.py:tiny', {}),
