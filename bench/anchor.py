@@ -67,8 +67,16 @@ def model_cfg(mixer, mode, n_layers):
 def restore(workdir, cfg):
   """The checkpoint's parameters in a model built from `cfg` (any mixer with the same
   parameters: attention <-> anchor)."""
-  from training.run import load_run
-  return load_run(workdir, config=cfg).model()
+  from flax import nnx
+  from training import mesh as meshlib
+  from training.checkpoint import Checkpointer
+  from training.run import abstract_model, restore_model
+  ckpt = Checkpointer.open(workdir)
+  try:
+    graphdef, abs_state = abstract_model(cfg, meshlib.make_mesh(cfg))
+    return nnx.merge(graphdef, restore_model(ckpt, ckpt.step(), abs_state))
+  finally:
+    ckpt.close()
 
 
 def held_out_loss(model, source, batches=8):
