@@ -147,3 +147,18 @@ def test_run_directories_of_the_old_layout_restore_and_resume(tmp_path):
   evo.close()
   with pytest.raises(CheckpointError, match="item 'state' of step 1 .* has no model"):
     load_run(tmp_path / 'evo')
+
+
+def test_an_update_that_overflows_the_state_is_never_saved(tmp_path):
+  """lr = 1e39 is finite in the config but inf in float32: step 1's loss and gradient are
+  finite, its updated parameters are not. The step is discarded and nothing is saved; an
+  infinite lr is refused by validation, naming the key."""
+  from training.config import ConfigError, validate
+  with pytest.raises(ConfigError, match=r'config.train.lr: must be finite, got inf'):
+    validate(tiny_config(**{'train.lr': float('inf')}), 1)
+  cfg = tiny_config(**{'train.steps': 3, 'train.lr': 1e39, 'train.warmup_steps': 0,
+                       'train.ckpt_every': 1, 'train.log_every': 3})
+  with pytest.raises(FloatingPointError, match=r'step 1: the updated parameters or optimizer '
+                                               r'state .* is not finite'):
+    train(cfg, tmp_path)
+  assert Checkpointer.for_workdir(tmp_path).latest_step() is None

@@ -181,6 +181,8 @@ def validate(cfg, n_devices, *, check_mesh=True):
            f'seq_len={d.seq_len} is not divisible by model.segment_len={m.segment_len}')
   _check(t.steps >= 1, 'train.steps', f'must be >= 1, got {t.steps}')
   _check(t.lr > 0, 'train.lr', f'must be > 0, got {t.lr}')
+  for key in ('lr', 'weight_decay', 'b1', 'b2', 'grad_clip', 'min_lr_ratio', 'peak_flops'):
+    _check(math.isfinite(t[key]), f'train.{key}', f'must be finite, got {t[key]}')
   _check(t.warmup_steps >= 0, 'train.warmup_steps', f'must be >= 0, got {t.warmup_steps}')
   for key in ('log_every', 'eval_every', 'ckpt_every', 'keep_ckpts', 'batch_size',
               'microbatches'):

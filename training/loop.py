@@ -142,11 +142,13 @@ def _finish(pending, ckpt, last_saved):
   m = jax.device_get(m)
   if not m['finite']:
     ckpt.wait()
+    what = (f'loss={m["loss"]} grad_norm={m["grad_norm"]}' if m['state_finite'] else
+            f'the updated parameters or optimizer state (loss={m["loss"]} grad_norm='
+            f'{m["grad_norm"]})')
     raise FloatingPointError(
-        f'step {step}: loss={m["loss"]} grad_norm={m["grad_norm"]} is not finite. The update was '
-        f'discarded and no checkpoint was written after step {last_saved} (kept). Lower '
-        f'train.lr or check the data.')
-  return {k: float(np.asarray(v)) for k, v in m.items() if k != 'finite'}
+        f'step {step}: {what} is not finite. The update was discarded and no checkpoint was '
+        f'written after step {last_saved} (kept). Lower train.lr or check the data.')
+  return {k: float(np.asarray(v)) for k, v in m.items() if k not in ('finite', 'state_finite')}
 
 
 def compile_only(cfg):

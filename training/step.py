@@ -89,11 +89,19 @@ def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pa
   return loss, grads
 
 
+def all_finite(tree):
+  """Whether every floating-point leaf of `tree` is finite (a scalar bool)."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
                     pad_id=ByteTokenizer.PAD, microbatches=1, compiler_options=None):
   """step(state, tokens [B, L+1], weights [B, L]) -> (state, metrics): weights scale each
-  target's loss (see loss_fn). A non-finite loss or gradient leaves the state untouched and
-  reports finite=0, so a bad update never reaches a checkpoint. microbatches > 1: the
+  target's loss (see loss_fn). A non-finite loss, gradient or updated state (parameters,
+  optimizer moments) leaves the state untouched and reports finite=0 (state_finite says
+  which), so a bad update never reaches a checkpoint. microbatches > 1: the
   gradient is accumulated over that many slices of the batch (train.microbatches).
   compiler_options: XLA's, for this step (train.xla_options)."""
 
@@ -113,8 +121,11 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
     step = opt.step[...]
     opt.update(model, grads)
     new_state = nnx.split(train_state)[1]
+    state_finite = all_finite(new_state)      # a finite gradient can still overflow the update
+    finite = finite & state_finite
     new_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_state, state)
-    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), finite=finite)
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=schedule(step), finite=finite,
+                   state_finite=state_finite)
     return new_state, metrics
 
   return train_step
