@@ -162,3 +162,20 @@ def test_an_update_that_overflows_the_state_is_never_saved(tmp_path):
                                                r'state .* is not finite'):
     train(cfg, tmp_path)
   assert Checkpointer.for_workdir(tmp_path).latest_step() is None
+
+
+def test_a_resumed_run_has_one_metrics_row_per_step(tmp_path):
+  """Killed after logging steps 4..6 but saving only step 3: the rerun drops those rows and
+  logs them again, once."""
+  import json
+  import shutil
+  cfg = tiny_config(**{'train.steps': 6})
+  train(cfg, tmp_path)
+  shutil.rmtree(tmp_path / 'checkpoints' / '6')                  # as if killed before saving 6
+  train(cfg, tmp_path)
+  steps = [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')]
+  assert steps == [0, 1, 2, 3, 4, 5, 6]
+  train(cfg, tmp_path / 'fresh')
+  shutil.rmtree(tmp_path / 'fresh' / 'checkpoints')             # nothing saved: a fresh start
+  train(cfg, tmp_path / 'fresh')
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'fresh' / 'metrics.jsonl')] == steps

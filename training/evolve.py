@@ -358,7 +358,7 @@ class Evolution:
                                self.es_params)
     es_state = serialization.from_state_dict(es_template, st['es'])
     es_state = jax.tree.map(jnp.asarray, es_state)
-    writer = MetricWriter(self.workdir)
+    writer = MetricWriter(self.workdir, resume_step=int(st['gen']))
     metrics, t_last, g_last = {}, time.time(), int(st['gen'])
     while int(st['gen']) < total:
       es_state, metrics = self.generation(st, es_state)

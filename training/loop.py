@@ -87,7 +87,7 @@ def train(cfg, workdir):
   tokens_per_step = t.batch_size * d.seq_len
   progress = Progress(start, t.steps, tokens_per_step, flops_tok * tokens_per_step,
                       peak * jax.device_count())
-  writer = MetricWriter(workdir)
+  writer = MetricWriter(workdir, resume_step=start)
   logging.info('%.3g train FLOPs/token; matmul peak %.3g FLOP/s/device', flops_tok, peak)
   if start == 0 and jax.process_index() == 0 and pipeline.is_text(d.source):
     writer.write(0, dict(unigram_loss=pipeline.unigram_entropy(d.source, 'eval',

@@ -8,14 +8,29 @@ from absl import logging
 
 
 class MetricWriter:
+  """Appends to WORKDIR/metrics.jsonl and WORKDIR/tb. `resume_step`: the step the run resumes
+  from (0: a fresh start); rows an earlier, interrupted process logged after it are dropped
+  (metrics.jsonl rewritten, TensorBoard events purged), so every step has one row."""
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resume_step=0):
     self.active = jax.process_index() == 0
     if self.active:
       os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path):
+        with open(path) as f:
+          lines = f.readlines()
+        # a fresh start (0) keeps nothing: its step-0 rows are written anew
+        kept = [l for l in lines if resume_step and json.loads(l)['step'] <= resume_step]
+        if len(kept) < len(lines):
+          with open(path + '.tmp', 'w') as f:
+            f.writelines(kept)
+          os.replace(path + '.tmp', path)
+          logging.info('metrics: dropped %d rows after step %d', len(lines) - len(kept),
+                       resume_step)
+      self.jsonl = open(path, 'a')
       from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self.tb = SummaryWriter(os.path.join(workdir, 'tb'), purge_step=resume_step + 1)
 
   def write(self, step, metrics):
     if not self.active:
