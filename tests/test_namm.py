@@ -338,3 +338,34 @@ def test_population_sharded_over_8_devices_matches_one_device(base_lm, tmp_path)
   for a, b in zip(one, eight):
     np.testing.assert_allclose([a['best_fitness'], a['mean_fitness'], a['mean_cache']],
                                [b['best_fitness'], b['mean_fitness'], b['mean_cache']], rtol=1e-4)
+
+
+@pytest.mark.xdist_group('namm_base_lm')   # one worker trains the fixture
+def test_sigterm_saves_the_generation_and_the_rerun_matches(evolved, tmp_path):
+  """evolve.py preempted (SIGTERM) after generation 1: it saves the generation it finishes
+  (periodic saves every 10 here), exits 0 without a traceback, and the rerun ends where the
+  uninterrupted run did."""
+  import signal
+  import time
+  from training.checkpoint import Checkpointer
+  from training.evolve import evolve
+  cfg, work, final = evolved
+  flags = [f'--config.evolve.{k}={v}' for k, v in cfg.evolve.items()
+           if k not in ('stages', 'generations', 'ckpt_every')]
+  flags += ['--config.namm.update_interval=32', '--config.evolve.generations=(2, 1)',
+            "--config.evolve.stages=('passkey', 'passkey,corpus')", '--config.evolve.ckpt_every=10']
+  stopped = tmp_path / 'stopped'
+  proc = subprocess.Popen([sys.executable, 'evolve.py', '--config=configs/namm.py:tiny',
+                           f'--workdir={stopped}', *flags], cwd=ROOT, env=cpu_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics, deadline = stopped / 'metrics.jsonl', time.time() + 300
+  while proc.poll() is None and time.time() < deadline and not (
+      metrics.exists() and metrics.read_text().strip()):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0 and 'Traceback' not in stderr, stderr[-2000:]
+  saved = Checkpointer.open(stopped).latest_step()
+  assert 1 <= saved and f'SIGTERM: stopped at generation {saved}' in stderr
+  resumed, _ = evolve(cfg, stopped)
+  np.testing.assert_array_equal(resumed['mean'], final['mean'])

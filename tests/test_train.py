@@ -179,3 +179,45 @@ def test_a_resumed_run_has_one_metrics_row_per_step(tmp_path):
   shutil.rmtree(tmp_path / 'fresh' / 'checkpoints')             # nothing saved: a fresh start
   train(cfg, tmp_path / 'fresh')
   assert [json.loads(l)['step'] for l in open(tmp_path / 'fresh' / 'metrics.jsonl')] == steps
+
+
+def stop_mid_run(workdir, cfg, sig, after=5):
+  """Starts train.py, sends `sig` once step `after` is logged; (returncode, stderr)."""
+  import json
+  import subprocess
+  import sys
+  import time
+  from conftest import ROOT, cli_overrides, cpu_env
+  cmd = [sys.executable, 'train.py', '--config=configs/transformer.py:tiny',
+         f'--workdir={workdir}', *cli_overrides(cfg)]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=cpu_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics, deadline = workdir / 'metrics.jsonl', time.time() + 240
+  while proc.poll() is None and time.time() < deadline and not (
+      metrics.exists() and any(json.loads(l)['step'] >= after for l in open(metrics))):
+    time.sleep(0.05)
+  proc.send_signal(sig)
+  _, stderr = proc.communicate(timeout=120)
+  return proc.returncode, stderr
+
+
+def test_a_preempted_run_saves_where_it_stopped_and_resumes_identically(tmp_path):
+  """SIGTERM (a cluster's preemption) mid-run: train.py finishes the step, saves it (between
+  the periodic saves), exits 0 without a traceback, and the rerun continues as if never
+  stopped. SIGINT (Ctrl-C) takes the same path."""
+  import signal
+  from conftest import run_train
+  cfg = tiny_config(**{'train.steps': 40, 'train.ckpt_every': 30, 'train.eval_every': 40,
+                       'train.log_every': 1})
+  for sig, workdir in ((signal.SIGINT, tmp_path / 'interrupted'),
+                       (signal.SIGTERM, tmp_path / 'stopped')):
+    rc, stderr = stop_mid_run(workdir, cfg, sig)
+    assert rc == 0 and 'Traceback' not in stderr, stderr[-2000:]
+    saved = Checkpointer.open(workdir).latest_step()
+    assert 5 <= saved < 30 and f'{sig.name}: stopped at step {saved}' in stderr
+  run_train(tmp_path / 'stopped', cfg)
+  run_train(tmp_path / 'ref', cfg)
+  a, b = losses(tmp_path / 'ref'), losses(tmp_path / 'stopped')
+  assert sorted(b) == list(range(1, 41))
+  np.testing.assert_allclose([b[s] for s in range(1, 41)], [a[s] for s in range(1, 41)],
+                             rtol=1e-6)

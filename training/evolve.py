@@ -46,6 +46,7 @@ from models import decode, namm as nammlib, registry
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
 from training.metrics import MetricWriter
+from training.preemption import Preemption
 from training.run import load_run
 
 CORPUS_TARGET = 32          # scored tokens at the end of a corpus window
@@ -360,27 +361,33 @@ class Evolution:
     es_state = jax.tree.map(jnp.asarray, es_state)
     writer = MetricWriter(self.workdir, resume_step=int(st['gen']))
     metrics, t_last, g_last = {}, time.time(), int(st['gen'])
-    while int(st['gen']) < total:
-      es_state, metrics = self.generation(st, es_state)
-      gen = int(st['gen'])
-      if gen % ev.log_every == 0 or gen == total:
-        dt = time.time() - t_last
-        metrics['evals_per_s'] = (gen - g_last) * ev.population / max(dt, 1e-9)
-        t_last, g_last = time.time(), gen
-      if gen % ev.eval_every == 0 or gen == total:
-        self.validate(st, metrics['stage'], metrics)
-      if gen % ev.log_every == 0 or gen == total:
-        logging.info('gen %d/%d stage %d | fitness best %.4f mean %.4f | cache %.3f | %.1f evals/s%s',
-                     gen, total, metrics['stage'], metrics['best_fitness'],
-                     metrics['mean_fitness'], metrics['mean_cache'],
-                     metrics.get('evals_per_s', 0.0),
-                     f" | val {metrics['val_fitness']:.4f} (best {metrics['best_val_fitness']:.4f})"
-                     f" | held-out {metrics['heldout_score']:.4f} at cache "
-                     f"{metrics['heldout_cache']:.3f}" if 'heldout_score' in metrics else '')
-      writer.write(gen, metrics)
-      if gen % ev.ckpt_every == 0 or gen == total:
-        st['es'] = serialization.to_state_dict(jax.device_get(es_state))
-        ck.save(gen, state=jax.device_get(st), config=config_json)
+    with Preemption() as preemption:     # SIGTERM / SIGINT: save this generation, exit 0
+      while int(st['gen']) < total:
+        es_state, metrics = self.generation(st, es_state)
+        gen = int(st['gen'])
+        if gen % ev.log_every == 0 or gen == total:
+          dt = time.time() - t_last
+          metrics['evals_per_s'] = (gen - g_last) * ev.population / max(dt, 1e-9)
+          t_last, g_last = time.time(), gen
+        if gen % ev.eval_every == 0 or gen == total:
+          self.validate(st, metrics['stage'], metrics)
+        if gen % ev.log_every == 0 or gen == total:
+          logging.info('gen %d/%d stage %d | fitness best %.4f mean %.4f | cache %.3f | %.1f evals/s%s',
+                       gen, total, metrics['stage'], metrics['best_fitness'],
+                       metrics['mean_fitness'], metrics['mean_cache'],
+                       metrics.get('evals_per_s', 0.0),
+                       f" | val {metrics['val_fitness']:.4f} (best {metrics['best_val_fitness']:.4f})"
+                       f" | held-out {metrics['heldout_score']:.4f} at cache "
+                       f"{metrics['heldout_cache']:.3f}" if 'heldout_score' in metrics else '')
+        writer.write(gen, metrics)
+        stop = preemption.requested()
+        if gen % ev.ckpt_every == 0 or gen == total or stop:
+          st['es'] = serialization.to_state_dict(jax.device_get(es_state))
+          ck.save(gen, state=jax.device_get(st), config=config_json)
+        if stop:
+          logging.warning('%s: stopped at generation %d, checkpoint saved; rerun the same '
+                          'command to resume', preemption.received or 'another process', gen)
+          break
     ck.close()
     writer.close()
     if jax.process_index() == 0:

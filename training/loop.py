@@ -15,6 +15,7 @@ from training.checkpoint import Checkpointer
 from training.config import xla_options
 from training.init_from import init_model_from
 from training.metrics import MetricWriter, Progress
+from training.preemption import Preemption
 from training.state import model_ctor, train_state_ctor
 from training.step import make_eval_step, make_optimizer, make_train_step
 
@@ -96,28 +97,36 @@ def train(cfg, workdir):
   metrics = {}
   pending = None                              # step t's metrics are read after t+1 dispatch
   last_saved = start
-  for step in range(start + 1, t.steps + 1):
-    batch = next(data_iter)
-    tokens = global_batch(batch['tokens'], batch_sh)
-    weights = global_batch(batch['weights'], batch_sh)
-    state, m = train_step(state, tokens, weights)
-    if pending is not None:
-      metrics = _finish(pending, ckpt, last_saved)
-    pending = (step, m)
-    if step % t.log_every == 0 or step == t.steps:
-      metrics = _finish(pending, ckpt, last_saved)
-      pending = None
-      metrics = progress.update(step, metrics)
-      if step % t.eval_every == 0 or step == t.steps:
-        metrics['eval_loss'] = evaluate(state['model'])
-        logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
-      writer.write(step, metrics)
-    if step % t.ckpt_every == 0 or step == t.steps:
+  with Preemption() as preemption:       # SIGTERM / SIGINT: save at the current step, exit 0
+    for step in range(start + 1, t.steps + 1):
+      batch = next(data_iter)
+      tokens = global_batch(batch['tokens'], batch_sh)
+      weights = global_batch(batch['weights'], batch_sh)
+      state, m = train_step(state, tokens, weights)
       if pending is not None:
-        _finish(pending, ckpt, last_saved)
+        metrics = _finish(pending, ckpt, last_saved)
+      pending = (step, m)
+      logged = step % t.log_every == 0 or step == t.steps
+      if logged:
+        metrics = _finish(pending, ckpt, last_saved)
         pending = None
-      ckpt.save(step, state=state, data=data_iter, config=json.loads(cfg.to_json_best_effort()))
-      last_saved = step
+        metrics = progress.update(step, metrics)
+        if step % t.eval_every == 0 or step == t.steps:
+          metrics['eval_loss'] = evaluate(state['model'])
+          logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
+        writer.write(step, metrics)
+      stop = preemption.requested(sync=logged)
+      if step % t.ckpt_every == 0 or step == t.steps or stop:
+        if pending is not None:
+          _finish(pending, ckpt, last_saved)
+          pending = None
+        ckpt.save(step, state=state, data=data_iter,
+                  config=json.loads(cfg.to_json_best_effort()))
+        last_saved = step
+      if stop:
+        logging.warning('%s: stopped at step %d, checkpoint saved; rerun the same command to '
+                        'resume', preemption.received or 'another process', step)
+        break
   ckpt.wait()
   ckpt.close()
   writer.close()
