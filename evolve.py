@@ -33,10 +33,14 @@ def main(argv):
       raise ConfigError('config.evolve.base: set it to the train.py workdir of the base LM')
   except ConfigError as e:
     raise SystemExit(f'error: {e}') from None
+  from training.checkpoint import CheckpointError
   from training.evolve import evolve
   from training.metrics import quiet_libraries
   quiet_libraries()
-  evolve(cfg, _WORKDIR.value)
+  try:
+    evolve(cfg, _WORKDIR.value)
+  except (ConfigError, CheckpointError) as e:      # e.g. no base LM at evolve.base
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

@@ -36,13 +36,17 @@ def main(argv):
     validate(cfg, jax.device_count())
   except ConfigError as e:
     raise SystemExit(f'error: {e}') from None
+  from training.checkpoint import CheckpointError
   from training.loop import compile_only, train
   from training.metrics import quiet_libraries
   quiet_libraries()
-  if _COMPILE_ONLY.value:
-    compile_only(cfg)
-  else:
-    train(cfg, _WORKDIR.value)
+  try:
+    if _COMPILE_ONLY.value:
+      compile_only(cfg)
+    else:
+      train(cfg, _WORKDIR.value)
+  except (ConfigError, CheckpointError) as e:      # e.g. resuming another architecture
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

@@ -369,3 +369,11 @@ def test_sigterm_saves_the_generation_and_the_rerun_matches(evolved, tmp_path):
   assert 1 <= saved and f'SIGTERM: stopped at generation {saved}' in stderr
   resumed, _ = evolve(cfg, stopped)
   np.testing.assert_array_equal(resumed['mean'], final['mean'])
+
+
+def test_evolve_with_no_base_creates_nothing(tmp_path):
+  from training.checkpoint import CheckpointError
+  from training.evolve import evolve
+  with pytest.raises(CheckpointError, match='no checkpoint directory'):
+    evolve(evolve_config(tmp_path / 'no_base'), tmp_path / 'evo')
+  assert not (tmp_path / 'evo').exists()

@@ -222,3 +222,24 @@ def test_a_preempted_run_saves_where_it_stopped_and_resumes_identically(tmp_path
   assert sorted(b) == list(range(1, 41))
   np.testing.assert_allclose([b[s] for s in range(1, 41)], [a[s] for s in range(1, 41)],
                              rtol=1e-6)
+
+
+def test_a_failed_command_leaves_the_run_as_it_was(tmp_path):
+  """config.json is written only once the data, the config and any restore are good; resuming
+  with another architecture names the keys that differ (train.py: one error line)."""
+  from conftest import run_train
+  from training.config import ConfigError
+  cfg = tiny_config(**{'train.steps': 3})
+  train(cfg, tmp_path)
+  saved = (tmp_path / 'config.json').read_bytes()
+  with pytest.raises(ValueError, match='matched no files'):
+    train(tiny_config(**{'train.steps': 6, 'data.source': f'glob:{tmp_path}/*.none'}), tmp_path)
+  with pytest.raises(ConfigError, match=r'config.model.d_model: 32 does not match the checkpoint '
+                                        r'\(64\) \(nor do model.head_dim, model.mlp_dim\).*'
+                                        r'train.init_from='):
+    train(tiny_config(**{'train.steps': 6, 'model.d_model': 32}), tmp_path)
+  proc = run_train(tmp_path, tiny_config(**{'train.steps': 6, 'model.d_model': 32}), check=False)
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: config.model.d_model')
+  assert (tmp_path / 'config.json').read_bytes() == saved
+  assert Checkpointer.open(tmp_path).latest_step() == 3

@@ -425,9 +425,11 @@ def plot_metrics(workdir):
 
 
 def evolve(cfg, workdir, base=None):
-  """Runs (or resumes) the evolution in `workdir`. Returns (final state dict, last metrics)."""
+  """Runs (or resumes) the evolution in `workdir`. Returns (final state dict, last metrics).
+  The workdir is created (config.json written) only once the base LM has loaded."""
+  evolution = Evolution(cfg, workdir, base)
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2))
-  return Evolution(cfg, workdir, base).run()
+  return evolution.run()

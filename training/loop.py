@@ -11,11 +11,12 @@ from data import pipeline
 from data.hf_tokenizer import get_tokenizer
 from data.tokenizer import ByteTokenizer
 from training import flops, mesh as meshlib
-from training.checkpoint import Checkpointer
+from training.checkpoint import Checkpointer, CheckpointError
 from training.config import xla_options
 from training.init_from import init_model_from
 from training.metrics import MetricWriter, Progress
 from training.preemption import Preemption
+from training.run import SHAPE_KEYS, check_shapes
 from training.state import model_ctor, train_state_ctor
 from training.step import make_eval_step, make_optimizer, make_train_step
 
@@ -39,10 +40,6 @@ def train(cfg, workdir):
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   logging.info('mesh %s on %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2))
 
   # --- TrainState (model + optimizer), created sharded -------------------------------------
   tx, schedule = make_optimizer(t)
@@ -66,70 +63,83 @@ def train(cfg, workdir):
 
   # --- Restore or initialise ----------------------------------------------------------------
   ckpt = Checkpointer.for_workdir(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
-  start = ckpt.latest_step() or 0
-  if start:
-    state = restore_train_state(ckpt, start, state, shardings, data_iter)
-    logging.info('resumed from %s at step %d', ckpt.directory, start)
-  elif t.init_from:
-    state['model'] = init_model_from(cfg, mesh, state['model'])
+  try:                          # closed on every exit: no async save left running
+    start = ckpt.latest_step() or 0
+    if start:
+      hint = f'; to start from its parameters, train a new workdir with train.init_from={workdir}'
+      saved = ckpt.read_config(start)
+      # sizes first (before orbax fails on them); another mixer may share the parameters
+      check_shapes(cfg, saved, hint, keys=tuple(k for k in SHAPE_KEYS if k != 'mixer'))
+      try:
+        state = restore_train_state(ckpt, start, state, shardings, data_iter)
+      except CheckpointError:
+        check_shapes(cfg, saved, hint)             # a mixer with other parameters: say so
+        raise
+      logging.info('resumed from %s at step %d', ckpt.directory, start)
+    elif t.init_from:
+      state['model'] = init_model_from(cfg, mesh, state['model'])
+    if jax.process_index() == 0:   # only once the data, the config and any restore are good
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(cfg.to_json_best_effort(indent=2))
 
-  pad_id = get_tokenizer(d.tokenizer).PAD
-  train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
-  eval_step = make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id)
+    pad_id = get_tokenizer(d.tokenizer).PAD
+    train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
+    eval_step = make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id)
 
-  def evaluate(model_state):
-    tot = [eval_step(model_state, global_batch(b, batch_sh), global_batch(w, batch_sh))
-           for b, w in eval_batches]
-    return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
+    def evaluate(model_state):
+      tot = [eval_step(model_state, global_batch(b, batch_sh), global_batch(w, batch_sh))
+             for b, w in eval_batches]
+      return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
 
-  # --- Loop -------------------------------------------------------------------------------
-  flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state).model, d.seq_len)
-  peak = t.peak_flops or flops.measure_peak_flops()
-  tokens_per_step = t.batch_size * d.seq_len
-  progress = Progress(start, t.steps, tokens_per_step, flops_tok * tokens_per_step,
-                      peak * jax.device_count())
-  writer = MetricWriter(workdir, resume_step=start)
-  logging.info('%.3g train FLOPs/token; matmul peak %.3g FLOP/s/device', flops_tok, peak)
-  if start == 0 and jax.process_index() == 0 and pipeline.is_text(d.source):
-    writer.write(0, dict(unigram_loss=pipeline.unigram_entropy(d.source, 'eval',
-                                                                d.tfds_data_dir or None,
-                                                                d.tokenizer)))
-  metrics = {}
-  pending = None                              # step t's metrics are read after t+1 dispatch
-  last_saved = start
-  with Preemption() as preemption:       # SIGTERM / SIGINT: save at the current step, exit 0
-    for step in range(start + 1, t.steps + 1):
-      batch = next(data_iter)
-      tokens = global_batch(batch['tokens'], batch_sh)
-      weights = global_batch(batch['weights'], batch_sh)
-      state, m = train_step(state, tokens, weights)
-      if pending is not None:
-        metrics = _finish(pending, ckpt, last_saved)
-      pending = (step, m)
-      logged = step % t.log_every == 0 or step == t.steps
-      if logged:
-        metrics = _finish(pending, ckpt, last_saved)
-        pending = None
-        metrics = progress.update(step, metrics)
-        if step % t.eval_every == 0 or step == t.steps:
-          metrics['eval_loss'] = evaluate(state['model'])
-          logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
-        writer.write(step, metrics)
-      stop = preemption.requested(sync=logged)
-      if step % t.ckpt_every == 0 or step == t.steps or stop:
+    # --- Loop -------------------------------------------------------------------------------
+    flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state).model, d.seq_len)
+    peak = t.peak_flops or flops.measure_peak_flops()
+    tokens_per_step = t.batch_size * d.seq_len
+    progress = Progress(start, t.steps, tokens_per_step, flops_tok * tokens_per_step,
+                        peak * jax.device_count())
+    writer = MetricWriter(workdir, resume_step=start)
+    logging.info('%.3g train FLOPs/token; matmul peak %.3g FLOP/s/device', flops_tok, peak)
+    if start == 0 and jax.process_index() == 0 and pipeline.is_text(d.source):
+      writer.write(0, dict(unigram_loss=pipeline.unigram_entropy(d.source, 'eval',
+                                                                  d.tfds_data_dir or None,
+                                                                  d.tokenizer)))
+    metrics = {}
+    pending = None                              # step t's metrics are read after t+1 dispatch
+    last_saved = start
+    with Preemption() as preemption:       # SIGTERM / SIGINT: save at the current step, exit 0
+      for step in range(start + 1, t.steps + 1):
+        batch = next(data_iter)
+        tokens = global_batch(batch['tokens'], batch_sh)
+        weights = global_batch(batch['weights'], batch_sh)
+        state, m = train_step(state, tokens, weights)
         if pending is not None:
-          _finish(pending, ckpt, last_saved)
+          metrics = _finish(pending, ckpt, last_saved)
+        pending = (step, m)
+        logged = step % t.log_every == 0 or step == t.steps
+        if logged:
+          metrics = _finish(pending, ckpt, last_saved)
           pending = None
-        ckpt.save(step, state=state, data=data_iter,
-                  config=json.loads(cfg.to_json_best_effort()))
-        last_saved = step
-      if stop:
-        logging.warning('%s: stopped at step %d, checkpoint saved; rerun the same command to '
-                        'resume', preemption.received or 'another process', step)
-        break
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
+          metrics = progress.update(step, metrics)
+          if step % t.eval_every == 0 or step == t.steps:
+            metrics['eval_loss'] = evaluate(state['model'])
+            logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
+          writer.write(step, metrics)
+        stop = preemption.requested(sync=logged)
+        if step % t.ckpt_every == 0 or step == t.steps or stop:
+          if pending is not None:
+            _finish(pending, ckpt, last_saved)
+            pending = None
+          ckpt.save(step, state=state, data=data_iter,
+                    config=json.loads(cfg.to_json_best_effort()))
+          last_saved = step
+        if stop:
+          logging.warning('%s: stopped at step %d, checkpoint saved; rerun the same command to '
+                          'resume', preemption.received or 'another process', step)
+          break
+    ckpt.wait()
+    writer.close()
+  finally:
+    ckpt.close()
   return metrics
 
 

@@ -59,12 +59,20 @@ def run_config(saved, config=None, overrides=None):
     cfg = ml_collections.ConfigDict(config.to_dict())
   apply_overrides(cfg, overrides)
   cfg = resolve(cfg)
-  trained = resolve(saved_config(saved)).model
-  for key in SHAPE_KEYS:
-    if cfg.model[key] != trained[key]:
-      raise ConfigError(f'config.model.{key}: {cfg.model[key]!r} does not match the '
-                        f'checkpoint ({trained[key]!r}); it changes parameter shapes')
+  check_shapes(cfg, saved)
   return cfg
+
+
+def check_shapes(cfg, saved, hint='', keys=SHAPE_KEYS):
+  """ConfigError naming the model `keys` of `cfg` that change parameter shapes from those of
+  the checkpoint whose saved config is `saved` (the first, and the others)."""
+  trained = resolve(saved_config(saved)).model
+  bad = [key for key in keys if cfg.model[key] != trained[key]]
+  if bad:
+    key, more = bad[0], ', '.join(f'model.{k}' for k in bad[1:])
+    raise ConfigError(f'config.model.{key}: {cfg.model[key]!r} does not match the checkpoint '
+                      f'({trained[key]!r}){f" (nor do {more})" if more else ""}; it changes '
+                      f'parameter shapes{hint}')
 
 
 def apply_overrides(cfg, overrides):
