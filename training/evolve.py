@@ -385,8 +385,7 @@ class Evolution:
           st['es'] = serialization.to_state_dict(jax.device_get(es_state))
           ck.save(gen, state=jax.device_get(st), config=config_json)
         if stop:
-          logging.warning('%s: stopped at generation %d, checkpoint saved; rerun the same '
-                          'command to resume', preemption.received or 'another process', gen)
+          preemption.saved(f'generation {gen}')
           break
     ck.close()
     writer.close()

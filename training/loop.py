@@ -133,8 +133,7 @@ def train(cfg, workdir):
                     config=json.loads(cfg.to_json_best_effort()))
           last_saved = step
         if stop:
-          logging.warning('%s: stopped at step %d, checkpoint saved; rerun the same command to '
-                          'resume', preemption.received or 'another process', step)
+          preemption.saved(f'step {step}')
           break
     ckpt.wait()
     writer.close()

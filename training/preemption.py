@@ -33,6 +33,11 @@ class Preemption:
     self.received = signal.Signals(signum).name
     logging.warning('%s: finishing the current step, then saving and exiting', self.received)
 
+  def saved(self, where):
+    """Logs that the run stopped at `where` ('step 12') with a checkpoint saved."""
+    logging.warning('%s: stopped at %s, checkpoint saved; rerun the same command to resume',
+                    self.received or 'another process', where)
+
   def requested(self, sync=True):
     """Whether to stop now. With several processes, only at `sync` points (a collective):
     every process gets the same answer."""
