@@ -117,15 +117,13 @@ def test_run_directories_of_the_old_layout_restore_and_resume(tmp_path):
   from training.run import load_run
   from training.state import train_state_ctor
   from training.step import make_optimizer
-  from data import pipeline
   cfg = tiny_config(**{'train.steps': 3})
   train(cfg, tmp_path / 'new')
   tx, _ = make_optimizer(cfg.train)
   _, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), meshlib.make_mesh(cfg),
                                              meshlib.axis_rules(cfg))
   new = Checkpointer.open(tmp_path / 'new')
-  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           state, shardings)
+  abs_state = meshlib.abstract(state, shardings)
   d = cfg.data
   it = pipeline.make_train_iterator(d.source, 'train', d.seq_len, cfg.train.batch_size, cfg.seed,
                                     0, 1, None, tokenizer=d.tokenizer)

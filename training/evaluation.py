@@ -86,7 +86,6 @@ class Evaluator:
   """A loaded run (training/run.py Run) with the jitted programs that evaluate it."""
 
   def __init__(self, run):
-    self.run = run
     self.cfg, self.graphdef, self.state, self.mesh = run.cfg, run.graphdef, run.state, run.mesh
     self.policy = make_policy(self.cfg)
     self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)

@@ -144,8 +144,7 @@ def train(cfg, workdir):
 
 def restore_train_state(ckpt, step, state, shardings, data_iter):
   """The TrainState and the data iterator's position at `step`, onto `state`'s shardings."""
-  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           state, shardings)
+  abs_state = meshlib.abstract(state, shardings)
   if 'state' in ckpt.items(step):
     return ckpt.restore(step, state=abs_state, data=data_iter)[1].state
   # A run directory written before the TrainState: items `model` and `opt`.

@@ -45,6 +45,10 @@ def abstract_state(ctor, mesh, rules):
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     graphdef, abs_state = nnx.split(nnx.eval_shape(ctor))
     shardings = nnx.get_named_sharding(abs_state, mesh)
-  abs_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           abs_state, shardings)
-  return graphdef, abs_state, shardings
+  return graphdef, abstract(abs_state, shardings), shardings
+
+
+def abstract(tree, shardings):
+  """Shape / dtype structs of `tree`'s arrays with these target shardings (restore targets)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
