@@ -11,13 +11,13 @@ re-running the same command resumes. Use the result with
   python evaluate.py --workdir=BASE --config.decode.policy=namm --config.decode.namm_run=WORKDIR
       --config.decode.prefill_chunk=<namm.update_interval>
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from models import registry
+from training import cli
 from training.config import ConfigError, resolve, validate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
+_CONFIG = cli.define_config('Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Evolution run directory.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -25,24 +25,17 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   import jax
-  try:
-    cfg = resolve(_CONFIG.value)
-    validate(cfg, jax.device_count(), check_mesh=False)
-    registry.policy('namm').validate(cfg)          # the evolved policy's keys
-    if not cfg.evolve.base:
-      raise ConfigError('config.evolve.base: set it to the train.py workdir of the base LM')
-  except ConfigError as e:
-    raise SystemExit(f'error: {e}') from None
-  from training.checkpoint import CheckpointError
+  cfg = resolve(_CONFIG.value)
+  validate(cfg, jax.device_count(), check_mesh=False)
+  registry.policy('namm').validate(cfg)          # the evolved policy's keys
+  if not cfg.evolve.base:
+    raise ConfigError('config.evolve.base: set it to the train.py workdir of the base LM')
   from training.evolve import evolve
   from training.metrics import quiet_libraries
   quiet_libraries()
-  try:
-    evolve(cfg, _WORKDIR.value)
-  except (ConfigError, CheckpointError) as e:      # e.g. no base LM at evolve.base
-    raise SystemExit(f'error: {e}') from None
+  evolve(cfg, _WORKDIR.value)
 
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  cli.run(main)

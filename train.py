@@ -7,12 +7,12 @@ Re-running the same command resumes from the latest complete checkpoint in WORKD
 Multi-host / multi-process: --config.distributed=True (jax.distributed.initialize reads
 the coordinator from the environment, or pass --coordinator/--num_processes/--process_id).
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from training.config import ConfigError, resolve, validate
+from training import cli
+from training.config import resolve, validate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file[:preset].', lock_config=True)
+_CONFIG = cli.define_config('Config file[:preset].')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics, TensorBoard).')
 _COORD = flags.DEFINE_string('coordinator', None, 'host:port of process 0 (with distributed).')
 _NPROC = flags.DEFINE_integer('num_processes', None, 'Number of processes (with distributed).')
@@ -26,29 +26,22 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   del argv
   import jax
-  try:
-    cfg = resolve(_CONFIG.value)
-    validate(cfg, 0, check_mesh=False)               # all but the mesh, before jax starts
-    if cfg.distributed:
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')   # CPU-only processes
-      jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
-                                 initialization_timeout=300)
-    validate(cfg, jax.device_count())
-  except ConfigError as e:
-    raise SystemExit(f'error: {e}') from None
-  from training.checkpoint import CheckpointError
+  cfg = resolve(_CONFIG.value)
+  validate(cfg, 0, check_mesh=False)               # all but the mesh, before jax starts
+  if cfg.distributed:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')   # CPU-only processes
+    jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
+                               initialization_timeout=300)
+  validate(cfg, jax.device_count())
   from training.loop import compile_only, train
   from training.metrics import quiet_libraries
   quiet_libraries()
-  try:
-    if _COMPILE_ONLY.value:
-      compile_only(cfg)
-    else:
-      train(cfg, _WORKDIR.value)
-  except (ConfigError, CheckpointError) as e:      # e.g. resuming another architecture
-    raise SystemExit(f'error: {e}') from None
+  if _COMPILE_ONLY.value:
+    compile_only(cfg)
+  else:
+    train(cfg, _WORKDIR.value)
 
 
 if __name__ == '__main__':
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  cli.run(main)

@@ -51,7 +51,9 @@ def get_base_config():
   d.tokenizer = 'auto'          # byte | hf:DIR (tokenizer.json / tokenizer.model) | auto: the
                                 # train.init_from=hf:DIR model's own, else byte
   d.seq_len = 256
-  d.eval_batches = 8
+  d.eval_batches = 8            # held-out batches scored; 0: every window of the split
+  d.read_threads = 2            # grain threads reading batches ahead of the step
+  d.prefetch = 2                # batches read ahead (host memory: prefetch x batch)
   d.loss = 'all'                # all | answer: train on synthetic examples' answer tokens only
 
   c.train = t = ml_collections.ConfigDict()
@@ -120,6 +122,8 @@ def get_base_config():
   e.depths = (0.1, 0.5, 0.9)
   e.examples = 8                # per (task, length, depth) cell
   e.buckets = 4                 # loss by position bucket
+  e.split = 'eval'              # split of data.source evaluate.py scores: eval | train | all
+                                # (every file: a corpus or a single file held out whole)
 
   # Each method's own keys (model.titans, model.infini, model.anchor, namm, decode.budget,
   # ...): registered with the method in its models/ module (models/registry.py).

@@ -15,6 +15,7 @@ import os
 import numpy as np
 
 from data.tokenizer import ByteTokenizer
+from data.sources import SourceError
 
 
 def _json(hf_dir, name):
@@ -61,7 +62,7 @@ class HFTokenizer:
       lookup = functools.partial(_spm_lookup, self._spm)
       own = dict(bos=self._spm.bos_id(), eos=self._spm.eos_id(), pad=self._spm.pad_id())
     else:
-      raise ValueError(f'data.tokenizer: {hf_dir!r} has neither tokenizer.json nor '
+      raise SourceError(f'data.tokenizer: {hf_dir!r} has neither tokenizer.json nor '
                        'tokenizer.model')
 
     def special(kind):
@@ -102,7 +103,7 @@ def get_tokenizer(spec: str = 'byte'):
     return ByteTokenizer()
   if spec.startswith('hf:'):
     return HFTokenizer(spec[len('hf:'):])
-  raise ValueError(f"data.tokenizer: {spec!r} is not 'byte' or 'hf:DIR'")
+  raise SourceError(f"data.tokenizer: {spec!r} is not 'byte' or 'hf:DIR'")
 
 
 def tokenizer_spec(tokenizer: str, init_from: str) -> str:

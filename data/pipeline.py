@@ -21,6 +21,7 @@ import numpy as np
 from data import sources
 from data import synthetic
 from data.hf_tokenizer import get_tokenizer
+from data.sources import SourceError
 
 
 @functools.lru_cache(maxsize=4)
@@ -86,7 +87,7 @@ def _mix_parts(source: str) -> list:
     return [source]
   parts = source[len("mix:"):].split("+")
   if len(parts) < 2 or any(p.startswith("mix:") for p in parts):
-    raise ValueError(f"data.source: {source!r}: a mix needs two or more '+'-separated parts "
+    raise SourceError(f"data.source: {source!r}: a mix needs two or more '+'-separated parts "
                      "(no nested mix:)")
   return parts
 
@@ -104,7 +105,7 @@ def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int 
         answer_loss))
   windows = _Windows(token_stream(source, split, tfds_data_dir, tokenizer), width)
   if not len(windows):
-    raise ValueError(f"data.source: {source!r} split {split!r} has fewer than {width} tokens")
+    raise SourceError(f"data.source: {source!r} split {split!r} has fewer than {width} tokens")
   return grain.MapDataset.source(windows)
 
 
@@ -117,7 +118,8 @@ def _local_batch(batch: int, process_count: int) -> int:
 def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int, seed: int,
                         process_index: int = 0, process_count: int = 1,
                         tfds_data_dir: str | None = None, tokenizer: str = "byte",
-                        answer_loss: bool = False) -> grain.DatasetIterator:
+                        answer_loss: bool = False, read_threads: int = 2,
+                        prefetch: int = 2) -> grain.DatasetIterator:
   """An endless, deterministic, checkpointable iterator of this process's batches.
 
   Yields {'tokens': int32 [global_batch // process_count, seq_len + 1], 'weights': float32
@@ -127,18 +129,24 @@ def make_train_iterator(source: str, split: str, seq_len: int, global_batch: int
   the endless stream goes to process j % process_count, so processes see disjoint windows and
   global step k covers global elements [k * global_batch, (k + 1) * global_batch).
   Save/restore with `it.get_state()` / `it.set_state(state)` or grain.checkpoint.CheckpointSave.
+  `read_threads` threads read up to `prefetch` batches ahead (grain's defaults, 16 and 500,
+  held gigabytes of batches and kept a failed process alive for a minute).
   """
   local_batch = _local_batch(global_batch, process_count)
   windows = _windows(source, split, seq_len + 1, tfds_data_dir, seed, tokenizer, answer_loss)
   ds = windows.shuffle(seed=seed % 2**32).repeat()
   ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
-  return iter(ds.to_iter_dataset())
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+  return iter(ds.to_iter_dataset(options))
 
 
-def _held_out_rows(source: str, seq_len: int, total: int, split: str, tfds_data_dir, tokenizer,
-                   answer_loss: bool) -> dict:
+def _held_out_rows(source: str, seq_len: int, batch: int, n_batches: int, split: str,
+                   tfds_data_dir, tokenizer, answer_loss: bool) -> dict:
   """{'tokens': int32 [total, seq_len + 1], 'weights': float32 [total, seq_len]}: the rows
-  make_eval_batches describes, both fields from one pass over the source."""
+  make_eval_batches describes, both fields from one pass over the source (total: batch *
+  n_batches; n_batches 0: every window of a text source, then rows of weight 0 up to a
+  multiple of `batch`)."""
+  total = batch * n_batches
   if source.startswith("synthetic:"):
     b = synthetic.make_task_batch(source[len("synthetic:"):], total, seq_len + 1, split=split)
     weights = b["answer_mask_BxL"][:, :-1] if answer_loss else np.ones((total, seq_len))
@@ -146,7 +154,9 @@ def _held_out_rows(source: str, seq_len: int, total: int, split: str, tfds_data_
   windows = _windows(source, split, seq_len + 1, tfds_data_dir, tokenizer=tokenizer,
                      answer_loss=answer_loss)
   n = len(windows)
-  if total <= n:
+  if not n_batches:
+    index = np.arange(-(-n // batch) * batch) % n
+  elif total <= n:
     # evenly spaced rounds; a mix takes every part in each round (a plain stride over the
     # round robin could land on one part only)
     k = len(_mix_parts(source))
@@ -157,7 +167,10 @@ def _held_out_rows(source: str, seq_len: int, total: int, split: str, tfds_data_
                     source, split, n, seq_len + 1, total)
     index = np.arange(total) % n
   rows = [windows[i] for i in index]
-  return {f: np.stack([r[f] for r in rows]) for f in ("tokens", "weights")}
+  out = {f: np.stack([r[f] for r in rows]) for f in ("tokens", "weights")}
+  if not n_batches:
+    out["weights"][n:] = 0.                        # the repeats that pad the last batch
+  return out
 
 
 def make_eval_pairs(source: str, seq_len: int, batch: int, n_batches: int,
@@ -169,14 +182,15 @@ def make_eval_pairs(source: str, seq_len: int, batch: int, n_batches: int,
   make_train_iterator).
 
   Text sources: batch * n_batches windows evenly spaced over the split (in order; if the split has
-  fewer windows, they repeat cyclically, with a warning); mixes: each part in turn. Synthetic
+  fewer windows, they repeat cyclically, with a warning); n_batches 0: every window of the split
+  once (the last batch padded with rows of weight 0); mixes: each part in turn. Synthetic
   sources: eval-seed examples 0, 1, ... (depth 0.5). Row r of global batch k goes to process
   r % process_count.
   """
   _local_batch(batch, process_count)  # validates divisibility
-  rows = _held_out_rows(source, seq_len, batch * n_batches, split, tfds_data_dir, tokenizer,
+  rows = _held_out_rows(source, seq_len, batch, n_batches, split, tfds_data_dir, tokenizer,
                         answer_loss)
-  local = lambda a: [b[process_index::process_count] for b in a.reshape(n_batches, batch, -1)]
+  local = lambda a: [b[process_index::process_count] for b in a.reshape(-1, batch, a.shape[1])]
   return list(zip(local(rows["tokens"]), local(rows["weights"])))
 
 

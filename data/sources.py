@@ -8,16 +8,53 @@ Source strings (the `data.source` config flag):
 ('synthetic:TASK' sources yield token arrays, not text; see data/synthetic.py and data/pipeline.py.)
 
 Splits for file sources are 'train' and 'eval', held out by file: a file is in 'eval' when a stable
-hash (sha1) of its path relative to the corpus root falls in the lowest EVAL_PERCENT percent.
+hash (sha1) of its path relative to the corpus root falls in the lowest EVAL_PERCENT percent;
+'all' is every file (evaluate.py --split=all: a corpus, or a single file, held out as a whole).
+A glob of binary files (NUL bytes), or of another encoding than UTF-8, is refused (check_text).
 """
 
 import glob
 import hashlib
+import logging
 import os
 import sysconfig
 
 EVAL_PERCENT = 3
+SPLITS = ("train", "eval", "all")
+# A glob with more than this fraction of its bytes not UTF-8 is refused (another encoding);
+# below it, the odd bytes become U+FFFD with a warning. A file with a NUL byte is binary.
+MAX_BAD_BYTES = 0.01
 _SITE_DIRS = ("site-packages", "dist-packages")
+
+
+class SourceError(ValueError):
+  """A data.source (or data.tokenizer) that cannot be read: the message names the key."""
+
+
+def check_text(paths: list[str]) -> None:
+  """SourceError unless `paths` are text: a file with a NUL byte is binary, and over
+  MAX_BAD_BYTES of all bytes not UTF-8 is a corpus in another encoding. Fewer odd bytes (a
+  Latin-1 file among UTF-8 ones) are read as U+FFFD, with a warning."""
+  bad, total, odd = 0, 0, []
+  for path in paths:
+    with open(path, "rb") as f:
+      data = f.read()
+    if b"\0" in data:
+      raise SourceError(f"data.source: {path} is not a text file (it has NUL bytes); narrow "
+                        "the glob to text files (e.g. glob:DIR/**/*.txt)")
+    total += len(data)
+    try:
+      data.decode("utf-8")
+    except UnicodeDecodeError:
+      text = data.decode("utf-8", errors="replace")
+      bad += text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+      odd.append(path)
+  if bad > MAX_BAD_BYTES * total:
+    raise SourceError(f"data.source: {bad} of {total} bytes in {len(odd)} file(s) are not "
+                      f"UTF-8 (e.g. {odd[0]}): convert the corpus to UTF-8 or narrow the glob")
+  if odd:
+    logging.warning("data.source: %d byte(s) in %d file(s) are not UTF-8 (e.g. %s); read as "
+                    "U+FFFD", bad, len(odd), odd[0])
 
 
 class FileDocuments:
@@ -54,9 +91,12 @@ def _hash_percent(relpath: str) -> int:
 
 
 def split_files(root: str, paths: list[str], split: str) -> list[str]:
-  """The sorted files of `split`; if hashing leaves 'eval' empty, the file of lowest hash goes there."""
-  if split not in ("train", "eval"):
-    raise ValueError(f"data.source: split must be 'train' or 'eval', got {split!r}")
+  """The sorted files of `split`; if hashing leaves 'eval' empty, the file of lowest hash goes
+  there. 'all': every file."""
+  if split not in SPLITS:
+    raise SourceError(f"data.source: split must be one of {SPLITS}, got {split!r}")
+  if split == "all":
+    return sorted(paths)
   rel = {p: os.path.relpath(p, root).replace(os.sep, "/") for p in paths}
   is_eval = {p: _hash_percent(r) < EVAL_PERCENT for p, r in rel.items()}
   if len(paths) >= 2 and not any(is_eval.values()):
@@ -75,15 +115,18 @@ def stdlib_documents(split: str) -> FileDocuments:
 
 
 def glob_documents(pattern: str, split: str) -> FileDocuments:
-  """Text files matching `pattern` (recursive '**' allowed), split by hashed relative path."""
+  """Text files matching `pattern` (recursive '**' allowed), split by hashed relative path;
+  checked to be text (check_text: one more read of the files, the OS caches them)."""
   paths = [p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)]
   if not paths:
-    raise ValueError(f"data.source: glob {pattern!r} matched no files")
+    raise SourceError(f"data.source: glob {pattern!r} matched no files")
   root = _glob_root(pattern)
   docs = FileDocuments(split_files(root, paths, split))
+  check_text(docs.paths)
   if not len(docs):
-    raise ValueError(f"data.source: glob {pattern!r} has no files in split {split!r} "
-                     f"({len(paths)} file(s) in all; 'eval' needs at least 2)")
+    raise SourceError(f"data.source: glob {pattern!r} has no files in split {split!r} "
+                     f"({len(paths)} file(s) in all; 'eval' needs at least 2: score a whole "
+                     "source, or a single file, with evaluate.py --source)")
   return docs
 
 
@@ -113,7 +156,7 @@ def tfds_documents(name: str, split: str, data_dir: str | None = None,
   dataset_dir = epath.Path(data_dir).expanduser() / name.split(":")[0]
   if not any(dataset_dir.glob("*/dataset_info.json")) and not any(  # version or config/version
       dataset_dir.glob("*/*/dataset_info.json")):
-    raise FileNotFoundError(
+    raise SourceError(
         f"data.source: tfds dataset {name!r} is not prepared in data_dir {data_dir!r} "
         f"(no {dataset_dir}/[CONFIG/]VERSION/dataset_info.json). No download is attempted: prepare it first "
         "in ArrayRecord format (e.g. `tfds build NAME --file_format=array_record "
@@ -140,7 +183,7 @@ def get_documents(source: str, split: str, tfds_data_dir: str | None = None):
       name, feature = f"{name}:{feature}", ""
     return tfds_documents(name, split, tfds_data_dir, feature or "text")
   if source.startswith("synthetic:"):
-    raise ValueError(f"data.source: {source!r} yields token arrays, not text: use "
+    raise SourceError(f"data.source: {source!r} yields token arrays, not text: use "
                      "data.synthetic.synthetic_documents or data.pipeline")
-  raise ValueError(f"data.source: unknown source {source!r}; expected 'stdlib', 'glob:PATTERN', "
+  raise SourceError(f"data.source: unknown source {source!r}; expected 'stdlib', 'glob:PATTERN', "
                    "'tfds:NAME[:FEATURE]' or 'synthetic:TASK'")

@@ -16,6 +16,7 @@ eval prompts are never trained on.
 import numpy as np
 
 from data.tokenizer import ByteTokenizer
+from data.sources import SourceError
 
 TASKS = ("passkey", "niah", "mqar", "kv", "kv4", "kvlocal")
 _TOK = ByteTokenizer()
@@ -38,7 +39,7 @@ _WORDS = (
 def example_seed(seed: int, index: int, split: str) -> int:
   """The generator seed of example `index`: even for 'train', odd for 'eval' (disjoint)."""
   if split not in ("train", "eval"):
-    raise ValueError(f"synthetic: split must be 'train' or 'eval', got {split!r}")
+    raise SourceError(f"synthetic: split must be 'train' or 'eval', got {split!r}")
   return 2 * (seed * 2**32 + index) + (split == "eval")
 
 
@@ -73,7 +74,7 @@ def _filler_with_needles(rng, n_bytes: int, needles: list[tuple[float, str]]) ->
 def _assemble(length: int, rng, needles, question: str, answer: str, task: str) -> dict:
   n_filler = length - 1 - len(question.encode()) - sum(len(t) for _, t in needles)
   if n_filler < 0:
-    raise ValueError(f"synthetic {task}: prompt length {length} is too short for the needles and "
+    raise SourceError(f"synthetic {task}: prompt length {length} is too short for the needles and "
                      f"question (needs at least {length - n_filler})")
   text = _filler_with_needles(rng, n_filler + sum(len(t) for _, t in needles), needles) + question
   prompt = _TOK.encode(text, bos=True)
@@ -144,7 +145,7 @@ def _kv_example(rng, length: int, depth=None, n_pairs=1, n_lone=2, local=False) 
   items = [[k, v] for k, v in zip(keys, values)] + [[k] for k in keys[n_pairs:]]
   n_fill = length - 1 - 2 - 1 - sum(map(len, items))       # BOS, "?K", the answer
   if n_fill < _KV_LOCAL:
-    raise ValueError(f"synthetic kv: length {length} is too short (needs "
+    raise SourceError(f"synthetic kv: length {length} is too short (needs "
                      f"{length - n_fill + _KV_LOCAL})")
   at = rng.integers(0, n_fill + 1, len(items))            # insertion points in the filler
   if local:
@@ -197,7 +198,7 @@ def make_example(task: str, seed: int, length: int, depth: float | None = None, 
   if task in _KV:
     return _kv_example(np.random.default_rng(seed), length, depth, **_KV[task], **kwargs)
   if task not in _PARTS:
-    raise ValueError(f"data.source: unknown synthetic task {task!r}; expected one of {TASKS}")
+    raise SourceError(f"data.source: unknown synthetic task {task!r}; expected one of {TASKS}")
   if task != "mqar":
     kwargs["depth"] = depth
   rng = np.random.default_rng(seed)

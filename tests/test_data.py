@@ -62,6 +62,30 @@ def test_glob_empty_is_a_clear_error(tmp_path):
     sources.get_documents(f"glob:{tmp_path}/nothing/*.txt", "train")
 
 
+def test_glob_of_binary_or_other_encodings_is_refused(tmp_path, caplog):
+  """NUL bytes: binary, refused. Over 1% of the bytes not UTF-8: another encoding, refused;
+  fewer (a Latin-1 file among UTF-8 ones, as in the stdlib's tests): read, with a warning."""
+  (tmp_path / "a.txt").write_text("plain text\n" * 100)
+  (tmp_path / "b.dat").write_bytes(b"\x7fELF\x02\x01\x01\x00" * 4)
+  with pytest.raises(sources.SourceError, match=r"b.dat is not a text file \(it has NUL bytes\)"):
+    sources.get_documents(f"glob:{tmp_path}/*", "all")
+  (tmp_path / "b.dat").write_bytes("caf\xe9 cr\xe8me ".encode("latin-1") * 20)   # 40 of 220 bytes
+  with pytest.raises(sources.SourceError, match=r"40 of 1320 bytes in 1 file\(s\) are not UTF-8"):
+    sources.get_documents(f"glob:{tmp_path}/*", "all")
+  (tmp_path / "a.txt").write_text("plain text\n" * 1000)             # now 40 of 11220: read
+  docs = sources.get_documents(f"glob:{tmp_path}/*", "all")
+  assert len(docs) == 2 and "caf\ufffd" in docs[1]
+  assert "40 byte(s) in 1 file(s) are not UTF-8" in caplog.text
+
+
+def test_split_all_is_every_file(tmp_path):
+  for i in range(5):
+    (tmp_path / f"{i}.txt").write_text(f"document {i}")
+  split = lambda s: sources.get_documents(f"glob:{tmp_path}/*.txt", s).paths
+  assert split("all") == sorted(split("train") + split("eval")) and len(split("all")) == 5
+  assert len(sources.get_documents(f"glob:{tmp_path}/0.txt", "all")) == 1
+
+
 def test_unknown_source_names_the_flag():
   with pytest.raises(ValueError, match="data.source"):
     sources.get_documents("hdfs:foo", "train")
@@ -89,7 +113,7 @@ def test_tfds_offline_round_trip(tmp_path):
 
 
 def test_tfds_missing_dataset_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match=r"'no_such_ds'.*not prepared.*No download"):
+  with pytest.raises(ValueError, match=r"'no_such_ds'.*not prepared.*No download"):
     sources.get_documents("tfds:no_such_ds", "train", str(tmp_path))
 
 
@@ -237,6 +261,33 @@ def test_pipeline_grain_checkpoint_handler(tmp_path):
                              ) as mngr:
     mngr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
   assert all((x == y).all() for x, y in zip(expected, _take(restored, 2)))
+
+
+def test_a_failed_process_exits_at_once_with_bounded_memory(tmp_path):
+  """The train iterator reads data.prefetch batches ahead with data.read_threads threads:
+  after an error the process exits at once. (grain's defaults, 500 batches and 16 threads,
+  held 2.3 GB here and kept the failed process alive for 15 s.)"""
+  import subprocess
+  import sys
+  from configs.base import get_base_config
+  from conftest import ROOT
+  d = get_base_config().data
+  (tmp_path / "a.txt").write_text("the quick brown fox " * 100_000)
+  script = f"""
+import atexit, resource, time
+from data import pipeline
+it = pipeline.make_train_iterator('glob:{tmp_path}/a.txt', 'train', 2048, 256, 0,
+                                  read_threads={d.read_threads}, prefetch={d.prefetch})
+next(it)
+t = time.time()
+atexit.register(lambda: print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+raise RuntimeError('an error in the step')
+"""
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert "an error in the step" in out.stderr
+  seconds, max_rss_kb = map(float, out.stdout.split())
+  assert seconds < 2 and max_rss_kb < 1e6, (seconds, max_rss_kb)
 
 
 def test_pipeline_process_sharding():

@@ -144,19 +144,43 @@ def _cli(*args):
                         env=cpu_env(), capture_output=True, text=True, timeout=120)
 
 
+def _text_file(path, n_bytes):
+  path.write_text(''.join(chr(ord('a') + i % 26) + ' ' * (i % 7 == 0) for i in range(n_bytes)))
+  return path
+
+
+def _windows(paths):
+  """Windows of SEQ_LEN + 1 byte tokens in the files' stream (BOS text EOS per file)."""
+  return sum(len(p.read_bytes()) + 2 for p in paths) // (SEQ_LEN + 1)
+
+
+def test_whole_source_and_single_file(workdir, tmp_path):
+  """eval.split=all with data.eval_batches=0 scores every window of every file once (the
+  hash split would hold out one of these two files; a single file has no 'eval' split)."""
+  files = [_text_file(tmp_path / f'{name}.txt', 1000) for name in ('a', 'b')]
+  whole = {'eval.split': 'all', 'data.eval_batches': 0}
+  r = evaluation.run(workdir, output=str(tmp_path), overrides={
+      **whole, 'data.source': f'glob:{tmp_path}/*.txt'})
+  assert r['loss']['tokens'] == _windows(files) * SEQ_LEN == 35 * SEQ_LEN   # 2 x (1143 + 2) // 65
+  r = evaluation.run(workdir, output=str(tmp_path), overrides={
+      **whole, 'data.source': f'glob:{files[0]}'})
+  assert r['loss']['tokens'] == _windows(files[:1]) * SEQ_LEN
+  with pytest.raises(ValueError, match=r"has no files in split 'eval' .*--source"):
+    evaluation.run(workdir, overrides={'data.source': f'glob:{files[0]}'})
+
+
 def test_cli_end_to_end(workdir, tmp_path):
+  """evaluate.py with decode overrides, --sample, and --source: one file scored whole."""
+  book = _text_file(tmp_path / 'book.txt', 2000)
   out = _cli(f'--workdir={workdir}', f'--output={tmp_path}', '--step=3',
              '--config.decode.policy=recency', '--config.decode.window=16',
-             '--config.decode.capacity=32', '--sample=def ')
+             '--config.decode.capacity=32', '--sample=def ', f'--source=glob:{book}')
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'held-out loss' in out.stdout and 'sample:' in out.stdout
   with open(tmp_path / 'eval_step3.json') as f:
     r = json.load(f)
   assert r['decode_policy'] == 'recency' and r['kv_cache']['tokens_per_layer'] == 16
+  assert r['data'] == dict(source=f'glob:{book}', split='all')
+  assert r['loss']['tokens'] == _windows([book]) * SEQ_LEN
   assert (tmp_path / 'tasks_step3.png').exists()
 
-
-def test_cli_missing_checkpoint(tmp_path):
-  out = _cli(f'--workdir={tmp_path}/nothing')
-  assert out.returncode != 0
-  assert out.stderr.strip().splitlines() == [f'error: no checkpoint directory at {tmp_path}/nothing']

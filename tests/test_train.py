@@ -111,7 +111,9 @@ def test_init_from_copies_matching_parameters_into_another_mixer(tmp_path):
 def test_run_directories_of_the_old_layout_restore_and_resume(tmp_path):
   """Checkpoints written before the TrainState (items model / opt / data, not state / data)
   still resume training and load for evaluation; a run without a model says so."""
+  import grain
   import jax
+  import orbax.checkpoint as ocp
   from training import mesh as meshlib
   from training.checkpoint import CheckpointError
   from training.run import load_run
@@ -129,7 +131,9 @@ def test_run_directories_of_the_old_layout_restore_and_resume(tmp_path):
                                     0, 1, None, tokenizer=d.tokenizer)
   _, r = new.restore(3, state=abs_state, data=it, config=None)
   old = Checkpointer.for_workdir(tmp_path / 'old', async_save=False)
-  old.save(3, model=r.state['model'], opt=r.state['opt'], data=it, config=r.config)
+  old.mngr.save(3, args=ocp.args.Composite(     # as 73911e8 wrote it: no TrainState, no checksums
+      model=ocp.args.StandardSave(r.state['model']), opt=ocp.args.StandardSave(r.state['opt']),
+      data=grain.checkpoint.CheckpointSave(it), config=ocp.args.JsonSave(r.config)))
   old.close()
   assert Checkpointer.open(tmp_path / 'old').items(3) == {'model', 'opt', 'data', 'config'}
   for a, b in zip(jax.tree.leaves(load_run(tmp_path / 'old').state),

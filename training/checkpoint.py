@@ -4,12 +4,24 @@ All checkpoint I/O lives here, and one class serves every kind of run: train.py 
 `state` (the TrainState: model, optimizer, step) and `data` (the grain iterator); evolve.py
 saves `state` (the evolution's arrays). A step directory is only visible to `latest_step`
 once orbax has finalised it, so a run killed mid-save resumes from the previous one.
+
+Every save also writes a checksum of each array (item `checksums`); a restore recomputes
+them and refuses arrays whose bits changed on disk (checkpoints from before the checksums:
+the model's arrays must be finite). `restore_newest` falls back from a step that fails to
+the newest one that restores, logged, and can set failed steps aside (renamed
+STEP.unreadable); nothing is ever deleted.
 """
 import os
 
 import grain
-import orbax.checkpoint as ocp
 import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+
+_WORD = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
 
 class CheckpointError(RuntimeError):
@@ -24,6 +36,35 @@ def _dir(path):
 
 def _is_iterator(x):
   return isinstance(x, (grain.DatasetIterator, grain.DataLoaderIterator))
+
+
+def _words(x):
+  """The bits of array `x` as uint32 words."""
+  x = jnp.asarray(x)
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  return jax.lax.bitcast_convert_type(x, _WORD[x.dtype.itemsize]).astype(jnp.uint32)
+
+
+@jax.jit
+def _sums(tree):
+  return jax.tree.map(lambda x: jnp.sum(_words(x), dtype=jnp.uint32), tree)
+
+
+def checksums(tree):
+  """{leaf path: the sum of the leaf's uint32 words mod 2**32}: exact whatever the sharding
+  or the reduction order, and changed by any single flipped bit."""
+  leaves = jax.tree_util.tree_flatten_with_path(_sums(tree))[0]
+  return {jax.tree_util.keystr(path): int(np.asarray(v)) for path, v in leaves}
+
+
+def _model_finite(tree):
+  """Paths of the model's floating arrays in `tree` that are not all finite."""
+  return [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+          if "['model']" in jax.tree_util.keystr(p) and jnp.issubdtype(x.dtype, jnp.floating)
+          and not bool(jnp.isfinite(x).all())]
 
 
 class Checkpointer:
@@ -65,10 +106,13 @@ class Checkpointer:
             if os.path.isdir(os.path.join(self.directory, str(step), name))}
 
   def save(self, step, *, config, **items):
-    """Saves each item (a pytree of arrays, or a grain iterator) and the config dict."""
+    """Saves each item (a pytree of arrays, or a grain iterator), their checksums and the
+    config dict."""
     args = {name: grain.checkpoint.CheckpointSave(x) if _is_iterator(x) else
             ocp.args.StandardSave(x) for name, x in items.items()}
-    self.mngr.save(step, args=ocp.args.Composite(config=ocp.args.JsonSave(config), **args),
+    sums = {name: checksums(x) for name, x in items.items() if not _is_iterator(x)}
+    self.mngr.save(step, args=ocp.args.Composite(
+        config=ocp.args.JsonSave(config), checksums=ocp.args.JsonSave(sums), **args),
                    force=True)
 
   def restore(self, step=None, **templates):
@@ -79,10 +123,14 @@ class Checkpointer:
     args = {name: ocp.args.JsonRestore() if name == 'config' else
             grain.checkpoint.CheckpointRestore(t) if _is_iterator(t) else
             ocp.args.StandardRestore(t) for name, t in templates.items()}
-    return step, self._restore(step, args)
+    out = self._restore(step, args)
+    self._verify(step, {name: out[name] for name, t in templates.items()
+                        if name != 'config' and not _is_iterator(t)})
+    return step, out
 
-  def restore_part(self, step, name, template):
-    """The subtree `template` (e.g. {'model': ...}) of item `name`, the rest left on disk."""
+  def restore_part(self, step, name, template, hint=''):
+    """The subtree `template` (e.g. {'model': ...}) of item `name`, the rest left on disk;
+    `hint` ends the error if the item lacks a part."""
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), template)
     out = self._restore(step, {name: ocp.args.PyTreeRestore(
         template, restore_args=restore_args, partial_restore=True)})[name]
@@ -91,8 +139,59 @@ class Checkpointer:
                if isinstance(x, jax.ShapeDtypeStruct)}
     if missing:
       raise CheckpointError(f'item {name!r} of step {step} in {self.directory} has no '
-                            f'{" / ".join(sorted(missing))}')
+                            f'{" / ".join(sorted(missing))}{hint}')
+    self._verify(step, {name: out})
     return out
+
+  def _verify(self, step, restored):
+    """CheckpointError if a restored array differs from its saved checksum (or, saved
+    without checksums, a model array is not finite)."""
+    saved = (self._restore(step, {'checksums': ocp.args.JsonRestore()})['checksums']
+             if 'checksums' in self.items(step) else {})
+    for name, tree in restored.items():
+      if name in saved:
+        got = checksums(tree)
+        bad = [path for path, value in got.items() if saved[name].get(path, value) != value]
+        why = 'differ from the checksums saved with them: its files changed after saving'
+      else:
+        bad, why = _model_finite({name: tree}), 'are not finite'
+      if bad:
+        raise CheckpointError(f'checkpoint step {step} in {self.directory}: {len(bad)} '
+                              f'array(s) of item {name!r} {why} (e.g. {bad[0]})')
+
+  def restore_newest(self, restore, step=None, set_aside=False):
+    """(step, restore(step)) for `step`, or else for the newest step on which `restore`
+    does not raise CheckpointError (unreadable or damaged): each failure is logged and the
+    next older step tried. set_aside: failed steps are renamed STEP.unreadable (never
+    deleted), so that a resumed run can save those steps again."""
+    if step is not None:
+      return self.step(step), restore(self.step(step))
+    failed = []
+    for step in sorted(self.mngr.all_steps(), reverse=True):
+      try:
+        out = restore(step)
+      except CheckpointError as e:
+        logging.warning('%s; trying the step before', e)
+        failed.append((step, e))
+        continue
+      if failed:
+        logging.warning('restored step %d of %s instead of the newest step %d', step,
+                        self.directory, failed[0][0])
+        if set_aside:
+          self._set_aside([s for s, _ in failed])
+      return step, out
+    if failed:
+      raise failed[0][1]
+    raise CheckpointError(f'no complete checkpoint in {self.directory}')
+
+  def _set_aside(self, steps):
+    if jax.process_index() == 0:
+      for step in steps:
+        path = os.path.join(self.directory, str(step))
+        os.rename(path, f'{path}.unreadable')
+        logging.warning('set %s aside as %s.unreadable (nothing deleted)', path, path)
+    multihost_utils.sync_global_devices('checkpoint set aside')
+    self.mngr.reload()
 
   def _restore(self, step, args):
     try:
@@ -100,8 +199,7 @@ class Checkpointer:
     except Exception as e:   # orbax raises many types for damaged files
       raise CheckpointError(
           f'checkpoint step {step} in {self.directory} is unreadable or incomplete '
-          f'({type(e).__name__}: {str(e)[:300]}). Nothing was deleted: move that step '
-          f'folder aside to resume from an earlier one.') from e
+          f'({type(e).__name__}: {str(e)[:300]})') from e
 
   def read_config(self, step=None):
     return self.restore(step, config=None)[1].config

@@ -9,6 +9,7 @@ import ml_collections
 
 from configs.base import get_base_config
 from data import synthetic
+from data.sources import SPLITS
 from models import registry
 from models.layers import DTYPES
 from models.registry import ConfigError, check as _check
@@ -171,6 +172,15 @@ def validate(cfg, n_devices, *, check_mesh=True):
   _validate_attention(m, n_devices)
   _check(d.seq_len >= 1, 'data.seq_len', f'must be >= 1, got {d.seq_len}')
   _check(d.loss in ('all', 'answer'), 'data.loss', f'{d.loss!r} not all|answer')
+  _check(d.read_threads >= 1, 'data.read_threads', f'must be >= 1, got {d.read_threads}')
+  _check(d.prefetch >= 0, 'data.prefetch', f'must be >= 0, got {d.prefetch}')
+  _check(d.eval_batches >= 0, 'data.eval_batches', f'must be >= 0, got {d.eval_batches}')
+  _check(cfg.eval.split in SPLITS, 'eval.split', f'{cfg.eval.split!r} not one of {SPLITS}')
+  text = not d.source.startswith(('synthetic:', 'mix:'))
+  _check(text or d.eval_batches, 'data.eval_batches',
+         f'0 (every window) needs a text source, got {d.source!r}')
+  _check(text or cfg.eval.split != 'all', 'eval.split',
+         f"'all' needs a text source, got {d.source!r}")
   if d.loss == 'answer':
     parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]
     _check(all(p.startswith('synthetic:') for p in parts), 'data.loss',

@@ -101,10 +101,12 @@ class Evaluator:
 
   def eval_batches(self):
     """The held-out (tokens, weights) batches training evaluates on: global [batch,
-    seq_len + 1] and [batch, seq_len] arrays (data.loss=answer: only answers weigh)."""
+    seq_len + 1] and [batch, seq_len] arrays (data.loss=answer: only answers weigh), from
+    split eval.split (data.eval_batches 0: all its windows)."""
     d = self.cfg.data
     return pipeline.make_eval_pairs(d.source, d.seq_len, self.cfg.train.batch_size,
-                                    d.eval_batches, tfds_data_dir=d.tfds_data_dir or None,
+                                    d.eval_batches, split=self.cfg.eval.split,
+                                    tfds_data_dir=d.tfds_data_dir or None,
                                     tokenizer=d.tokenizer, answer_loss=d.loss == 'answer')
 
   def loss(self):
@@ -270,6 +272,7 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
   ev, step = load(workdir, step=step, config=config, overrides=overrides)
   cfg = ev.cfg
   report = dict(step=int(step), workdir=os.path.abspath(workdir), mesh=dict(ev.mesh.shape),
+                data=dict(source=cfg.data.source, split=cfg.eval.split),
                 decode_policy=cfg.decode.policy, answer_loss=cfg.data.loss == 'answer',
                 task_path='teacher forcing' if ev.policy is None else 'decode',
                 loss=ev.loss(), tasks=ev.tasks(), kv_cache=ev.cache())

@@ -183,11 +183,9 @@ def load_namm(run, which='best_val', gen=None):
   best), normalisation statistics and `namm` hyper-parameters."""
   ck = Checkpointer.open(run)
   try:
-    try:
-      gen = ck.step(gen)
-    except CheckpointError as e:
-      raise CheckpointError(f'decode.namm_run: {e}') from None
-    _, r = ck.restore(gen, state=None, config=None)
+    _, r = ck.restore_newest(lambda g: ck.restore(g, state=None, config=None)[1], gen)
+  except CheckpointError as e:
+    raise CheckpointError(f'decode.namm_run: {e}') from None
   finally:
     ck.close()
   s = r.state
@@ -345,8 +343,9 @@ class Evolution:
     config_json = json.loads(cfg.to_json_best_effort())
     template = self.initial_state()
     start = ck.latest_step()
-    if start is not None:
-      st = dict(ck.restore(start, state=jax.device_get(template))[1].state)
+    if start is not None:      # a damaged newest generation: the newest good one
+      start, st = ck.restore_newest(
+          lambda g: dict(ck.restore(g, state=jax.device_get(template))[1].state), set_aside=True)
       logging.info('resumed evolution at generation %d from %s', start, self.workdir)
     else:
       st = template

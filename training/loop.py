@@ -41,6 +41,17 @@ def train(cfg, workdir):
   logging.info('mesh %s on %d devices (%d processes)', dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
+  # --- Data -------------------------------------------------------------------------------
+  d = cfg.data
+  data_iter = pipeline.make_train_iterator(
+      d.source, 'train', d.seq_len, t.batch_size, cfg.seed, jax.process_index(),
+      jax.process_count(), d.tfds_data_dir or None, tokenizer=d.tokenizer,
+      answer_loss=d.loss == 'answer', read_threads=d.read_threads, prefetch=d.prefetch)
+  eval_args = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                   tfds_data_dir=d.tfds_data_dir or None, tokenizer=d.tokenizer,
+                   answer_loss=d.loss == 'answer')
+  eval_batches = pipeline.make_eval_pairs(d.source, d.seq_len, t.batch_size, d.eval_batches,
+                                         **eval_args)
   # --- TrainState (model + optimizer), created sharded -------------------------------------
   tx, schedule = make_optimizer(t)
   graphdef, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), mesh, rules)
@@ -48,33 +59,26 @@ def train(cfg, workdir):
   n_params = flops.param_count(state['model'])
   logging.info('model: %.2fM parameters', n_params / 1e6)
 
-  # --- Data -------------------------------------------------------------------------------
-  d = cfg.data
-  data_iter = pipeline.make_train_iterator(
-      d.source, 'train', d.seq_len, t.batch_size, cfg.seed, jax.process_index(),
-      jax.process_count(), d.tfds_data_dir or None, tokenizer=d.tokenizer,
-      answer_loss=d.loss == 'answer')
-  eval_args = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                   tfds_data_dir=d.tfds_data_dir or None, tokenizer=d.tokenizer,
-                   answer_loss=d.loss == 'answer')
-  eval_batches = pipeline.make_eval_pairs(d.source, d.seq_len, t.batch_size, d.eval_batches,
-                                         **eval_args)
   batch_sh = meshlib.batch_sharding(mesh)
 
   # --- Restore or initialise ----------------------------------------------------------------
   ckpt = Checkpointer.for_workdir(workdir, keep=t.keep_ckpts, async_save=t.async_ckpt)
   try:                          # closed on every exit: no async save left running
-    start = ckpt.latest_step() or 0
-    if start:
+    start = 0
+    if ckpt.latest_step() is not None:
       hint = f'; to start from its parameters, train a new workdir with train.init_from={workdir}'
-      saved = ckpt.read_config(start)
-      # sizes first (before orbax fails on them); another mixer may share the parameters
-      check_shapes(cfg, saved, hint, keys=tuple(k for k in SHAPE_KEYS if k != 'mixer'))
-      try:
-        state = restore_train_state(ckpt, start, state, shardings, data_iter)
-      except CheckpointError:
-        check_shapes(cfg, saved, hint)             # a mixer with other parameters: say so
-        raise
+
+      def resume(step):
+        saved = ckpt.read_config(step)
+        # sizes first (before orbax fails on them); another mixer may share the parameters
+        check_shapes(cfg, saved, hint, keys=tuple(k for k in SHAPE_KEYS if k != 'mixer'))
+        try:
+          return restore_train_state(ckpt, step, state, shardings, data_iter)
+        except CheckpointError:
+          check_shapes(cfg, saved, hint)           # a mixer with other parameters: say so
+          raise
+      # a damaged newest step: the newest good one, the damaged ones set aside
+      start, state = ckpt.restore_newest(resume, set_aside=True)
       logging.info('resumed from %s at step %d', ckpt.directory, start)
     elif t.init_from:
       state['model'] = init_model_from(cfg, mesh, state['model'])

@@ -96,30 +96,30 @@ def restore_model(ckpt, step, abs_state):
   items = ckpt.items(step)
   if 'model' in items:          # a run directory written before the TrainState
     return ckpt.restore(step, model=abs_state)[1].model
-  try:
-    return ckpt.restore_part(step, 'state', {'model': abs_state})['model']
-  except CheckpointError as e:
-    raise CheckpointError(f'{e} (items: {sorted(items)}): not a train.py run; an evolve.py '
-                          'run is used through its base LM (evolve.base)') from None
+  return ckpt.restore_part(step, 'state', {'model': abs_state}, hint=(
+      f' (items: {sorted(items)}): not a train.py run; an evolve.py run is used through its '
+      'base LM (evolve.base)'))['model']
 
 
 def load_run(source, step=None, mesh=None, *, config=None, overrides=None):
   """The model of a train.py run directory (or its checkpoints/ folder), or of `hf:DIR`.
 
-  step: default the latest. mesh: default the config's mesh over all devices (the config
+  step: default the newest that restores. mesh: default the config's mesh over all devices (the config
   is then validated for them). config / overrides: see the module docstring."""
   source = os.fspath(source)
   if source.startswith('hf:'):
     return _load_hf(source, mesh, overrides)
   ckpt = Checkpointer.open(source)
-  try:
-    step = ckpt.step(step)
+
+  def load(step):
     cfg = run_config(ckpt.read_config(step), config, overrides)
     if mesh is None:
       validate(cfg, jax.device_count())
-      mesh = meshlib.make_mesh(cfg)
-    graphdef, abs_state = abstract_model(cfg, mesh)
-    state = restore_model(ckpt, step, abs_state)
+    on = mesh or meshlib.make_mesh(cfg)
+    graphdef, abs_state = abstract_model(cfg, on)
+    return cfg, on, graphdef, restore_model(ckpt, step, abs_state)
+  try:            # no step given: the newest that restores (a damaged one is skipped, logged)
+    step, (cfg, mesh, graphdef, state) = ckpt.restore_newest(load, step)
   finally:
     ckpt.close()
   logging.info('loaded %s step %d (mixer %s)', source, step, cfg.model.mixer)
