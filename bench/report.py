@@ -1,25 +1,36 @@
-"""Folds the benchmark result pages (bench/results/*.md) into README.md's results section.
+"""Writes docs/: one page per method and the side-by-side page, from bench/results/ alone.
 
-  python bench/report.py
+  python -m bench.report            # regenerate docs/ (byte-identical when nothing changed)
+  python -m bench.report --check    # exit 1, naming the pages, if docs/ is not up to date
 
-Each bench script writes its own bench/results/NAME.md (tables + the exact command that
-produced them, with machine, versions and seeds); this replaces the text between the
-README's `<!-- results:start -->` and `<!-- results:end -->` markers by those pages in
-ORDER (then any others), so the README never carries hand-typed numbers.
+Each study writes its pages to bench/results/NAME.md, with tables, plots (NAME*.png) and the
+exact commands, machine, versions and seeds that produced them. PAGES says which result pages
+make each docs/ page, in order. Rendering does three things:
+- it shifts headings so that each part sits under the page title;
+- it points image links at ../bench/results/;
+- it writes absolute paths of the machine that ran a study (/tmp/..., /home/...) as $WORK/...
+Pages of docs/ that are not in PAGES (reliability.md, hf.md) are written by hand.
 """
+import argparse
 import glob
 import os
+import re
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDER = ['foundation', 'run', 'run_quick', 'titans', 'infini', 'anchor_prose', 'anchor',
-         'anchor_2layer', 'namm', 'hf']
-START, END = '<!-- results:start -->', '<!-- results:end -->'
+PAGES = {
+    'side_by_side': ('Every model kind side by side', ['foundation', 'run', 'run_quick']),
+    'titans': ('Titans (MAC / MAG / MAL / LMM)', ['titans', 'titans_speed']),
+    'infini': ('Infini-attention', ['infini']),
+    'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
+    'namm': ('NAMM: evolved KV-cache eviction', ['namm']),
+}
+_MACHINE_PATH = re.compile(r'(?<![\w.$/])/(?:tmp|home|root|work|scratch)(?=/)')
 
 
-def demote(text, top=3):
-  """Shifts a page's headings so its highest one is level `top` (code blocks untouched)."""
-  lines, fenced = text.splitlines(), False
-  levels = []
+def demote(text, top):
+  """Shifts a page's headings so that its highest one is level `top` (code blocks untouched)."""
+  lines, fenced, levels = text.splitlines(), False, []
   for line in lines:
     fenced ^= line.startswith('```')
     if not fenced and line.startswith('#'):
@@ -28,37 +39,68 @@ def demote(text, top=3):
   out, fenced = [], False
   for line in lines:
     fenced ^= line.startswith('```')
-    if not fenced and line.startswith('#') and not line.startswith('```'):
+    if not fenced and line.startswith('#'):
       level = len(line) - len(line.lstrip('#'))
       line = '#' * min(level + shift, 6) + line[level:]
     out.append(line)
   return '\n'.join(out)
 
 
-def pages():
-  found = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, 'bench/results/*.md'))}
-  names = [n for n in ORDER if n in found] + sorted(set(found) - set(ORDER))
-  for name in names:
-    with open(found[name]) as f:
-      text = f.read().strip()
-    png = found[name][:-3] + '.png'
-    if os.path.exists(png) and '.png' not in text:
-      text += f'\n\n![{name}](bench/results/{name}.png)'
-    yield demote(text)
-
-
-def main():
-  path = os.path.join(ROOT, 'README.md')
+def part(results, name):
+  """Result page `name` as a section of a docs/ page, or None if it was never written."""
+  path = os.path.join(results, f'{name}.md')
+  if not os.path.exists(path):
+    return None
   with open(path) as f:
-    readme = f.read()
-  if START not in readme or END not in readme:
-    raise SystemExit(f'README.md has no {START} ... {END} section')
-  head, rest = readme.split(START, 1)
-  _, tail = rest.split(END, 1)
-  body = '\n\n'.join(pages())
-  with open(path, 'w') as f:
-    f.write(f'{head}{START}\n{body}\n{END}{tail}')
-  print(f'README.md results section: {body.count(chr(10)) + 1} lines from bench/results/')
+    text = f.read().strip()
+  figures = sorted(os.path.basename(p) for p in glob.glob(os.path.join(results, f'{name}*.png')))
+  missing = [png for png in figures if png not in text
+             and not any(png.startswith(other) for other in _longer_names(results, name))]
+  text += ''.join(f'\n\n![{png[:-4]}](bench/results/{png})' for png in missing)
+  text = text.replace('](bench/results/', '](../bench/results/')
+  return _MACHINE_PATH.sub('$WORK', demote(text, 2))
+
+
+def _longer_names(results, name):
+  """Other result pages whose names start with `name` (their plots are theirs: run_quick)."""
+  return [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(results, f'{name}?*.md'))]
+
+
+def render(results):
+  """{docs page name: its text} from the result pages in directory `results`."""
+  pages = {}
+  for page, (title, names) in PAGES.items():
+    parts = [(n, p) for n in names if (p := part(results, n)) is not None]
+    if not parts:
+      continue
+    sources = ', '.join(f'bench/results/{n}.md' for n, _ in parts)
+    head = (f'<!-- generated by `python -m bench.report` from {sources}: edit those, '
+            'not this page -->\n')
+    pages[page] = f'{head}# {title}\n\n' + '\n\n'.join(p for _, p in parts) + '\n'
+  return pages
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--check', action='store_true', help='only check that docs/ is up to date')
+  ap.add_argument('--results', default=os.path.join(ROOT, 'bench', 'results'))
+  ap.add_argument('--docs', default=os.path.join(ROOT, 'docs'))
+  args = ap.parse_args(argv)
+  pages = render(args.results)
+  stale = []
+  for page, text in pages.items():
+    path = os.path.join(args.docs, f'{page}.md')
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+      stale.append(path)
+      if not args.check:
+        os.makedirs(args.docs, exist_ok=True)
+        with open(path, 'w') as f:
+          f.write(text)
+  if args.check and stale:
+    sys.exit(f'docs/ is not up to date with bench/results/ ({", ".join(stale)}): run '
+             'python -m bench.report')
+  print(f'{len(pages)} pages, {len(stale)} {"stale" if args.check else "written"}')
 
 
 if __name__ == '__main__':

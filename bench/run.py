@@ -7,7 +7,7 @@
   python bench/run.py --kinds=plain,titans_mac --sections=train,stream   # a part of it
   python bench/run.py --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
                                     # on a GPU/TPU: width 512, 8 layers, bigger steps
-  python bench/report.py            # then fold bench/results/*.md into README.md
+  python -m bench.report            # then regenerate docs/ from bench/results/
 
 Sections (each a function below; all numbers come from running the same jitted code as
 train.py / evaluate.py on this machine, nothing is typed in):
@@ -711,7 +711,7 @@ def fmt(x, spec):
 
 
 def page(res, prefix):
-  img = lambda part: f'{os.path.relpath(prefix, ROOT)}_{part}.png'   # as the README links it
+  img = lambda part: f'{os.path.relpath(prefix, ROOT)}_{part}.png'   # as docs/ pages link it (bench/report.py)
   P = res['plan']
   runs = {}
   for section, c in sorted(res['commands'].items(), key=lambda item: item[1]['started']):
