@@ -29,7 +29,10 @@ import time
 
 import numpy as np
 
+from bench import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEASURES = provenance.CORE + ('models/anchor.py', 'data/ac.py')   # the code the rows measure
 
 SEQ = 256
 LONG = 2048      # a second, longer prefix for the KV cache reduction
@@ -320,7 +323,8 @@ def main():
                 corpus=args.corpus, chain_docs=args.chain_docs,
                 command=command,
                 seq_len=SEQ, long=LONG, probe_ks=ks, machine=platform.platform(),
-                cpu_count=os.cpu_count(), jax=jax.__version__)
+                cpu_count=os.cpu_count(), jax=jax.__version__,
+                provenance=provenance.record(MEASURES, 0))
   write(report, args.out)
 
 

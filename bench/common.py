@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from training import flops, mesh as meshlib
 from training.config import key_node, resolve, validate
@@ -60,6 +61,12 @@ def infini_gates(state, model_cfg):
   blocks = state['blocks']
   return [np.asarray(jax.nn.sigmoid(blocks[i]['mixer']['beta'][...])).tolist()
           for i in sorted(blocks.keys())]
+
+
+def log(msg):
+  """Logs msg and prints it (flushed: jobs running side by side interleave their lines)."""
+  logging.info(msg)
+  print(msg, flush=True)
 
 
 def machine():

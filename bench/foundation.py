@@ -10,8 +10,12 @@ import subprocess
 import tempfile
 import time
 
+from bench import provenance
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+MEASURES = provenance.CORE + ('training/evaluation.py', 'data/sources.py',
+                              'configs/transformer.py')
 TRAIN = 'python train.py --config=configs/transformer.py:tiny --workdir={w}'
 EVAL = 'python evaluate.py --workdir={w}'
 COMPILE = ('XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py '
@@ -43,7 +47,8 @@ def main():
                 jax=jax.__version__, seed=0, train_seconds=train_s, eval_seconds=eval_s,
                 unigram_loss=rows[0]['unigram_loss'], eval_loss=last['eval_loss'],
                 tokens_per_s=last['tokens_per_s'], mfu=last['mfu'], steps=max(rows),
-                eval=ev, compile_1b=report, compile_seconds=compile_s)
+                eval=ev, compile_1b=report, compile_seconds=compile_s,
+                provenance=provenance.record(MEASURES, 0))
   os.makedirs(os.path.join(ROOT, 'bench/results'), exist_ok=True)
   with open(os.path.join(ROOT, 'bench/results/foundation.json'), 'w') as f:
     json.dump(result, f, indent=1, default=str)

@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bench import provenance
 from bench.common import infini_gates, machine
 from configs.infini import get_config
 from training.config import resolve, validate
 
 VARIANTS = ('infini', 'infini_delta', 'local', 'full')
+MEASURES = provenance.CORE + ('models/infini.py',)    # the code the rows measure
 
 
 def variant_config(name, *, seq_len, segment_len, steps, source, batch, seed=0):
@@ -332,6 +334,8 @@ def main():
       for key, value in json.load(f)['results'].items():
         if key == 'commands':
           results['commands'] = results.get('commands', []) + value
+        elif key == 'provenance':
+          results.setdefault('provenance', {}).update(value)
         elif key == 'decode':
           results[key] = value
         else:                            # {variant: [runs]}: a merged seed replaces its own
@@ -348,6 +352,8 @@ def main():
       json.dump(dict(args=vars(args), results=results), f, indent=1)
   for part in parts:                     # in the order given; saved after each
     results[part + args.tag] = fns[part](args, args.workdir + args.tag)
+    results.setdefault('provenance', {})[part + args.tag] = provenance.record(
+        MEASURES, args.seeds)
     save()
   save()                                 # merged runs and this command
   plot(results, args.out)

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from bench import provenance
 from bench.common import machine
 from models import eviction, namm as nammlib
 from training import evolve as evo
@@ -36,6 +37,7 @@ _TRANSFER = flags.DEFINE_string('transfer_base', '', 'A second base LM for zero-
 _PROMPTS = flags.DEFINE_integer('prompts', 32, 'Held-out prompts per task.')
 _SEED = flags.DEFINE_integer('seed', 1000, 'Base seed of the held-out prompts (eval split).')
 _OUT = flags.DEFINE_string('out', 'bench/results/namm', 'Output prefix (.json / .png).')
+MEASURES = provenance.CORE + ('models/namm.py', 'models/eviction.py', 'training/evolve.py')
 flags.mark_flags_as_required(['base', 'runs'])
 
 
@@ -113,7 +115,8 @@ def main(argv):
   other = evo.load_base(_TRANSFER.value) if _TRANSFER.value else None
   report = dict(command=' '.join(['python bench/namm.py'] + sys.argv[1:]), machine=machine(),
                 date=time.strftime('%Y-%m-%d'), prompts=_PROMPTS.value, seed=_SEED.value,
-                base=dict(path=_BASE.value, **base_info(base)), runs=[], transfer=[])
+                base=dict(path=_BASE.value, **base_info(base)), runs=[], transfer=[],
+                provenance=provenance.record(MEASURES, _SEED.value))
   if other:
     report['transfer_base'] = dict(path=_TRANSFER.value, **base_info(other))
   for run in _RUNS.value:

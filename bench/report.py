@@ -5,17 +5,22 @@
 
 Each study writes its pages to bench/results/NAME.md, with tables, plots (NAME*.png) and the
 exact commands, machine, versions and seeds that produced them. PAGES says which result pages
-make each docs/ page, in order. Rendering does three things:
+make each docs/ page, in order. Rendering does four things:
 - it shifts headings so that each part sits under the page title;
 - it points image links at ../bench/results/;
-- it writes absolute paths of the machine that ran a study (/tmp/..., /home/...) as $WORK/...
+- it writes absolute paths of the machine that ran a study (/tmp/..., /home/...) as $WORK/...;
+- it ends each part with the provenance records of its NAME.json (bench/provenance.py):
+  command, commit, machine, versions, seed, and whether the measured code changed since.
 Pages of docs/ that are not in PAGES (reliability.md, hf.md) are written by hand.
 """
 import argparse
 import glob
+import json
 import os
 import re
 import sys
+
+from bench import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = {
@@ -58,7 +63,29 @@ def part(results, name):
              and not any(png.startswith(other) for other in _longer_names(results, name))]
   text += ''.join(f'\n\n![{png[:-4]}](bench/results/{png})' for png in missing)
   text = text.replace('](bench/results/', '](../bench/results/')
-  return _MACHINE_PATH.sub('$WORK', demote(text, 2))
+  return _MACHINE_PATH.sub('$WORK', demote(text, 2) + '\n\n' + provenance_block(results, name))
+
+
+def records(tree):
+  """The provenance records in a result JSON (dicts with a commit and the measured paths)."""
+  if isinstance(tree, dict):
+    if 'commit' in tree and 'measures' in tree:
+      return [tree]
+    return [r for v in tree.values() for r in records(v)]
+  return []
+
+
+def provenance_block(results, name):
+  path = os.path.join(results, f'{name}.json')
+  found = []
+  if os.path.exists(path):
+    with open(path) as f:
+      found = records(json.load(f))
+  if not found:
+    return ('**Provenance**: no commit recorded with these rows (measured before '
+            'bench/provenance.py): staleness unknown.')
+  return '\n'.join(['**Provenance** (staleness as of this page\'s render):'] +
+                   [provenance.describe(r) for r in found])
 
 
 def _longer_names(results, name):

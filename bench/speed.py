@@ -16,6 +16,7 @@ import os
 import jax
 from absl import app, flags
 
+from bench import provenance
 from bench.common import at_length, load_config, measure_train, slope
 from training import flops
 
@@ -66,7 +67,8 @@ def main(argv):
     f.write(table + '\n')
   with open(_OUT.value + '.json', 'w') as f:
     json.dump(dict(device=device, jax=jax.__version__, peak_flops=peak, rows=rows,
-                   summary=summary), f, indent=1)
+                   summary=summary, provenance=provenance.record(('models',) + provenance.CORE,
+                                                                 0)), f, indent=1)
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

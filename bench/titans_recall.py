@@ -31,6 +31,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from bench import provenance
 from bench.common import apply_overrides, infini_gates
 from configs.base import get_base_config
 from configs.infini import GATES
@@ -66,6 +67,8 @@ _SEEDS = flags.DEFINE_string('seeds', '0', 'Comma list: every variant is trained
 _OUT = flags.DEFINE_string('out', 'bench/results/titans', 'Output path prefix.')
 _RENDER = flags.DEFINE_string('render', '', 'Comma list of OUT.json files of earlier runs: print '
                               'their joint table and plot them to --out.png (no training).')
+
+MEASURES = provenance.CORE + ('models/titans.py',)   # the code the rows measure
 
 KEY0, VAL0, FILL0, N_FILL = 10, 100, 180, 64
 N_LAYERS = 2
@@ -285,7 +288,8 @@ def main(argv):
   for name in _VARIANTS.value.split(','):
     for seed in map(int, _SEEDS.value.split(',')):
       results.append(run_variant(name, seed, o))
-      run = dict(config=config, argv=sys.argv[1:], results=results)
+      run = dict(config=config, argv=sys.argv[1:], results=results,
+                 provenance=provenance.record(MEASURES, _SEEDS.value))
       with open(_OUT.value + '.json', 'w') as f:
         json.dump(run, f, indent=1)
   render([run], _OUT.value)

@@ -63,3 +63,24 @@ def test_help_lists_configs_and_presets():
   assert 'every key and its default: configs/base.py' in out.stdout
   assert 'configs/transformer.py:1b|small|tiny' in out.stdout
   assert 'configs/titans_mag.py:340m|small|tiny' in out.stdout      # titans_mac.py's presets
+
+
+def test_a_damaged_checkpoint_is_one_error_line(tmp_path):
+  """Every step unreadable: train.py and evaluate.py say which, in one line (the failed
+  restore's pending TensorStore reads print nothing after it)."""
+  from conftest import cli_overrides, tiny_config
+  from training.loop import train
+  cfg = tiny_config(**{'train.steps': 3})
+  train(cfg, tmp_path / 'run')
+  for f in (tmp_path / 'run' / 'checkpoints').glob('3/state/ocdbt.process_*/d/*'):
+    data = bytearray(f.read_bytes())
+    for i in range(128, len(data), 256):
+      data[i] ^= 0x10
+    f.write_bytes(bytes(data))
+  for out in (_run('evaluate.py', f'--workdir={tmp_path}/run'),
+              _run('train.py', f'--config={TINY}', f'--workdir={tmp_path}/run',
+                   *cli_overrides(cfg))):
+    assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f'error: checkpoint step 3 in {tmp_path}/run/checkpoints is '
+                           'unreadable'), last

@@ -1,5 +1,6 @@
 """Bad input fails early with a message naming the key; nothing saved is lost."""
 import os
+import re
 import shutil
 
 import pytest
@@ -56,20 +57,22 @@ def test_missing_tfds_dataset_and_empty_glob(tmp_path):
     train(tiny_config(**{'data.source': f'glob:{tmp_path}/*.nothing'}), tmp_path / 'b')
 
 
-def _flip_bits(step_dir):
-  """One bit flipped in the middle of each array data file: damage after saving that orbax
-  reads without complaint."""
+def _flip_bits(step_dir, every=256):
+  """A bit flipped every `every` bytes of the step's array data files: damage after saving
+  (orbax then fails to read the arrays, or reads changed values)."""
   for f in step_dir.glob('state/ocdbt.process_*/d/*'):
     data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0x10
+    for i in range(every // 2, len(data), every):
+      data[i] ^= 0x10
     f.write_bytes(bytes(data))
 
 
 def test_partial_and_damaged_checkpoints(tmp_path):
-  """A half-written save is ignored; bits flipped on disk are detected by the checksums
-  saved with the arrays, and the newest good step is used instead: evaluation reads step 3,
-  and training resumes there bit-exactly with the damaged step 6 set aside (renamed, never
-  deleted). Every step damaged: a clear error, and nothing moved or deleted."""
+  """A half-written save is ignored; a damaged step (unreadable, or arrays that differ from
+  the checksums saved with them) is skipped for the newest good one: evaluation reads step
+  3, and training resumes there bit-exactly with the damaged step 6 set aside (renamed,
+  never deleted). Every step damaged: a clear error, and nothing moved or deleted."""
+  import json
   from training.run import load_run
   train(tiny_config(**{'train.steps': 6}), tmp_path)              # saves steps 3 and 6
   ckpts = tmp_path / 'checkpoints'
@@ -78,14 +81,24 @@ def test_partial_and_damaged_checkpoints(tmp_path):
   assert Checkpointer.open(tmp_path).latest_step() == 6
   _flip_bits(ckpts / '6')
   assert load_run(tmp_path).step == 3
-  with pytest.raises(CheckpointError, match=r"step 6 in .*array\(s\) of item 'state' differ from "
-                     r'the checksums saved with them'):
+  with pytest.raises(CheckpointError, match=r'step 6 in .*(differ from the checksums|unreadable)'):
     load_run(tmp_path, step=6)
   first = losses(tmp_path)
   train(tiny_config(**{'train.steps': 6}), tmp_path)              # steps 4-6 again
   assert sorted(os.listdir(ckpts)) == ['3', '6', '6.unreadable', partial.name]
   again = losses(tmp_path)
   assert [again[s] for s in (4, 5, 6)] == [first[s] for s in (4, 5, 6)]
+  # the new step 6 with one model array's recorded checksum off by one: that array is refused
+  meta = ckpts / '6' / 'checksums' / 'metadata'
+  sums = json.loads(meta.read_text())
+  key = next(k for k in sums['state'] if k.startswith("['model']"))
+  sums['state'][key] = (sums['state'][key] + 1) % 2**32
+  meta.write_text(json.dumps(sums))
+  assert load_run(tmp_path).step == 3
+  with pytest.raises(CheckpointError, match=r"step 6 in .*1 array\(s\) of item 'state' differ "
+                     r'from the checksums saved with them: its files changed after saving \(e.g. '
+                     + re.escape(key)):
+    load_run(tmp_path, step=6)
   for step in ('3', '6'):
     _flip_bits(ckpts / step)
   shutil.rmtree(ckpts / '6' / 'data')

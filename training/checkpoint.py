@@ -60,6 +60,12 @@ def checksums(tree):
   return {jax.tree_util.keystr(path): int(np.asarray(v)) for path, v in leaves}
 
 
+def _first_line(e, limit=300):
+  """An exception's message up to its first line break (TensorStore appends its spec)."""
+  text = str(e).split('See full TensorStore details')[0].strip()
+  return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 def _model_finite(tree):
   """Paths of the model's floating arrays in `tree` that are not all finite."""
   return [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -171,12 +177,12 @@ class Checkpointer:
       try:
         out = restore(step)
       except CheckpointError as e:
-        logging.warning('%s; trying the step before', e)
+        logging.error('%s; trying the step before', e)     # shown even by evaluate.py
         failed.append((step, e))
         continue
       if failed:
-        logging.warning('restored step %d of %s instead of the newest step %d', step,
-                        self.directory, failed[0][0])
+        logging.error('restored step %d of %s instead of the newest step %d', step,
+                      self.directory, failed[0][0])
         if set_aside:
           self._set_aside([s for s, _ in failed])
       return step, out
@@ -199,7 +205,7 @@ class Checkpointer:
     except Exception as e:   # orbax raises many types for damaged files
       raise CheckpointError(
           f'checkpoint step {step} in {self.directory} is unreadable or incomplete '
-          f'({type(e).__name__}: {str(e)[:300]})') from e
+          f'({type(e).__name__}: {_first_line(e)})') from e
 
   def read_config(self, step=None):
     return self.restore(step, config=None)[1].config

@@ -26,9 +26,28 @@ def run(main):
   def guarded(argv):
     try:
       return main(argv)
+    except CheckpointError as e:
+      # orbax's failed restores leave asyncio tasks whose errors are printed when the
+      # interpreter shuts down; nothing is left to save (the checkpointer is closed): leave now
+      print(f'error: {e}', file=sys.stderr)
+      sys.stdout.flush(), sys.stderr.flush()
+      os._exit(1)
     except USER_ERRORS as e:
       raise SystemExit(f'error: {e}') from None
+  sys.unraisablehook = _quiet_failed_reads(sys.unraisablehook)
   app.run(guarded, flags_parser=_parse)
+
+
+def _quiet_failed_reads(hook):
+  """An unraisable-exception hook that drops the tracebacks of a failed orbax restore's
+  pending array reads (their coroutines, and TensorStore's callbacks into orbax's closed
+  event loop), printed by the dozen around the one line that says which checkpoint step is
+  unreadable; anything else goes to `hook`."""
+  def quiet(u):
+    if not (getattr(u.object, '__qualname__', '') == '_read_array_index_and_device_put' or
+            u.exc_type is RuntimeError and str(u.exc_value) == 'Event loop is closed'):
+      hook(u)
+  return quiet
 
 
 def define_config(help_text, default=None):
