@@ -19,7 +19,8 @@ _NPROC = flags.DEFINE_integer('num_processes', None, 'Number of processes (with 
 _PID = flags.DEFINE_integer('process_id', None, 'This process (with distributed).')
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Lower + compile the train step with abstract shapes, print its '
-    'parameter count, FLOPs and per-device memory, and exit (paper-size configs on CPU).')
+    'parameter count, FLOPs and per-device memory (also to WORKDIR/compile.json), and exit '
+    '(paper-size configs on CPU).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,7 +38,7 @@ def main(argv):
   from training.metrics import quiet_libraries
   quiet_libraries()
   if _COMPILE_ONLY.value:
-    compile_only(cfg)
+    compile_only(cfg, _WORKDIR.value)
   else:
     train(cfg, _WORKDIR.value)
 

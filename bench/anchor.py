@@ -16,20 +16,22 @@
    the anchor policy, the fact-recall probe (answer k+2 sentences back; chance 10%) and the
    chain probe (the previous sentence's object, which passes through its anchor), decode
    speed of the anchor model: pruned cache vs full cache vs no cache (full recompute).
-Re-running resumes: finished train.py runs return at once.
+The runs train in this process (bench.common.train_command); the page lists them as the
+train.py commands they equal. Re-running resumes: finished runs return at once.
 """
 import argparse
 import functools
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 
 import numpy as np
 
 from bench import provenance
+from bench.anchor_page import write
+from bench.common import train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURES = provenance.CORE + ('models/anchor.py', 'data/ac.py')   # the code the rows measure
@@ -47,15 +49,6 @@ CONT = ('python train.py --config={config} --workdir={w} --config.train.init_fro
         '--config.train.eval_every={steps} --config.train.ckpt_every={steps} ' + COMMON)
 RUNS = {'full': 'configs/transformer.py:tiny', 'ep': 'configs/anchor_ep.py:tiny',
         'ac': 'configs/anchor_ac.py:tiny'}
-
-
-def sh(cmd, log):
-  t0 = time.time()
-  with open(log, 'a') as f:
-    proc = subprocess.run(cmd, shell=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-  if proc.returncode:
-    raise SystemExit(f'{cmd} failed; see {log}')
-  return time.time() - t0
 
 
 def model_cfg(mixer, mode, n_layers):
@@ -256,14 +249,13 @@ def main():
   joined = lambda parts: ('mix:' if len(parts) > 1 else '') + '+'.join(parts)
   src = joined(list(texts.values()))
   src_ac = joined([f'ac:{p}' for p in texts.values()])
-  log = os.path.join(W, 'train.log')
   fmt = dict(seq=SEQ, layers=args.n_layers)
   cmds = {'base': BASE.format(w=f'{W}/base', steps=args.base_steps, source=f"'{src}'", **fmt)}
   for name, config in RUNS.items():
     cmds[name] = CONT.format(config=config, w=f'{W}/{name}', base=f'{W}/base',
                              steps=args.cont_steps, source=f"'{src_ac if name == 'ac' else src}'",
                              **fmt)
-  secs = {name: sh(cmd, log) for name, cmd in cmds.items()}
+  secs = {name: train_command(cmd) for name, cmd in cmds.items()}   # in this process
   old = {}
   json_path = os.path.join(ROOT, 'bench', 'results', f'{args.out}.json')
   if args.reuse and os.path.exists(json_path):
@@ -326,143 +318,6 @@ def main():
                 cpu_count=os.cpu_count(), jax=jax.__version__,
                 provenance=provenance.record(MEASURES, 0))
   write(report, args.out)
-
-
-def write(report, name='anchor'):
-  out = os.path.join(ROOT, 'bench', 'results')
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, f'{name}.json'), 'w') as f:
-    json.dump(report, f, indent=1)
-  rows, ks = report['rows'], report['probe_ks']
-  ref = next(r['loss'] for r in rows if r['run'] == 'full')
-  mix = report.get('corpus') == 'mix'
-  long = any('kv_kept_long' in r for r in rows)
-  chain_docs = (f"documents of {report['fillers']} chained fillers and {report['facts']} facts, "
-                f"each restated later")
-  data = (f"a round-robin mix of natural English (the Python docs topics and standard-library "
-          f"docstrings of this interpreter, line-wrapped paragraphs joined; held-out files "
-          f"give the *prose* loss the target is read on) and {report['chain_docs']} {chain_docs} "
-          f"(*chain* loss)" if mix else chain_docs)
-  lines = [f"## AnSAN anchors (AnLLM-EP / AC), CPU scale, {report['n_layers']} layers"
-           + (', natural text' if mix else ''), '',
-           f"Base: full-attention LM ({report['n_layers']} layers, d_model 128, "
-           f"{report['steps']['base']} steps) on {data}; each continuation "
-           f"{report['steps']['full']} steps from it. Held-out loss in nats per original byte "
-           f"(<AC> targets excluded); Δ vs the full-attention continuation. KV kept: tokens per "
-           f"layer after a {report['seq_len']}-token prefill with `decode.policy=anchor`"
-           + (f" (and after {report['long']} tokens, past the training length: what is kept "
-              f"depends only on the tokens)" if long else '') + ". "
-           f"Probes (teacher-forced exact match, 200 held-out examples each): fact k = the digit "
-           f"of a fact k+2 sentences back (two distractor facts; chance 10%); chain = the previous "
-           f"sentence's object as the next one's subject (\"... the old map. the\" -> \"old "
-           f"map\"; one sentence back, so under the mask only that sentence's anchor carries it).",
-           '', f"| run | evaluated as | {'prose loss' if mix else 'loss'} | Δ vs full | "
-           + ('chain loss | Δ vs full | ' if mix else '') + 'KV kept / reduction | '
-           + (f"at {report['long']} | " if long else '')
-           + ' | '.join(f'fact k={k}' for k in ks) + ' | chain |',
-           '|---|---|---|---|---|' + '---|---|' * mix + '---|' * long + '---|' * (len(ks) + 1)]
-  ref_chain = next(r for r in rows if r['run'] == 'full').get('losses', {}).get('chain')
-  kv_cell = lambda r, key, n: (f"{r[key]:.1f} / {100 * (1 - r[key] / n):.1f}%" if key in r
-                               else '-')
-  for r in rows:
-    kv = kv_cell(r, 'kv_kept', report['seq_len'])
-    if long:
-      kv += ' | ' + kv_cell(r, 'kv_kept_long', report['long'])
-    chain_loss = (f"{r['losses']['chain']:.4f} | {100 * (r['losses']['chain'] / ref_chain - 1):+.1f}"
-                  "% | " if mix else '')
-    lines.append(f"| {r['run']} | {r['view']} | {r['loss']:.4f} | "
-                 f"{100 * (r['loss'] / ref - 1):+.1f}% | {chain_loss}{kv} | "
-                 + ' | '.join(f"{100 * report_probe(r, k):.0f}%" for k in (*ks, 'chain')) + ' |')
-  loss = {(r['run'], r['view']): r['loss'] for r in rows}
-  base, n = loss[('base', 'full attention')], report['steps']['full']
-  met = lambda ok: 'met' if ok else 'missed'
-  lines += ['', 'Against the targets:']
-  for run in ('ep', 'ac'):
-    mask = f'{run.upper()} mask'
-    zero, cont = loss[('base', f'{mask}, zero-shot')], loss[(run, mask)]
-    lines.append(
-        f"- {mask}: {n} steps of continued pretraining bring the held-out loss under the mask "
-        f"to {100 * (cont / ref - 1):+.1f}% of the {n}-step full-attention continuation (target "
-        f"within 2%: {met(cont <= 1.02 * ref)}); zero-shot, the base under the mask is "
-        f"{100 * (zero / ref - 1):+.1f}% (continued pretraining closes "
-        f"{100 * (zero - cont) / (zero - base):.0f}% of that gap to the base).")
-  for key, n in (('kv_kept', report['seq_len']), ('kv_kept_long', report.get('long'))):
-    kv = [1 - r[key] / n for r in rows if key in r]
-    if kv:
-      lines.append(f"- KV cache reduction on a {n}-token prefix: {100 * min(kv):.1f}% or more "
-                   f"(target >= 90%: {met(min(kv) >= 0.9)}).")
-  sent = {r['view'][:2]: r['sentence'] for r in rows if 'sentence' in r and r['run'] != 'base'}
-  if sent:
-    lines.append(
-        "  The cache holds the document's anchors plus its unfinished sentence. Held-out "
-        "sentences average " + ' / '.join(f"{v[0]:.0f}" for v in sent.values()) + " tokens ("
-        + ' / '.join(sent) + " anchors), but the sentence a token sits in averages "
-        + ' / '.join(f"{v[1]:.0f}" for v in sent.values()) + " (E[L^2] / E[L]: long sentences "
-        "hold most tokens), so at the end of a short prefix the unfinished sentence is a "
-        "large share; the reduction grows with the prefix length.")
-  fact = {(r['run'], r['view']): np.mean([report_probe(r, k) for k in ks]) for r in rows}
-  chain = {(r['run'], r['view']): report_probe(r, 'chain') for r in rows}
-  views = (('full', 'full attention'), ('base', 'EP mask, zero-shot'), ('ep', 'EP mask'),
-           ('ac', 'AC mask'))
-  lines.append('- Probes, ' + '; '.join(
-      f"{run} / {view}: chain {100 * chain[run, view]:.0f}%, fact (mean over k) "
-      f"{100 * fact[run, view]:.0f}%" for run, view in views) + '.')
-  best = max(report_probe(r, k) for r in rows if r['view'] == 'full attention' for k in ks)
-  if best < 0.2:
-    lines += ['', f"The fact probe stays near chance for every model, full attention included "
-              f"(best {100 * best:.0f}%): the base never formed the induction-style lookup it "
-              f"needs at this size and step count, so that probe cannot separate AnSAN from full "
-              f"attention here; the chain probe can."]
-  s = report['speed']
-  if s:
-    lines += ['', 'Greedy decode of the EP model, 4 x 128 new tokens after a 256-token prompt '
-              f"(tokens/s; outputs identical across the three: {s['outputs_identical']}):", '',
-              f"| pruned cache ({s.get('capacity', 128)} slots) | full cache (384 slots) | "
-              "no cache (recompute) |",
-              '|---|---|---|',
-              f"| {s['pruned cache']:.0f} | {s['full cache']:.0f} | {s['no cache']:.0f} |"]
-    lines += ['', 'No cache recomputes the whole 384-token buffer per new token (causal, so '
-              'the unused tail does not change the result). On CPU the static capacity sets '
-              'the attention cost, so the pruned cache also beats the full one here (the paper '
-              'reports 1.03x vs a full cache on GPU, 3.5x vs no cache).']
-  lines += ['', f"Machine: {report['machine']}, {report['cpu_count']} CPUs (shared), "
-            f"jax {report['jax']}. Command: `{report.get('command', 'python bench/anchor.py')}`, "
-            "which runs (then evaluates in-process):", '']
-  lines += [f"    {c}" for c in report['commands'].values()]
-  with open(os.path.join(out, f'{name}.md'), 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  plot(report, os.path.join(out, f'{name}.png'))
-
-
-def plot(report, path):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  rows, ks = report['rows'], report['probe_ks']
-  names = [f"{r['run']}: {r['view']}" for r in rows]
-  fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-  axes[0].barh(names, [r['loss'] for r in rows])
-  axes[0].set_xlabel('held-out loss (nats per original byte)')
-  axes[0].set_xlim(0.9 * min(r['loss'] for r in rows))
-  axes[0].invert_yaxis()
-  axes[1].barh(names, [report_probe(r, 'chain') for r in rows])
-  axes[1].set_xlabel('chain probe accuracy (one sentence back)')
-  axes[1].set_xlim(0, 1)
-  axes[1].set_yticks([])
-  axes[1].invert_yaxis()
-  for r, name in zip(rows, names):
-    axes[2].plot(ks, [report_probe(r, k) for k in ks], marker='o', label=name)
-  axes[2].axhline(0.1, color='gray', ls=':', label='chance')
-  axes[2].set_xlabel('fact probe: filler sentences k')
-  axes[2].set_ylabel('fact probe accuracy')
-  axes[2].set_ylim(0, 1)
-  axes[2].legend(fontsize=6)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-
-
-def report_probe(r, k):
-  return r['probe'][k] if k in r['probe'] else r['probe'][str(k)]
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import platform
+import shlex
 import time
 
 import jax
@@ -41,6 +42,19 @@ def apply_overrides(cfg, overrides=None):
         value = value == 'True' if isinstance(node[leaf], bool) else type(node[leaf])(value)
     node[leaf] = value
   return cfg
+
+
+def train_command(command):
+  """Runs a `python train.py --config=FILE[:PRESET] --workdir=W --config.k=v ...` command
+  in this process (training.loop.train: a finished run returns at once); its seconds."""
+  from training.loop import train
+  args = dict(a[2:].split('=', 1) for a in shlex.split(command)[2:])
+  overrides = {k[len('config.'):]: v for k, v in args.items() if k.startswith('config.')}
+  cfg = resolve(load_config(args['config'], overrides))
+  validate(cfg, jax.device_count())
+  t0 = time.time()
+  train(cfg, args['workdir'])
+  return time.time() - t0
 
 
 def at_length(cfg, length, tokens):

@@ -1,7 +1,10 @@
 """The default run, measured: train the tiny preset on the embedded corpus, evaluate it,
 and compile the paper-size preset on CPU. Writes bench/results/foundation.{md,json}.
 
-  python bench/foundation.py
+  python -m bench.foundation
+
+The README's commands run as a user runs them (a process each, timed whole); their results
+are read from the files they write (metrics.jsonl, eval/eval_stepN.json, compile.json).
 """
 import json
 import os
@@ -24,25 +27,27 @@ COMPILE = ('XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py '
 
 
 def run(cmd):
+  """Seconds `cmd` took (SystemExit with its error output if it failed)."""
   t0 = time.time()
   proc = subprocess.run(cmd, shell=True, cwd=ROOT, capture_output=True, text=True)
   if proc.returncode:
     raise SystemExit(f'{cmd} failed:\n{proc.stderr[-3000:]}')
-  return time.time() - t0, proc.stdout + proc.stderr
+  return time.time() - t0
 
 
 def main():
   import jax
   from training.metrics import read_metrics
   work = tempfile.mkdtemp(prefix='mnemax-foundation-')
-  train_s, _ = run(TRAIN.format(w=work + '/tiny'))
+  train_s = run(TRAIN.format(w=work + '/tiny'))
   rows = read_metrics(work + '/tiny')
   last = rows[max(rows)]
-  eval_s, _ = run(EVAL.format(w=work + '/tiny'))
+  eval_s = run(EVAL.format(w=work + '/tiny'))
   with open(f'{work}/tiny/eval/eval_step{max(rows)}.json') as f:
     ev = json.load(f)
-  compile_s, log = run(COMPILE.format(w=work + '/c'))
-  report = json.loads(log.split('compiled train step: ')[1].splitlines()[0])
+  compile_s = run(COMPILE.format(w=work + '/c'))
+  with open(f'{work}/c/compile.json') as f:
+    report = json.load(f)
   result = dict(machine=f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores',
                 jax=jax.__version__, seed=0, train_seconds=train_s, eval_seconds=eval_s,
                 unigram_loss=rows[0]['unigram_loss'], eval_loss=last['eval_loss'],

@@ -245,3 +245,20 @@ def test_a_failed_command_leaves_the_run_as_it_was(tmp_path):
   assert proc.stderr.strip().splitlines()[-1].startswith('error: config.model.d_model')
   assert (tmp_path / 'config.json').read_bytes() == saved
   assert Checkpointer.open(tmp_path).latest_step() == 3
+
+
+def test_compile_only_reports_the_step_without_allocating_it(tmp_path):
+  """--compile_only: the step compiled from abstract shapes; its report (parameters, FLOPs,
+  per-device bytes) is returned and written to WORKDIR/compile.json."""
+  import json
+  from training.loop import compile_only
+  cfg = tiny_config()
+  report = compile_only(cfg, str(tmp_path))
+  assert json.loads((tmp_path / 'compile.json').read_text()) == json.loads(json.dumps(report))
+  d, v, L, f = cfg.model.d_model, cfg.model.vocab_size, cfg.model.n_layers, cfg.model.mlp_dim
+  kv = cfg.model.n_kv_heads * cfg.model.head_dim
+  per_layer = d * d * 2 + 2 * d * kv + 3 * d * f + 2 * d          # q, o, k, v, SwiGLU, 2 norms
+  vocab = -(-v // 128) * 128                                       # padded to a multiple of 128
+  assert report['params'] == vocab * d + L * per_layer + d         # tied embedding, final norm
+  assert report['model_flops_per_step'] > 6 * report['params'] * cfg.train.batch_size
+  assert report['per_device_bytes']['arguments'] > 4 * report['params']

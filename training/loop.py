@@ -172,9 +172,11 @@ def _finish(pending, ckpt, last_saved):
   return {k: float(np.asarray(v)) for k, v in m.items() if k not in ('finite', 'state_finite')}
 
 
-def compile_only(cfg):
+def compile_only(cfg, workdir=None):
   """Lowers and compiles the train step on the current devices without allocating the
-  model (abstract shapes only): checks a paper-size config's sharding and memory on CPU."""
+  model (abstract shapes only): checks a paper-size config's sharding and memory on CPU.
+  Returns the report (mesh, parameters, FLOPs, per-device bytes), also written to
+  WORKDIR/compile.json."""
   mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
   tx, schedule = make_optimizer(cfg.train)
   graphdef, abs_state, shardings = meshlib.abstract_state(train_state_ctor(cfg, tx), mesh, rules)
@@ -192,4 +194,8 @@ def compile_only(cfg):
       per_device_bytes=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                             temp=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes))
   logging.info('compiled train step: %s', json.dumps(report))
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'compile.json'), 'w') as f:
+      json.dump(report, f, indent=1)
   return report
