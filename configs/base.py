@@ -125,6 +125,19 @@ def get_base_config():
   e.split = 'eval'              # split of data.source evaluate.py scores: eval | train | all
                                 # (every file: a corpus or a single file held out whole)
 
+  c.ruler = r = ml_collections.ConfigDict()    # RULER's suite in evaluate.py (data/ruler.py)
+  r.tasks = ()                  # e.g. ('niah_single_1', 'niah_multikey_1', 'vt', 'cwe', 'fwe'):
+                                # RULER's names (data/ruler.py TASKS); (): the suite is skipped
+  r.lengths = (1024,)           # prompt + generation, in the run's tokenizer's tokens
+  r.depths = ()                 # needle depths 0..1 (a cell each); (): RULER's, drawn per needle
+  r.examples = 4                # held-out examples per (task, length, depth) cell
+  r.max_new_tokens = 0          # 0: RULER's per task (niah 128, vt 30, cwe 120, fwe 50)
+  r.num_needle_k = 0            # the tasks' parameters; 0: each task's own (RULER's
+  r.num_needle_v = 0            # synthetic.yaml): needles' keys, values per key, keys asked,
+  r.num_needle_q = 0
+  r.num_hops = 0                # variable tracking: hops per chain, chains
+  r.num_chains = 0
+
   # Each method's own keys (model.titans, model.infini, model.anchor, namm, decode.budget,
   # ...): registered with the method in its models/ module (models/registry.py).
   for key, default in registry.config_keys().items():

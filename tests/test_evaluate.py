@@ -184,3 +184,28 @@ def test_cli_end_to_end(workdir, tmp_path):
   assert r['loss']['tokens'] == _windows([book]) * SEQ_LEN
   assert (tmp_path / 'tasks_step3.png').exists()
 
+
+
+def test_ruler_suite_through_the_decode_path(workdir, tmp_path):
+  """ruler.tasks: each (task, length, depth) cell generates greedily after a prefill under the
+  decode policy and scores RULER's metric; a length too short for a task is skipped, saying
+  why; a table, the JSON and a heatmap."""
+  r = evaluation.run(workdir, output=str(tmp_path), overrides={
+      'ruler.tasks': ('niah_single_1', 'vt', 'cwe'), 'ruler.lengths': (768,),
+      'ruler.depths': (0.25, 0.75), 'ruler.examples': 2, 'ruler.max_new_tokens': 12,
+      'decode.policy': 'recency', 'decode.window': 512, 'decode.capacity': 600})
+  cells = {(c['task'], c['depth']): c for c in r['ruler']}
+  assert set(cells) == {(t, d) for t in ('niah_single_1', 'vt', 'cwe') for d in (0.25, 0.75)}
+  for task in ('niah_single_1', 'vt'):
+    for depth in (0.25, 0.75):
+      c = cells[(task, depth)]
+      assert 0 <= c['score'] <= 100 and c['examples'] == 2
+      assert c['prompt_tokens'] + 12 <= 768 and c['first']['references']
+  assert cells[('cwe', 0.25)]['score'] is None
+  assert 'too short' in cells[('cwe', 0.25)]['skipped']
+  assert set(r['ruler_summary']) == {'niah_single_1', 'vt', 'average'}
+  text = evaluation.format_report(r)
+  assert 'RULER task' in text and 'skipped cwe at length 768' in text
+  assert os.path.getsize(r['ruler_png']) > 1000
+  with open(r['json']) as f:
+    assert json.load(f)['ruler_summary']['average']['768'] == r['ruler_summary']['average'][768]

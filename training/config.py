@@ -128,6 +128,22 @@ def _validate_hf(cfg):
            f'{n} token ids do not fit model.vocab_size={cfg.model.vocab_size}')
 
 
+def _validate_ruler(r):
+  """ruler.*: known task names, lengths, depths in [0, 1], counts."""
+  from data import ruler
+  for task in r.tasks:
+    _check(task in ruler.TASKS, 'ruler.tasks', f'unknown task {task!r}; one of '
+           f'{sorted(ruler.TASKS)}')
+  _check(all(int(n) >= 64 for n in r.lengths), 'ruler.lengths',
+         f'lengths must be >= 64 tokens, got {tuple(r.lengths)}')
+  _check(all(0 <= d <= 1 for d in r.depths), 'ruler.depths',
+         f'depths are fractions in [0, 1], got {tuple(r.depths)}')
+  _check(r.examples >= 1, 'ruler.examples', f'must be >= 1, got {r.examples}')
+  for key in ('max_new_tokens', 'num_needle_k', 'num_needle_v', 'num_needle_q', 'num_hops',
+              'num_chains'):
+    _check(r[key] >= 0, f'ruler.{key}', f'must be >= 0 (0: the task\'s own), got {r[key]}')
+
+
 def _validate_param_groups(cfg):
   """train.param_groups: (regex, lr multiplier, weight decay bool) entries."""
   import re
@@ -204,6 +220,7 @@ def validate(cfg, n_devices, *, check_mesh=True):
       raise ConfigError(f'config.train.xla_options: {e}') from None
   _validate_param_groups(cfg)
   _validate_hf(cfg)
+  _validate_ruler(cfg.ruler)
   for method_validate in dict.fromkeys(m.validate for m in methods if m.validate):   # once each
     method_validate(cfg)
   _validate_evolve(cfg)

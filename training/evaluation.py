@@ -1,5 +1,6 @@
 """Evaluation of a trained checkpoint: held-out loss, loss by position, synthetic-task accuracy,
-decode KV-cache size. evaluate.py is the CLI; `run` does everything and returns the report.
+decode KV-cache size, and RULER's suite (ruler.tasks; training/ruler_eval.py). evaluate.py is
+the CLI; `run` does everything and returns the report.
 
 The checkpoint and its config (saved config < --config=file.py:preset < --config.x=y
 overrides) are loaded by training/run.py load_run.
@@ -27,7 +28,7 @@ from data import pipeline, synthetic
 from data.hf_tokenizer import get_tokenizer
 from data.tokenizer import ByteTokenizer
 from models import decode, registry
-from training import mesh as meshlib
+from training import mesh as meshlib, ruler_eval
 from training.policy import make_policy
 from training.run import load_run
 from training.step import token_nll
@@ -249,6 +250,10 @@ def format_report(r):
                f"tokens/layer of {c['capacity']} slots ({c['kv_layers']} layers), "
                f"{c['bytes_per_sequence'] / 2**20:.3f} MiB/sequence "
                f"(capacity {c['capacity_bytes_per_sequence'] / 2**20:.3f} MiB)")
+  if 'ruler' in r:
+    lines.append(ruler_eval.format_summary(r['ruler']))
+    lines += [f"  skipped {c['task']} at length {c['length']}: {c['skipped']}"
+              for c in r['ruler'] if 'skipped' in c]
   if 'sample' in r:
     lines.append(f"sample: {r['sample']['prompt']!r} -> {r['sample']['continuation']!r}")
   return '\n'.join(lines)
@@ -276,6 +281,9 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
                 decode_policy=cfg.decode.policy, answer_loss=cfg.data.loss == 'answer',
                 task_path='teacher forcing' if ev.policy is None else 'decode',
                 loss=ev.loss(), tasks=ev.tasks(), kv_cache=ev.cache())
+  if cfg.ruler.tasks:
+    report['ruler'] = ruler_eval.run_suite(ev)
+    report['ruler_summary'] = ruler_eval.summary(report['ruler'])
   if sample is not None:
     report['sample'] = dict(prompt=sample, continuation=ev.sample(sample))
   report['seconds'] = time.time() - t0
@@ -284,6 +292,8 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
   output = output or os.path.join(os.path.abspath(workdir), 'eval')
   report['json'] = os.path.join(output, f'eval_step{step}.json')
   report['png'] = os.path.join(output, f'tasks_step{step}.png')
+  if 'ruler' in report:
+    report['ruler_png'] = os.path.join(output, f'ruler_step{step}.png')
   if jax.process_index() == 0:
     os.makedirs(output, exist_ok=True)
     with open(report['json'], 'w') as f:
@@ -291,4 +301,7 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
     plot_tasks(report['tasks'], report['png'],
                f"exact-match accuracy, step {step} ({report['task_path']}, policy "
                f"{cfg.decode.policy})")
+    if 'ruler' in report:
+      ruler_eval.plot(report['ruler'], report['ruler_png'],
+                      f'RULER score, step {step} (policy {cfg.decode.policy})')
   return report
