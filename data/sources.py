@@ -2,6 +2,8 @@
 
 Source strings (the `data.source` config flag):
   'stdlib'                the embedded default corpus: the .py files of the Python standard library
+  'pydoc'                 English prose every Python has: the pydoc topics (pydoc_data), one
+                          document per topic (about 465K characters)
   'glob:PATTERN'          text files matching PATTERN ('**' allowed)
   'tfds:NAME[:FEATURE]'   a prepared tfds dataset (ArrayRecord), read with download=False
   'ac:SOURCE'             SOURCE with an <AC> anchor after every sentence end (data/ac.py)
@@ -114,6 +116,19 @@ def stdlib_documents(split: str) -> FileDocuments:
   return FileDocuments(split_files(root, paths, split))
 
 
+class TextDocuments(list):
+  """Documents held as strings."""
+
+
+def pydoc_documents(split: str) -> TextDocuments:
+  """The pydoc topics of the running interpreter, one document per topic, split by a hash of
+  the topic's name as files are."""
+  import pydoc_data.topics
+  topics = pydoc_data.topics.topics
+  names = split_files(".", list(topics), split)
+  return TextDocuments(topics[n] for n in names)
+
+
 def glob_documents(pattern: str, split: str) -> FileDocuments:
   """Text files matching `pattern` (recursive '**' allowed), split by hashed relative path;
   checked to be text (check_text: one more read of the files, the OS caches them)."""
@@ -175,6 +190,8 @@ def get_documents(source: str, split: str, tfds_data_dir: str | None = None):
     return ACDocuments(get_documents(source[len("ac:"):], split, tfds_data_dir))
   if source == "stdlib":
     return stdlib_documents(split)
+  if source == "pydoc":
+    return pydoc_documents(split)
   if source.startswith("glob:"):
     return glob_documents(source[len("glob:"):], split)
   if source.startswith("tfds:"):
@@ -185,5 +202,5 @@ def get_documents(source: str, split: str, tfds_data_dir: str | None = None):
   if source.startswith("synthetic:"):
     raise SourceError(f"data.source: {source!r} yields token arrays, not text: use "
                      "data.synthetic.synthetic_documents or data.pipeline")
-  raise SourceError(f"data.source: unknown source {source!r}; expected 'stdlib', 'glob:PATTERN', "
+  raise SourceError(f"data.source: unknown source {source!r}; expected 'stdlib', 'pydoc', 'glob:PATTERN', "
                    "'tfds:NAME[:FEATURE]' or 'synthetic:TASK'")

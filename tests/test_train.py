@@ -262,3 +262,15 @@ def test_compile_only_reports_the_step_without_allocating_it(tmp_path):
   assert report['params'] == vocab * d + L * per_layer + d         # tied embedding, final norm
   assert report['model_flops_per_step'] > 6 * report['params'] * cfg.train.batch_size
   assert report['per_device_bytes']['arguments'] > 4 * report['params']
+
+
+def test_compile_only_counts_an_untied_embedding_once():
+  """An untied input table is a lookup (free) and the head a matmul: the abstract model's
+  FLOPs count the head only (the abstract table once crashed --compile_only)."""
+  from flax import nnx
+  from training import flops
+  from training.state import model_ctor
+  tied, untied = (tiny_config(**{'model.tie_embeddings': t}) for t in (True, False))
+  f_tied, f_untied = (flops.train_flops_per_token(nnx.eval_shape(model_ctor(c)), 64)
+                      for c in (tied, untied))
+  assert f_untied == f_tied          # one table for the head either way; the lookup is free

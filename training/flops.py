@@ -1,4 +1,5 @@
 """Model FLOPs per token and the measured matmul peak (for MFU)."""
+import math
 import time
 
 import jax
@@ -17,7 +18,7 @@ def train_flops_per_token(model, seq_len):
   """
   n = param_count(nnx.state(model, nnx.Param))
   if not model.cfg.tie_embeddings:
-    n -= model.embed[...].size
+    n -= math.prod(model.embed.shape)          # (an abstract model's table too)
   mixer = sum(blk.mixer.flops_per_token(seq_len) for blk in model.blocks)
   return 6 * n + 3 * mixer
 

@@ -1,0 +1,36 @@
+"""The subword stand-in for a pretrained Llama: a Llama-style LM with a byte-level BPE
+tokenizer, both trained here offline, exported to a Hugging Face directory. The benchmarks
+use it wherever a paper starts from Llama (continued pretraining with a memory method, NAMM
+on its cache, RULER).
+
+  python -m data.build_tokenizer --out=runs/standin/tokenizer          # ~10 s
+  python train.py --config=configs/standin.py:base --workdir=runs/standin/lm
+  python export_hf.py --workdir=runs/standin/lm --out=runs/standin/hf
+  # then, as with any Llama directory:
+  python train.py --config=configs/infini.py:tiny --workdir=runs/inf \\
+      --config.train.init_from=hf:runs/standin/hf
+
+Presets: base (12.6M parameters: width 384, 4 layers, 6 heads / 2 KV heads, 8192 ids, untied
+embeddings; 700 steps of 8 x 512 tokens of the stdlib corpus, sized for about an hour on 2 CPU
+cores), tiny (seconds; the tests build it).
+data.tokenizer is the directory the first command writes (relative to the working
+directory).
+"""
+from configs.base import apply_preset, get_base_config
+
+PRESETS = {
+    'base': dict(model=dict(d_model=384, n_layers=4, n_heads=6, n_kv_heads=2, mlp_dim=1024,
+                            vocab_size=8192, tie_embeddings=False, scale_embeddings=False),
+                 data=dict(tokenizer='hf:runs/standin/tokenizer', seq_len=512),
+                 train=dict(batch_size=8, steps=700, lr=2e-3, warmup_steps=50,
+                            log_every=10, eval_every=100, ckpt_every=50)),
+    'tiny': dict(model=dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
+                            tie_embeddings=False, scale_embeddings=False),
+                 data=dict(tokenizer='hf:runs/standin/tokenizer', seq_len=128),
+                 train=dict(batch_size=8, steps=10, lr=3e-3, warmup_steps=2, log_every=5,
+                            eval_every=10, ckpt_every=10)),
+}
+
+
+def get_config(arg=None):
+  return apply_preset(get_base_config(), PRESETS, arg)
