@@ -111,3 +111,10 @@ def tokenizer_spec(tokenizer: str, init_from: str) -> str:
   if tokenizer != 'auto':
     return tokenizer
   return init_from if init_from.startswith('hf:') else 'byte'
+
+
+def sentence_end_ids(tokenizer) -> tuple:
+  """The ids whose text ends a sentence: '.' or a newline last (trailing spaces aside); the
+  byte tokenizer's are 10 and 46. AnSAN's EP anchors (models/anchor.py)."""
+  return tuple(i for i in range(tokenizer.vocab_size)
+               if tokenizer.decode([i]).rstrip(' ').endswith(('.', '\n')))

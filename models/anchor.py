@@ -200,10 +200,13 @@ def validate(cfg):
   if a.mode == 'ep':
     check(len(a.ep_ids) >= 1, 'model.anchor.ep_ids', 'EP mode needs at least one anchor id')
   ids = {'ep_ids': tuple(a.ep_ids), 'ac_id': (a.ac_id,), 'bos_id': (a.bos_id,),
-         'pad_id': (a.pad_id,)}
+         'pad_id': (a.pad_id,) if a.pad_id != -1 else ()}       # -1: no padding id
   for key, values in ids.items():
     for i in values:
       check(0 <= i < v, f'model.anchor.{key}', f'id {i} outside the vocabulary [0, {v})')
+  check(a.mode == 'ep' or cfg.data.tokenizer in ('byte', 'auto'), 'model.anchor.mode',
+        f"'ac' needs an <AC> token, which only the byte tokenizer has so far (data.tokenizer="
+        f"{cfg.data.tokenizer}): use mode=ep, whose anchors are the tokenizer's sentence ends")
   check(a.ac_init_from < v, 'model.anchor.ac_init_from', f'id {a.ac_init_from} >= vocab {v}')
   src = cfg.data.source
   if a.mode == 'ac':
@@ -214,11 +217,14 @@ def validate(cfg):
 
 CONFIG = {'model.anchor': dict(
     mode='ep',            # ep: existing end-of-sentence ids are anchors | ac: <AC> only
-    ep_ids=(46, 10),      # EP anchors: bytes of '.' and '\n' (Llama '.': 29889)
+    ep_ids=(),            # EP anchors; (): the tokenizer's ids whose text ends in '.' or a
+                          # newline (training/config.py resolve; bytes: 10, 46)
     ac_id=259,            # the <AC> id (byte tokenizer); AC data: data.source='ac:...'
     ac_init_from=46,      # init_from into AC mode: <AC> embedding := this id's; -1: off
-    bos_id=257,           # a BOS starts a new document (packing): no attention across
-    pad_id=256,           # padding: masked as query and as key
+    bos_id=-1,            # a BOS starts a new document (packing): no attention across;
+                          # -1: the tokenizer's (bytes: 257)
+    pad_id=-1,            # padding: masked as query and as key; -1: the tokenizer's (bytes:
+                          # 256; none if it has none)
 )}
 registry.register_mixer('anchor', AnchorAttention, state=KVCache, config=CONFIG, validate=validate)
 registry.register_policy('anchor', lambda cfg: AnchorPolicy())

@@ -211,6 +211,31 @@ def test_config_errors_name_the_key(key, value, named):
   validate(resolve(ac_config('tiny')), 1)
 
 
+def test_anchor_ids_come_from_the_tokenizer(tmp_path):
+  """EP anchors, BOS and PAD left to the tokenizer: the byte tokenizer's '.' and newline, 257
+  and 256; a BPE tokenizer's ids whose text ends in '.' or a newline, its BOS, no PAD. AC
+  mode needs an <AC> token: with an hf: tokenizer, an error naming the key."""
+  from configs.anchor_ep import get_config
+  from data import build_tokenizer
+  from data.hf_tokenizer import get_tokenizer
+  from training.config import ConfigError, resolve, validate
+  a = resolve(get_config('tiny')).model.anchor
+  assert (tuple(a.ep_ids), a.bos_id, a.pad_id) == ((10, 46), TOK.BOS, TOK.PAD)
+  tok_dir = build_tokenizer.build(str(tmp_path), vocab_size=400, sources_=('pydoc',))
+  cfg = get_config('tiny')
+  cfg.data.tokenizer, cfg.model.vocab_size = f'hf:{tok_dir}', 512
+  cfg = resolve(cfg)
+  validate(cfg, 1)
+  tok, a = get_tokenizer(f'hf:{tok_dir}'), cfg.model.anchor
+  texts = [tok.decode([i]) for i in a.ep_ids]
+  assert '.' in texts and '\n' in texts and len(texts) < 100
+  assert all(t.rstrip(' ')[-1] in '.\n' for t in texts)
+  assert (a.bos_id, a.pad_id) == (tok.BOS, -1) == (1, -1)
+  cfg.model.anchor.mode = 'ac'
+  with pytest.raises(ConfigError, match=r"config.model.anchor.mode: 'ac' needs an <AC> token"):
+    validate(cfg, 1)
+
+
 def test_continued_pretraining_from_a_full_attention_run(tmp_path):
   """train.init_from: a trained full-attention run continues under the anchor mask through
   training.loop.train; every parameter is copied and training starts from the trained loss."""

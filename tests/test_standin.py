@@ -45,3 +45,18 @@ def test_tiny_standin_builds_exports_and_loads_in_transformers(tmp_path):
   ex = ruler.example('niah_single_2', 1024, ours, seed=0)
   assert 0.9 * 1024 <= len(ex.prompt_ids) + ex.max_new_tokens <= 1024
   assert len(ex.text.encode()) > 1.5 * len(ex.prompt_ids)      # subword, not bytes
+
+
+def test_byte_level_synthetic_tasks_refuse_a_subword_tokenizer(tmp_path):
+  """data/synthetic.py writes byte ids: training on it with an hf: tokenizer is an error
+  naming data.source (evaluate.py skips those tasks, pointing to ruler.tasks)."""
+  from conftest import tiny_config
+  from training.config import ConfigError, validate
+  tok_dir = build_tokenizer.build(str(tmp_path), vocab_size=300, sources_=('pydoc',))
+  cfg = tiny_config(**{'data.tokenizer': f'hf:{tok_dir}', 'model.vocab_size': 384,
+                       'data.source': 'mix:stdlib+synthetic:passkey'})
+  with pytest.raises(ConfigError, match=r"config.data.source: 'mix:stdlib\+synthetic:passkey': "
+                     r'the synthetic tasks are written in byte ids'):
+    validate(cfg, 1)
+  cfg.data.source = 'stdlib'
+  validate(cfg, 1)

@@ -76,11 +76,30 @@ def resolve(cfg):
     if 'data' in cfg and 'tokenizer' in cfg.data:
       from data.hf_tokenizer import tokenizer_spec
       cfg.data.tokenizer = tokenizer_spec(cfg.data.tokenizer, init_from)
+    if 'anchor' in m and ('anchor' in m.mixer.split(',') or
+                          cfg.get('decode', {}).get('policy') == 'anchor'):
+      _fill_anchor_ids(m.anchor, cfg.data.tokenizer if 'data' in cfg else 'byte')
     if not m.head_dim and m.n_heads and m.d_model % m.n_heads == 0:
       m.head_dim = m.d_model // m.n_heads
     if not m.mlp_dim:
       m.mlp_dim = -(-(8 * m.d_model // 3) // 64) * 64
   return cfg
+
+
+def _fill_anchor_ids(a, tokenizer):
+  """model.anchor's ids left to the tokenizer: EP anchors (ep_ids ()), BOS and PAD (-1)."""
+  if len(a.ep_ids) and a.bos_id != -1:
+    return
+  from data.hf_tokenizer import get_tokenizer, sentence_end_ids
+  tok = get_tokenizer('byte' if tokenizer == 'auto' else tokenizer)
+  if not len(a.ep_ids):
+    a.ep_ids = sentence_end_ids(tok)
+    _check(len(a.ep_ids), 'model.anchor.ep_ids', f'no id of {tokenizer} ends a sentence; '
+           'list the anchor ids')
+  if a.bos_id == -1:
+    _check(tok.BOS >= 0, 'model.anchor.bos_id', f'{tokenizer} has no BOS id to separate '
+           'documents; set it')
+    a.bos_id, a.pad_id = int(tok.BOS), int(tok.PAD) if a.pad_id == -1 else a.pad_id
 
 
 def _fill_from_hf(cfg, hf_dir):
@@ -126,6 +145,10 @@ def _validate_hf(cfg):
     n = get_tokenizer(tok).vocab_size
     _check(n <= cfg.model.vocab_size, 'data.tokenizer',
            f'{n} token ids do not fit model.vocab_size={cfg.model.vocab_size}')
+    src = cfg.data.source
+    _check('synthetic:' not in src, 'data.source',
+           f'{src!r}: the synthetic tasks are written in byte ids, not in {tok}\'s; train on '
+           'text (evaluate long context with ruler.tasks, which speak any tokenizer)')
 
 
 def _validate_ruler(r):

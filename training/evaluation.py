@@ -142,6 +142,10 @@ class Evaluator:
     cfg, cells = self.cfg, []
     for task, length, depth in _cells(cfg):
       cell = dict(task=task, length=length, depth=depth)
+      if not isinstance(self.tokenizer, ByteTokenizer):
+        cells.append(dict(cell, accuracy=None, skipped='a byte-level task (data/synthetic.py); '
+                          f'with {cfg.data.tokenizer} use ruler.tasks'))
+        continue
       try:
         batch = synthetic.make_task_batch(task, cfg.eval.examples, length, depth, seed=cfg.seed,
                                           split='eval')
