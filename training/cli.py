@@ -90,7 +90,10 @@ def usage():
 
 def _parse(argv):
   if any(a in _HELP for a in argv[1:]):
-    print(usage())
+    try:
+      print(usage(), flush=True)
+    except BrokenPipeError:            # `--help | head`: the reader left; so do we, quietly
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
     rest = flags.FLAGS(argv)
