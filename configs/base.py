@@ -46,7 +46,8 @@ def get_base_config():
   m.attention_block = 256       # chunked / splash: query / key block size in tokens (256: the
                                 # fastest of 128..1024 in a CPU sweep at 2K and 8K context)
   c.data = d = ml_collections.ConfigDict()
-  d.source = 'stdlib'           # stdlib | glob:PATTERN | tfds:NAME[:FEATURE] | synthetic:TASK
+  d.source = 'stdlib'           # stdlib | pydoc | glob:PATTERN | tfds:NAME[:FEATURE] |
+                                # synthetic:TASK | mix:A+B+... (data/sources.py)
   d.tfds_data_dir = ''
   d.tokenizer = 'auto'          # byte | hf:DIR (tokenizer.json / tokenizer.model) | auto: the
                                 # train.init_from=hf:DIR model's own, else byte
