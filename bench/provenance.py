@@ -61,15 +61,21 @@ def record(measures, seed, command=None, root=ROOT):
   measures = sorted(set(measures))
   dirty = _git('status', '--porcelain', '--', *measures, root=root)
   return dict(
-      command=command or ' '.join(['python'] + [os.path.relpath(sys.argv[0], root)
-                                                if sys.argv[0].endswith('.py') else sys.argv[0]]
-                                  + sys.argv[1:]),
+      command=command or this_command(root),
       commit=_git('rev-parse', 'HEAD', root=root), dirty=bool(dirty),
       date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
       machine=dict(cpu=cpu_model(), cores_used=len(os.sched_getaffinity(0)),
                    cores=os.cpu_count(), device=f'{jax.devices()[0].device_kind} '
                                                 f'x{jax.device_count()}'),
       versions=versions(), seed=seed, measures=measures)
+
+
+def this_command(root=ROOT):
+  """This process's command line: `python -m bench.x ...` or `python path/x.py ...`."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  script = (f'-m {spec.name}' if spec and spec.name else
+            os.path.relpath(sys.argv[0], root) if sys.argv[0].endswith('.py') else sys.argv[0])
+  return ' '.join(['python', script] + sys.argv[1:])
 
 
 def staleness(rec, root=ROOT):

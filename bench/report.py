@@ -29,6 +29,7 @@ PAGES = {
     'infini': ('Infini-attention', ['infini']),
     'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
     'namm': ('NAMM: evolved KV-cache eviction', ['namm']),
+    'ruler': ('RULER on the subword stand-in', ['ruler']),
 }
 _MACHINE_PATH = re.compile(r'(?<![\w.$/])/(?:tmp|home|root|work|scratch)(?=/)')
 
