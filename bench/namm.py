@@ -56,7 +56,8 @@ def compare(base, policy, ev, seed, n):
   (`policy`: an evolve.py run's NAMM)."""
   chunk = policy.update_interval
   tasks = evo.all_tasks(ev)
-  sets = {t: evo.task_examples(t, n, ev.length, seed, 'eval', evo.corpus_source(base.cfg))
+  sets = {t: evo.task_examples(t, n, ev.length, seed, 'eval', evo.corpus_source(base.cfg),
+                               base.cfg.data.tokenizer)
           for t in tasks}
   tokens = {t: v['tokens'] for t, v in sets.items()}
   contexts = {t: v['context'] for t, v in sets.items()}

@@ -10,15 +10,17 @@ from data import build_tokenizer, ruler
 from data.hf_tokenizer import get_tokenizer
 
 
-@pytest.mark.hf
-def test_tiny_standin_builds_exports_and_loads_in_transformers(tmp_path):
-  import torch
-  from transformers import AutoModelForCausalLM, AutoTokenizer
+pytestmark = pytest.mark.xdist_group('standin')    # one worker builds the fixture
+
+
+@pytest.fixture(scope='module')
+def standin(tmp_path_factory):
+  """The tiny stand-in, built as configs/standin.py documents: tokenizer, train.py, export."""
   from configs.standin import get_config
   from training.config import resolve, validate
   from training.hf_export import export_checkpoint
   from training.loop import train
-  from training.run import load_run
+  tmp_path = tmp_path_factory.mktemp('standin')
   tok_dir = build_tokenizer.build(str(tmp_path / 'tok'), vocab_size=512, sources_=('pydoc',))
   cfg = get_config('tiny')
   cfg.data.tokenizer = f'hf:{tok_dir}'
@@ -28,6 +30,15 @@ def test_tiny_standin_builds_exports_and_loads_in_transformers(tmp_path):
   metrics = train(cfg, str(tmp_path / 'lm'))
   assert np.isfinite(metrics['loss'])
   export_checkpoint(str(tmp_path / 'lm'), str(tmp_path / 'hf'))
+  return tmp_path
+
+
+@pytest.mark.hf
+def test_tiny_standin_builds_exports_and_loads_in_transformers(standin):
+  import torch
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  from training.run import load_run
+  tmp_path = standin
   assert os.path.isfile(tmp_path / 'hf' / 'tokenizer.json')
   hf_tok = AutoTokenizer.from_pretrained(tmp_path / 'hf')
   ours = get_tokenizer(f'hf:{tmp_path / "hf"}')
@@ -60,3 +71,33 @@ def test_byte_level_synthetic_tasks_refuse_a_subword_tokenizer(tmp_path):
     validate(cfg, 1)
   cfg.data.source = 'stdlib'
   validate(cfg, 1)
+
+
+def test_evolve_with_a_ruler_fitness_task_on_the_hf_base(standin):
+  """evolve.py on the exported stand-in (hf:DIR) with RULER tasks as fitness: one
+  generation; the task sets are teacher-forced RULER examples in the base's tokenizer."""
+  from configs.namm import get_config
+  from training.config import resolve, validate
+  from training.evolve import evolve, ruler_examples
+  tok = get_tokenizer(f'hf:{standin / "hf"}')
+  sets = ruler_examples('niah_single_1', 3, 512, 0, 'train', f'hf:{standin / "hf"}')
+  tokens, C = sets['tokens'], sets['context']
+  ex = ruler.example('niah_single_1', 512, tok, 0, max_new_tokens=32)   # row 0: seed 0
+  pad = C + 1 - len(ex.prompt_ids)
+  assert tokens[0, :C + 1].tolist() == ([tok.BOS] + [int(tok.encode('\n')[0])] * pad +
+                                        ex.prompt_ids[1:].tolist())
+  answer, k = tok.encode(' ' + ex.references[0]), tokens.shape[1] - C - 1
+  assert tokens[0, C + 1:].tolist() == answer[:k].tolist() and 1 <= k <= len(answer)
+  held = ruler_examples('niah_single_1', 1, 512, 0, 'eval', f'hf:{standin / "hf"}')
+  assert held['tokens'][0, -k:].tolist() != tokens[0, -k:].tolist()   # other seeds (>= 2M)
+  cfg = get_config('tiny')
+  cfg.namm.update_interval = 32
+  cfg.evolve.update(dict(base=f'hf:{standin / "hf"}', population=4, strategy='sep_cma_es',
+                         stages=('ruler:niah_single_1',), generations=(1,),
+                         length=384, prompts=2, pool=2, eval_prompts=2, eval_every=1,
+                         ckpt_every=1))
+  cfg = resolve(cfg)
+  validate(cfg, 1, check_mesh=False)
+  st, metrics = evolve(cfg, str(standin / 'evo'))
+  assert int(st['gen']) == 1 and set(st['ref']) == {'ruler:niah_single_1'}
+  assert np.isfinite(metrics['best_fitness']) and 0 <= metrics['mean_cache'] <= 1

@@ -298,11 +298,13 @@ def _validate_evolve(cfg):
   _check(ev.cache_weight >= 0, 'evolve.cache_weight', f'must be >= 0, got {ev.cache_weight}')
   _check(len(ev.stages) == len(ev.generations) and len(ev.stages) >= 1, 'evolve.generations',
          f'one generation count per stage: {len(ev.stages)} stages, {len(ev.generations)} counts')
+  from data import ruler
+  known = synthetic.TASKS + ('corpus',) + tuple(f'ruler:{t}' for t in ruler.TASKS)
   for stage in ev.stages:
     for task in stage.split(','):
-      _check(task.strip() in synthetic.TASKS + ('corpus',), 'evolve.stages',
+      _check(task.strip() in known, 'evolve.stages',
              f'unknown task {task.strip()!r} in stage {stage!r}; tasks: '
-             f"{'|'.join(synthetic.TASKS + ('corpus',))}")
+             f"{'|'.join(synthetic.TASKS + ('corpus',))} | ruler:TASK (data/ruler.py)")
   for key in ('length', 'prompts', 'pool', 'eval_prompts', 'eval_every', 'ckpt_every',
               'keep_ckpts', 'log_every'):
     _check(ev[key] >= 1, f'evolve.{key}', f'must be >= 1, got {ev[key]}')

@@ -45,6 +45,7 @@ from data import pipeline, synthetic
 from models import decode, namm as nammlib, registry
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
+from training.config import ConfigError
 from training.metrics import MetricWriter
 from training.preemption import Preemption
 from training.run import load_run
@@ -62,9 +63,11 @@ def load_base(source, step=None):
 
 # --- Tasks ---------------------------------------------------------------------------------
 
-def task_examples(task, n, length, seed, split, source='stdlib'):
+def task_examples(task, n, length, seed, split, source='stdlib', tokenizer='byte'):
   """{'tokens': int32 [n, L'], 'context': C}: prefill tokens[:, :C] under the policy, then
   tokens[:, C:-1] as one chunk (no eviction) predicts targets tokens[:, C+1:]."""
+  if task.startswith('ruler:'):
+    return ruler_examples(task[len('ruler:'):], n, length, seed, split, tokenizer)
   if task == 'corpus':
     split_name = 'train' if split == 'train' else 'eval'
     tokens = pipeline.make_eval_batches(source, length, n, 1, split=split_name)[0]
@@ -75,6 +78,33 @@ def task_examples(task, n, length, seed, split, source='stdlib'):
   return dict(tokens=b['tokens_BxL'], context=prompt_len - 1)
 
 
+ANSWER_TOKENS = 32          # room left for a RULER answer after its prompt
+
+
+def ruler_examples(task, n, length, seed, split, tokenizer):
+  """RULER examples (data/ruler.py) in the base's tokenizer, teacher forced: each prompt
+  (left-padded to one length) then its answer, ' ' + the references joined by ', ', cut to
+  the shortest answer of the set (one array, one context). Seeds: train below
+  ruler_eval.HELD_OUT, eval above evaluate.py's."""
+  from data import ruler
+  from data.hf_tokenizer import get_tokenizer
+  from training.ruler_eval import HELD_OUT, left_pad
+  tok = get_tokenizer(tokenizer)
+  newline = tok.encode('\n')
+  if len(newline) != 1:
+    raise ConfigError(f'evolve.stages: ruler:{task} needs a one-token newline to align its '
+                      f'prompts; {tokenizer} has none')
+  first = (2 * HELD_OUT if split == 'eval' else 0) + seed * 100_000
+  # teacher forced: no generation, the answer's tokens (up to ANSWER_TOKENS) follow the prompt
+  examples = [ruler.example(task, length, tok, first + i, max_new_tokens=ANSWER_TOKENS)
+              for i in range(n)]
+  answers = [tok.encode(' ' + ', '.join(e.references))[:ANSWER_TOKENS] for e in examples]
+  k = min(len(a) for a in answers)
+  prompts = left_pad(examples, int(newline[0]))
+  tokens = np.concatenate([prompts, np.stack([a[:k] for a in answers])], 1)
+  return dict(tokens=tokens.astype(np.int32), context=prompts.shape[1] - 1)
+
+
 def corpus_source(base_cfg):
   """The text the corpus task reads: the base LM's training text, or stdlib if that was
   synthetic or a mix (a mix's windows would include synthetic examples)."""
@@ -82,8 +112,9 @@ def corpus_source(base_cfg):
   return source if pipeline.is_text(source) else 'stdlib'
 
 
-def make_task_sets(cfg, tasks, split, n, source):
-  return {t: task_examples(t, n, cfg.evolve.length, cfg.seed, split, source) for t in tasks}
+def make_task_sets(cfg, tasks, split, n, source, tokenizer='byte'):
+  return {t: task_examples(t, n, cfg.evolve.length, cfg.seed, split, source, tokenizer)
+          for t in tasks}
 
 
 def stage_tasks(ev, stage):
@@ -224,8 +255,9 @@ class Evolution:
     self.model_state = jax.device_put(model_state, NamedSharding(self.mesh, P()))
     source = corpus_source(self.base_cfg)
     tasks = all_tasks(self.ev)
-    self.pool = make_task_sets(cfg, tasks, 'train', self.ev.pool, source)
-    self.held = make_task_sets(cfg, tasks, 'eval', self.ev.eval_prompts, source)
+    tok = self.base_cfg.data.tokenizer
+    self.pool = make_task_sets(cfg, tasks, 'train', self.ev.pool, source, tok)
+    self.held = make_task_sets(cfg, tasks, 'eval', self.ev.eval_prompts, source, tok)
     self.contexts = {t: self.pool[t]['context'] for t in tasks}
     self.es, self.es_params = make_strategy(self.ev, self.policy.n_params)
     self._programs = {}
