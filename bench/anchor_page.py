@@ -30,7 +30,7 @@ def write(report, name='anchor'):
            f"(<AC> targets excluded); Δ vs the full-attention continuation. KV kept: tokens per "
            f"layer after a {report['seq_len']}-token prefill with `decode.policy=anchor`"
            + (f" (and after {report['long']} tokens, past the training length: what is kept "
-              f"depends only on the tokens)" if long else '') + ". "
+              "depends only on the tokens)" if long else '') + ". "
            f"Probes (teacher-forced exact match, 200 held-out examples each): fact k = the digit "
            f"of a fact k+2 sentences back (two distractor facts; chance 10%); chain = the previous "
            f"sentence's object as the next one's subject (\"... the old map. the\" -> \"old "

@@ -183,6 +183,10 @@ def test_cli_end_to_end(workdir, tmp_path):
   assert r['data'] == dict(source=f'glob:{book}', split='all')
   assert r['loss']['tokens'] == _windows([book]) * SEQ_LEN
   assert (tmp_path / 'tasks_step3.png').exists()
+  out = _cli(f'--workdir={workdir}', f'--output={tmp_path}', f'--source=glob:{tmp_path}/no/*.txt')
+  assert out.returncode == 1 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: data.source: glob '{tmp_path}/no/*.txt' matched no files")
 
 
 

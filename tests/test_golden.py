@@ -101,11 +101,19 @@ def test_decode_outputs_unchanged(name):
 
 
 def test_tiny_default_losses_unchanged(tmp_path):
+  """The README's run (train.py, tiny preset): its losses as recorded, well below the
+  unigram baseline it logs first; its config.json and TensorBoard events written."""
+  from data import pipeline
+  from training.metrics import read_metrics
   want, got = _golden('train_tiny.json'), train_losses(str(tmp_path / 'run'))
   for key in want:
     assert sorted(got[key], key=int) == sorted(want[key], key=int), key
     diff = max(abs(got[key][s] - want[key][s]) for s in want[key])
     assert diff <= 1e-6, (key, diff)
+  unigram = pipeline.unigram_entropy('stdlib')
+  assert read_metrics(tmp_path / 'run')[0]['unigram_loss'] == pytest.approx(unigram)
+  assert got['eval_loss']['300'] < 0.6 * unigram, (got['eval_loss'], unigram)
+  assert (tmp_path / 'run' / 'tb').is_dir() and (tmp_path / 'run' / 'config.json').is_file()
 
 
 if __name__ == '__main__' and sys.argv[1:] == ['--record']:

@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from training import mesh as meshlib
-from training.checkpoint import Checkpointer, CheckpointError
+from training.checkpoint import Checkpointer
 from training.config import ConfigError, key_node, resolve, saved_config, validate
 from training.state import model_ctor
 
