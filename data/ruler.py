@@ -287,14 +287,18 @@ def _fits(task, p, seed, size, depth, length, tokenizer, new):
   return len(ids) + new <= length, (text, prefix, refs, ids)
 
 
+def _least(p):
+  """The smallest haystack size: cwe lists its common words and one more."""
+  return p['num_cw'] + 1 if p['kind'] == 'cwe' else 1
+
+
 @functools.lru_cache(maxsize=256)
 def _size(task, params_key, length, tokenizer, new):
   """The largest haystack size (sentences, words or list entries) whose example fits, found
   as RULER does: a binary search on one example (seed 0)."""
   p = dict(params_key)
-  cwe = p['kind'] == 'cwe'
-  cap = len(vocabulary()) if cwe else 10**9          # cwe: the distinct words it can list
-  lo = p['num_cw'] + 1 if cwe else 1                 # cwe: the common words and one more
+  cap = len(vocabulary()) if p['kind'] == 'cwe' else 10**9   # cwe: the distinct words it has
+  lo = _least(p)
   best = lo if _fits(task, p, 0, lo, 0.5, length, tokenizer, new)[0] else None
   hi = 2 * lo
   while best is not None and hi < cap and _fits(task, p, 0, hi, 0.5, length, tokenizer, new)[0]:
@@ -321,7 +325,7 @@ def example(task, length, tokenizer, seed, depth=None, max_new_tokens=None, **pa
   new = TEMPLATES['niah' if p['kind'] == 'niah' else p['kind']][2] if max_new_tokens is None \
       else max_new_tokens
   size = _size(task, tuple(sorted(p.items())), length, tokenizer, new)
-  least = p['num_cw'] + 1 if p['kind'] == 'cwe' else 1
+  least = _least(p)
   while True:                        # as RULER: a smaller haystack if this draw is longer
     ok, (text, prefix, refs, ids) = _fits(task, p, seed, size, depth, length, tokenizer, new)
     if ok or size == least:

@@ -129,31 +129,38 @@ class Checkpointer:
     args = {name: ocp.args.JsonRestore() if name == 'config' else
             grain.checkpoint.CheckpointRestore(t) if _is_iterator(t) else
             ocp.args.StandardRestore(t) for name, t in templates.items()}
-    out = self._restore(step, args)
+    out, sums = self._restore_with_sums(step, args)
     self._verify(step, {name: out[name] for name, t in templates.items()
-                        if name != 'config' and not _is_iterator(t)})
+                        if name != 'config' and not _is_iterator(t)}, sums)
     return step, out
 
   def restore_part(self, step, name, template, hint=''):
     """The subtree `template` (e.g. {'model': ...}) of item `name`, the rest left on disk;
     `hint` ends the error if the item lacks a part."""
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), template)
-    out = self._restore(step, {name: ocp.args.PyTreeRestore(
-        template, restore_args=restore_args, partial_restore=True)})[name]
+    out, sums = self._restore_with_sums(step, {name: ocp.args.PyTreeRestore(
+        template, restore_args=restore_args, partial_restore=True)})
+    out = out[name]
     # orbax hands back the template's own leaves for parts the item does not have
     missing = {p[0].key for p, x in jax.tree_util.tree_flatten_with_path(out)[0]
                if isinstance(x, jax.ShapeDtypeStruct)}
     if missing:
       raise CheckpointError(f'item {name!r} of step {step} in {self.directory} has no '
                             f'{" / ".join(sorted(missing))}{hint}')
-    self._verify(step, {name: out})
+    self._verify(step, {name: out}, sums)
     return out
 
-  def _verify(self, step, restored):
-    """CheckpointError if a restored array differs from its saved checksum (or, saved
+  def _restore_with_sums(self, step, args):
+    """(the restored items `args`, the checksums saved with them ({} if none), read in the
+    same restore)."""
+    if 'checksums' not in self.items(step):
+      return self._restore(step, args), {}
+    out = self._restore(step, {**args, 'checksums': ocp.args.JsonRestore()})
+    return out, out['checksums']
+
+  def _verify(self, step, restored, saved):
+    """CheckpointError if a restored array differs from its `saved` checksum (or, saved
     without checksums, a model array is not finite)."""
-    saved = (self._restore(step, {'checksums': ocp.args.JsonRestore()})['checksums']
-             if 'checksums' in self.items(step) else {})
     for name, tree in restored.items():
       if name in saved:
         got = checksums(tree)

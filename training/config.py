@@ -8,7 +8,7 @@ import jax
 import ml_collections
 
 from configs.base import get_base_config
-from data import synthetic
+from data import pipeline, synthetic
 from data.sources import SPLITS
 from models import registry
 from models.layers import DTYPES
@@ -215,7 +215,7 @@ def validate(cfg, n_devices, *, check_mesh=True):
   _check(d.prefetch >= 0, 'data.prefetch', f'must be >= 0, got {d.prefetch}')
   _check(d.eval_batches >= 0, 'data.eval_batches', f'must be >= 0, got {d.eval_batches}')
   _check(cfg.eval.split in SPLITS, 'eval.split', f'{cfg.eval.split!r} not one of {SPLITS}')
-  text = not d.source.startswith(('synthetic:', 'mix:'))
+  text = pipeline.is_text(d.source)
   _check(text or d.eval_batches, 'data.eval_batches',
          f'0 (every window) needs a text source, got {d.source!r}')
   _check(text or cfg.eval.split != 'all', 'eval.split',

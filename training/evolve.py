@@ -88,10 +88,10 @@ def ruler_examples(task, n, length, seed, split, tokenizer):
   ruler_eval.HELD_OUT, eval above evaluate.py's."""
   from data import ruler
   from data.hf_tokenizer import get_tokenizer
-  from training.ruler_eval import HELD_OUT, left_pad
+  from training.ruler_eval import HELD_OUT, filler_id, left_pad
   tok = get_tokenizer(tokenizer)
-  newline = tok.encode('\n')
-  if len(newline) != 1:
+  filler = filler_id(tok)
+  if filler is None:
     raise ConfigError(f'evolve.stages: ruler:{task} needs a one-token newline to align its '
                       f'prompts; {tokenizer} has none')
   first = (2 * HELD_OUT if split == 'eval' else 0) + seed * 100_000
@@ -100,7 +100,7 @@ def ruler_examples(task, n, length, seed, split, tokenizer):
               for i in range(n)]
   answers = [tok.encode(' ' + ', '.join(e.references))[:ANSWER_TOKENS] for e in examples]
   k = min(len(a) for a in answers)
-  prompts = left_pad(examples, int(newline[0]))
+  prompts = left_pad(examples, filler)
   tokens = np.concatenate([prompts, np.stack([a[:k] for a in answers])], 1)
   return dict(tokens=tokens.astype(np.int32), context=prompts.shape[1] - 1)
 

@@ -34,6 +34,12 @@ def cell_examples(cfg, tokenizer, task, length, depth):
     return None, str(e)
 
 
+def filler_id(tokenizer):
+  """The id prompts are aligned with (a newline), or None if a newline is not one token."""
+  newline = tokenizer.encode('\n')
+  return int(newline[0]) if len(newline) == 1 else None
+
+
 def left_pad(examples, filler_id):
   """[B, P] prompts of one length: BOS, then `filler_id` (a newline) repeated, then each
   example's text: one compiled program per cell."""
@@ -55,7 +61,7 @@ def make_generate(graphdef, policy, prefill_chunk):
 def run_suite(ev):
   """[cell] for the config's ruler tasks x lengths x depths (Evaluator `ev`)."""
   cfg, tok = ev.cfg, ev.tokenizer
-  newline = tok.encode('\n')
+  filler = filler_id(tok)
   generate = make_generate(ev.graphdef, ev.policy, cfg.decode.prefill_chunk)
   cells = []
   for task in cfg.ruler.tasks:
@@ -67,8 +73,8 @@ def run_suite(ev):
           cells.append(dict(cell, score=None, skipped=skipped))
           continue
         new = examples[0].max_new_tokens
-        if len(newline) == 1:
-          prompts = [left_pad(examples, int(newline[0]))]
+        if filler is not None:
+          prompts = [left_pad(examples, filler)]
         else:                                  # no one-token filler: one example at a time
           prompts = [e.prompt_ids[None] for e in examples]
         outs = [np.asarray(generate(ev.state, ev.put(p), new, cfg.decode.capacity))
