@@ -5,8 +5,8 @@
   python -m bench.run --jobs=2      # the full page, ~40 min (2K..64K training, 1M-token streams):
                                     # bench/results/run.md
   python -m bench.run --kinds=plain,titans_mac --sections=train,stream   # a part of it
-  python -m bench.run --preset=small --plan=train_tokens=131072,cap_steps=3000 --out=bench/results/gpu
-                                    # on a GPU/TPU: width 512, 8 layers, bigger steps
+  bash bench/accelerator.sh         # on a GPU / TPU host: width 512, 8 layers, bf16, the
+                                    # platform's attention kernel: bench/results/run_gpu.md
   python -m bench.report            # then regenerate docs/ from bench/results/
 
 Sections (each a function in bench/side_by_side/; all numbers come from running the same
@@ -72,6 +72,11 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of model init, data order and task
 _PRESET = flags.DEFINE_string('preset', 'tiny', "Every kind's config preset (tiny: this CPU; "
                               'small: width 512, 8 layers, for a GPU/TPU). The MFU row stays '
                               'transformer.py:small.')
+_ATTENTION = flags.DEFINE_string('attention_impl', '', "Attention kernel of plain, ansan and the "
+                                 "MFU row ('': chunked, this CPU's fastest; auto on a GPU or TPU "
+                                 'host: cudnn / splash at bf16, as bench/accelerator.sh runs).')
+_DTYPE = flags.DEFINE_string('dtype', '', "Every kind's model.dtype ('': the preset's; "
+                             'bfloat16 on a GPU or TPU host).')
 _PLAN = flags.DEFINE_list('plan', [], 'Plan fields to change, FIELD=VALUE (tuples as 2048:8192), '
                           'e.g. cap_steps=3000,train_tokens=131072; a page of another plan or '
                           'preset starts afresh (see --out).')
@@ -87,13 +92,14 @@ def main(argv):
   del argv
   t0 = time.time()
   plan = make_plan(_QUICK.value, _PLAN.value)
-  setup = Setup(preset=_PRESET.value, seed=_SEED.value, namm_run=_NAMM_RUN.value)
+  setup = Setup(preset=_PRESET.value, seed=_SEED.value, namm_run=_NAMM_RUN.value,
+                attention_impl=_ATTENTION.value, dtype=_DTYPE.value)
   kinds = _KINDS.value or list(ALL_KINDS)
   for k in kinds:
     if k not in ALL_KINDS:
       raise SystemExit(f'--kinds: unknown kind {k!r}; one of {sorted(KINDS) + ["plain_wide"]}')
   prefix = os.path.join(ROOT, _OUT.value or 'bench/results/run' + '_quick' * _QUICK.value)
-  res = dict(quick=_QUICK.value, preset=setup.preset, plan=dataclasses.asdict(plan),
+  res = dict(quick=_QUICK.value, preset=setup.preset, attention_impl=setup.attention_impl, plan=dataclasses.asdict(plan),
              models={k: model_shape(setup.config(k)) for k in kinds if k in KINDS},
              machine=machine(),
              seed=setup.seed, commands={}, kinds=kinds)
@@ -110,7 +116,9 @@ def main(argv):
   os.makedirs(os.path.dirname(prefix), exist_ok=True)
   workdir = lambda: _WORKDIR.value or tempfile.mkdtemp(prefix='mnemax-bench-')
   done = []
-  for name, run in (('train', lambda: {'train': train_section(kinds, plan, peak, setup)}),
+  partial = lambda rows: save(prefix, dict(res, train=rows), done + ['train'], plan, setup)
+  for name, run in (('train', lambda: {'train': train_section(kinds, plan, peak, setup,
+                                                               partial)}),
                     ('ratio', lambda: {'ratio': ratio_section(kinds, plan, setup)}),
                     ('stream', lambda: dict(zip(('stream', 'stream_fits'),
                                                 stream_section(kinds, plan, setup)))),

@@ -13,6 +13,10 @@ import pytest
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='mnemax-jcc-'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# fp32 matmuls at full precision where the suite is run on a GPU (JAX_PLATFORMS=cuda): by
+# default they use TF32 there, and the backends' fp32 comparisons (tolerance 1e-5) then differ
+# by ~5e-4 (seen on an H200). No effect on a CPU.
+os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 # The suite is compile-bound (tiny shapes, many programs): with LLVM at -O0 XLA:CPU compiles
 # them faster (on 2 cores the tests' summed time fell from 1362 s to 990 s, the wall time from
 # 718 s to 537 s). Only rounding differs from the optimised build, which bench/ and the

@@ -79,7 +79,7 @@ def make_plan(quick, changes):
     field, _, value = item.partition('=')
     try:
       old = getattr(plan, field)
-      new[field] = (tuple(int(v) for v in value.split(':')) if isinstance(old, tuple)
+      new[field] = (tuple(int(v) for v in value.split(':') if v) if isinstance(old, tuple)
                     else type(old)(value))
     except (AttributeError, ValueError):
       raise SystemExit(f'--plan: {item!r}: expected FIELD=VALUE (tuples as 2048:8192) with '
@@ -92,10 +92,14 @@ class Setup:
   """What every section's configs share: the config preset (tiny: this CPU; small: width
   512, 8 layers, for a GPU/TPU; the MFU row stays transformer.py:small), the seed of model
   init, data order and task examples, and the evolve.py workdir of the NAMM policy ('': a
-  random parameter vector)."""
+  random parameter vector), the compute dtype ('': the preset's) and the attention kernel of
+  the kinds that name one ('': CHUNKED's blockwise kernel, this CPU's fastest; 'auto' on a
+  GPU or TPU host: cudnn or splash at bf16, see configs/base.py)."""
   preset: str = 'tiny'
   seed: int = 0
   namm_run: str = ''
+  attention_impl: str = ''
+  dtype: str = ''
 
   def config(self, kind, **more):
     """Returns the resolved config of `kind` at this preset and seed, with `more` overrides
@@ -104,6 +108,10 @@ class Setup:
     if kind == 'sliding':                       # window = segment = the memory kinds' segment
       C = self.config('titans_mac').model.segment_len
       overrides = {'model.window': C, 'model.segment_len': C}
+    if self.attention_impl and overrides.get('model.attention_impl') == 'chunked':
+      overrides = dict(overrides, **{'model.attention_impl': self.attention_impl})
+    if self.dtype:
+      overrides = dict(overrides, **{'model.dtype': self.dtype})
     cfg = load_config(spec.replace(':tiny', ':' + self.preset), dict(overrides, **more))
     cfg.seed = self.seed
     return resolve(cfg)
@@ -120,6 +128,7 @@ def model_shape(cfg):
   m = cfg.model
   return dict(d_model=m.d_model, n_layers=m.n_layers, n_heads=m.n_heads,
               n_kv_heads=m.n_kv_heads, segment_len=m.segment_len, vocab=m.vocab_size,
+              dtype=m.dtype, attention=m.attention_impl,
               xla_options=cfg.train.xla_options)
 
 

@@ -72,7 +72,8 @@ def train_part(res, img):
   rows, P = res.get('train', []), res['plan']
   if not rows:
     return []
-  lengths = sorted({r['length'] for r in rows if r['kind'] != 'plain_wide'})
+  lengths = sorted({r['length'] for r in rows if r['kind'] != 'plain_wide'}) or [
+      rows[0]['length']]                           # (a run of plain_wide alone)
   lines = ['### Training speed', '',
            f"Real train step (the same jitted code as train.py), batch = max(1, "
            f"{P['train_tokens']} / length), "
@@ -108,6 +109,8 @@ def train_part(res, img):
   fits = {k: slope([r['length'] for r in rows if r['kind'] == k and 'step_ms' in r],
                    [1 / r['tokens_per_s'] for r in rows if r['kind'] == k and 'step_ms' in r])
           for k in dict.fromkeys(r['kind'] for r in rows) if k != 'plain_wide'}
+  if not fits:
+    return lines + ['']
   return lines + ['', 'Time per training token ~ L^a: ' + ', '.join(
       f'{k} a = {fmt(v, ".2f")}' for k, v in fits.items()) + '.', '',
       f'![training speed]({img("train")})', '']
@@ -307,6 +310,7 @@ def describe(models):
   parts = []
   for key, text in (('d_model', 'd_model {}'), ('n_layers', '{} layers'), ('n_heads', '{} heads'),
                     ('n_kv_heads', '{} KV heads'), ('vocab', 'vocabulary {}'),
+                    ('dtype', 'compute in {}'), ('attention', 'attention kernel {}'),
                     ('segment_len', 'memory kinds and sliding: segments/windows of {} tokens')):
     values = {k: m[key] for k, m in models.items() if m.get(key)}
     if values:

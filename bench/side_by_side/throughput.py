@@ -14,8 +14,9 @@ from bench.side_by_side.targets import RATIO_KINDS, target_lengths
 from training import flops
 
 
-def train_section(kinds, plan, peak, setup):
-  """Returns the train rows: per kind and length, tokens/s, MFU (against `peak`, FLOP/s),
+def train_section(kinds, plan, peak, setup, saved=lambda rows: None):
+  """Returns the train rows (each also handed to saved(rows so far) as it is measured, so a
+  killed run keeps them): per kind and length, tokens/s, MFU (against `peak`, FLOP/s),
   XLA memory, compile time and the ratio to plain (vs_plain); plain at the faster of its
   remat settings (the other in remat_other); plain_wide at plan.wide_length, the fastest of
   3 steps against the highest of three peaks."""
@@ -47,6 +48,7 @@ def train_section(kinds, plan, peak, setup):
     except TooBig as e:
       row['skipped'] = str(e)
     rows.append(row)
+    saved(rows)
     log(f"train {kind:13s} L={L:6d} " + (
         row['skipped'] if 'skipped' in row else
         f"{row['tokens_per_s']:9.0f} tok/s MFU {100 * row['mfu']:5.1f}% "
