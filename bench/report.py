@@ -30,6 +30,7 @@ PAGES = {
     'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
     'namm': ('NAMM: evolved KV-cache eviction', ['namm']),
     'ruler': ('RULER on the subword stand-in', ['ruler']),
+    'zoology': ('Zoology MQAR: recall of every mixer', ['zoology']),
 }
 _MACHINE_PATH = re.compile(r'(?<![\w.$/])/(?:tmp|home|root|work|scratch)(?=/)')
 

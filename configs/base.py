@@ -47,7 +47,8 @@ def get_base_config():
                                 # fastest of 128..1024 in a CPU sweep at 2K and 8K context)
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'           # stdlib | pydoc | glob:PATTERN | tfds:NAME[:FEATURE] |
-                                # synthetic:TASK | mix:A+B+... (data/sources.py)
+                                # synthetic:TASK | mix:A+B+... (data/sources.py) |
+                                # zoology:mqar[:pairs=8,vocab=8192,..] (data/zoology.py)
   d.tfds_data_dir = ''
   d.tokenizer = 'auto'          # byte | hf:DIR (tokenizer.json / tokenizer.model) | auto: the
                                 # train.init_from=hf:DIR model's own, else byte
@@ -70,6 +71,8 @@ def get_base_config():
   t.grad_clip = 1.0
   t.log_every = 10
   t.eval_every = 200
+  t.stop_at_accuracy = 0.0      # stop once eval accuracy (greedy, weighted targets) >= this
+                                # (0: never; Zoology MQAR stops at 0.99)
   t.ckpt_every = 200
   t.keep_ckpts = 3
   t.async_ckpt = True

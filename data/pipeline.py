@@ -20,6 +20,7 @@ import numpy as np
 
 from data import sources
 from data import synthetic
+from data import zoology
 from data.hf_tokenizer import get_tokenizer
 from data.sources import SourceError
 
@@ -78,7 +79,13 @@ class _SyntheticWindows:
 
 def is_text(source: str) -> bool:
   """Whether `source` is text only (it has a unigram baseline; synthetic and mixes do not)."""
-  return not source.startswith(("synthetic:", "mix:"))
+  return not source.startswith(("synthetic:", "mix:", "zoology:"))
+
+
+def pad_id(source: str, tokenizer: str) -> int:
+  """The target id that never counts: the tokenizer's PAD; none (-1) for zoology:, whose ids
+  are the task's own (any id in [0, vocab) is a token)."""
+  return -1 if source.startswith("zoology:") else get_tokenizer(tokenizer).PAD
 
 
 def _mix_parts(source: str) -> list:
@@ -99,6 +106,8 @@ def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int 
   if source.startswith("mix:"):
     return grain.MapDataset.mix([_windows(p, split, width, tfds_data_dir, seed, tokenizer,
                                           answer_loss) for p in _mix_parts(source)])
+  if source.startswith("zoology:"):
+    return grain.MapDataset.source(zoology.MQAR(width - 1, split, seed, **zoology.parse(source)))
   if source.startswith("synthetic:"):
     return grain.MapDataset.source(_SyntheticWindows(
         synthetic.synthetic_documents(source[len("synthetic:"):], width, split, seed),

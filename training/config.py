@@ -151,6 +151,25 @@ def _validate_hf(cfg):
            'text (evaluate long context with ruler.tasks, which speak any tokenizer)')
 
 
+def _validate_zoology(cfg):
+  """data.source zoology:mqar[:KEY=VALUE,...]: its parameters, seq_len and the vocabulary fit;
+  its ids are the task's own (no tokenizer, every target weighted by the task)."""
+  from data import zoology
+  d = cfg.data
+  try:
+    params = zoology.parse(d.source)
+    zoology.check(d.seq_len, params.get('vocab', 8192), params.get('pairs', 8))
+  except ValueError as e:
+    _check(False, 'data.source', f'{d.source!r}: {e}')
+  vocab = params.get('vocab', 8192)
+  _check(vocab <= cfg.model.vocab_size, 'model.vocab_size',
+         f'{cfg.model.vocab_size} < the task\'s vocab {vocab} (data.source={d.source!r})')
+  _check(d.tokenizer in ('byte', 'auto') and not cfg.train.init_from.startswith('hf:'),
+         'data.tokenizer', f'zoology: sources are token ids of their own, not {d.tokenizer}\'s')
+  _check(d.loss == 'all', 'data.loss', "zoology: sources weigh the queried values only: "
+         "leave data.loss='all'")
+
+
 def _validate_ruler(r):
   """ruler.*: known task names, lengths, depths in [0, 1], counts."""
   from data import ruler
@@ -220,6 +239,10 @@ def validate(cfg, n_devices, *, check_mesh=True):
          f'0 (every window) needs a text source, got {d.source!r}')
   _check(text or cfg.eval.split != 'all', 'eval.split',
          f"'all' needs a text source, got {d.source!r}")
+  if d.source.startswith('zoology:'):
+    _validate_zoology(cfg)
+  _check(0 <= t.stop_at_accuracy <= 1, 'train.stop_at_accuracy',
+         f'must be in [0, 1], got {t.stop_at_accuracy}')
   if d.loss == 'answer':
     parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]
     _check(all(p.startswith('synthetic:') for p in parts), 'data.loss',

@@ -8,7 +8,6 @@ from absl import logging
 from flax import nnx
 
 from data import pipeline
-from data.hf_tokenizer import get_tokenizer
 from data.tokenizer import ByteTokenizer
 from training import flops, mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
@@ -86,14 +85,16 @@ def train(cfg, workdir):
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(cfg.to_json_best_effort(indent=2))
 
-    pad_id = get_tokenizer(d.tokenizer).PAD
+    pad_id = pipeline.pad_id(d.source, d.tokenizer)
     train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
     eval_step = make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id)
 
     def evaluate(model_state):
-      tot = [eval_step(model_state, global_batch(b, batch_sh), global_batch(w, batch_sh))
-             for b, w in eval_batches]
-      return float(sum(s for s, _ in tot) / sum(n for _, n in tot))
+      """{'eval_loss', 'eval_accuracy'}: per weighted target, nll and greedy exact match."""
+      sums = [eval_step(model_state, global_batch(b, batch_sh), global_batch(w, batch_sh))
+              for b, w in eval_batches]
+      loss, hits, n = (float(sum(x)) for x in zip(*sums))
+      return dict(eval_loss=loss / n, eval_accuracy=hits / n)
 
     # --- Loop -------------------------------------------------------------------------------
     flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state).model, d.seq_len)
@@ -125,11 +126,17 @@ def train(cfg, workdir):
           pending = None
           metrics = progress.update(step, metrics)
           if step % t.eval_every == 0 or step == t.steps:
-            metrics['eval_loss'] = evaluate(state['model'])
-            logging.info('step %d | eval loss %.4f', step, metrics['eval_loss'])
+            metrics.update(evaluate(state['model']))
+            logging.info('step %d | eval loss %.4f | eval accuracy %.4f', step,
+                         metrics['eval_loss'], metrics['eval_accuracy'])
+            if t.stop_at_accuracy and metrics['eval_accuracy'] >= t.stop_at_accuracy:
+              metrics['stopped_early'] = 1     # Zoology's early stop: the task is solved
+              logging.info('step %d | eval accuracy >= train.stop_at_accuracy=%g: stopping',
+                           step, t.stop_at_accuracy)
           writer.write(step, metrics)
+        solved = bool(logged and metrics.get('stopped_early'))
         stop = preemption.requested(sync=logged)
-        if step % t.ckpt_every == 0 or step == t.steps or stop:
+        if step % t.ckpt_every == 0 or step == t.steps or stop or solved:
           if pending is not None:
             _finish(pending, ckpt, last_saved)
             pending = None
@@ -138,6 +145,7 @@ def train(cfg, workdir):
           last_saved = step
         if stop:
           preemption.saved(f'step {step}')
+        if stop or solved:
           break
     ckpt.wait()
     writer.close()

@@ -47,14 +47,17 @@ def param_group(path, groups):
   return next((g for g in groups if re.search(g[0], p)), (None, 1.0, True))
 
 
-def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD):
-  """Per-token negative log-likelihood [B, L] and the mask of real (non-PAD) targets.
+def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, hits=False):
+  """Per-token negative log-likelihood [B, L] and the mask of real (non-PAD) targets; with
+  hits, also whether the most likely token is the target [B, L].
 
   pad_id: the tokenizer's PAD (data/hf_tokenizer.py; -1 when it has none)."""
   inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
   logits_BxLxV, _ = model(inputs_BxL)
   logp = jax.nn.log_softmax(logits_BxLxV, axis=-1)
   nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+  if hits:
+    return nll_BxL, targets_BxL != pad_id, logits_BxLxV.argmax(-1) == targets_BxL
   return nll_BxL, targets_BxL != pad_id
 
 
@@ -132,12 +135,14 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
 
 
 def make_eval_step(graphdef, model_shardings, batch_sharding, pad_id=ByteTokenizer.PAD):
-  """eval(model_state, tokens, weights) -> (weighted sum of nll, sum of weights)."""
+  """eval(model_state, tokens, weights) -> (weighted sums of nll and of greedy hits, sum of
+  weights)."""
 
   @functools.partial(jax.jit, in_shardings=(model_shardings, batch_sharding, batch_sharding))
   def eval_step(model_state, tokens_BxL1, weights_BxL):
-    nll_BxL, mask_BxL = token_nll(nnx.merge(graphdef, model_state), tokens_BxL1, pad_id)
+    nll_BxL, mask_BxL, hit_BxL = token_nll(nnx.merge(graphdef, model_state), tokens_BxL1,
+                                           pad_id, hits=True)
     w_BxL = mask_BxL * weights_BxL
-    return (nll_BxL * w_BxL).sum(), w_BxL.sum()
+    return (nll_BxL * w_BxL).sum(), (hit_BxL * w_BxL).sum(), w_BxL.sum()
 
   return eval_step
