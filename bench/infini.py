@@ -7,11 +7,11 @@ Parts (each trains every --variants entry once per --seeds entry):
   lm       train on the embedded corpus (stdlib) at seq_len = S x N, report the held-out
            loss per segment (segments >= 2 are where the memory can help) and each variant
            minus segment-local attention, paired by seed.
-  passkey  bench/titans_recall.py's task with one pair (a passkey) at a random depth beyond
-           the attention reach, loss on the value only: accuracy on held-out seeds at 1x, 2x
-           and 4x the training length (in segments).
   decode   state bytes and process RSS while prefilling 4K ... 1M tokens into the trained
            Infini model's state in aligned chunks, vs the KV cache full attention would hold.
+Recall: the passkey part (the task of bench/titans_recall.py, which trained with a loop of its
+own) was retired with that script (last in commit 51453867) in favour of Zoology MQAR
+(python -m bench.zoology --mixers=infini,infini_delta,...); its stored rows still render.
 Every page also tabulates the gates sigmoid(beta) of the trained Infini models (init 0.5).
 Parts run apart (other --out) are joined with --parts= --merge=A/infini.json,B/infini.json.
 Writes OUT/infini.json, OUT/infini.md, OUT/infini_gates.png, OUT/infini_segments.png.
@@ -35,6 +35,7 @@ from training.config import resolve, validate
 
 VARIANTS = ('infini', 'infini_delta', 'local', 'full')
 MEASURES = provenance.CORE + ('models/infini.py',)    # the code the rows measure
+RETIRED = '51453867'     # the last commit with bench/titans_recall.py (the passkey rows' code)
 
 
 def variant_config(name, *, seq_len, segment_len, steps, source, batch, seed=0):
@@ -90,20 +91,6 @@ def part_lm(args, root):
           segment_loss=[b['loss'] for b in loss['buckets']]))
       print(name, seed, 'segment loss', np.round(res[name][-1]['segment_loss'], 4), flush=True)
   return res
-
-
-def part_passkey(args, root):
-  """{variant: [one run per seed]}: bench/titans_recall.py's task with one key/value pair (a
-  passkey) at a random depth before the last 2 segments, loss on the answer only; accuracy
-  on held-out seeds at 1x, 2x and 4x the training length."""
-  del root                                    # trained in memory, nothing to restore
-  from bench import titans_recall as recall
-  o = recall.options(length=args.passkey_segments * args.segment_len, segment=args.segment_len,
-                     pairs=1, depth='random', steps=args.passkey_steps, lr=args.passkey_lr,
-                     curriculum=args.passkey_curriculum, batch=args.batch, eval_lengths=(1, 2, 4))
-  return {name: [dict(recall.run_variant(name, seed, o), length=o.length, values=o.values,
-                      curriculum=o.curriculum, lr=o.lr)
-                 for seed in args.seeds] for name in args.variants}
 
 
 def part_decode(args, root):
@@ -302,16 +289,11 @@ def markdown(results, args):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument('--parts', default='lm,passkey,decode')
+  p.add_argument('--parts', default='lm,decode')
   p.add_argument('--variants', default=','.join(VARIANTS))
   p.add_argument('--segment_len', type=int, default=32)
   p.add_argument('--lm_segments', type=int, default=8)
   p.add_argument('--lm_steps', type=int, default=1000)
-  p.add_argument('--passkey_segments', type=int, default=4)
-  p.add_argument('--passkey_steps', type=int, default=5000)
-  p.add_argument('--passkey_lr', type=float, default=1e-3)
-  p.add_argument('--passkey_curriculum', default='', help='shorter sequences first, '
-                 '"LEN:STEPS,..." (bench/titans_recall.py --curriculum)')
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--decode_marks', type=int, default=5)
   p.add_argument('--workdir', default='/tmp/infini_bench')
@@ -346,7 +328,7 @@ def main():
   results['commands'] = results.get('commands', []) + [
       'python bench/infini.py ' + ' '.join(sys.argv[1:])]
   parts = [p for p in args.parts.split(',') if p]
-  fns = dict(lm=part_lm, passkey=part_passkey, decode=part_decode)
+  fns = dict(lm=part_lm, decode=part_decode)
   def save():
     with open(json_path, 'w') as f:
       json.dump(dict(args=vars(args), results=results), f, indent=1)

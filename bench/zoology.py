@@ -151,7 +151,8 @@ def main(argv=None):
   ap.add_argument('--render', action='store_true', help='only rewrite the page')
   args = ap.parse_args(argv)
   from bench.zoology_page import write
-  path = os.path.join(ROOT, 'bench', 'results', args.out + '.json')
+  prefix = os.path.join(ROOT, 'bench', 'results', args.out)
+  path = prefix + '.json'
   results = load(path)
   if not args.render:
     results['protocol'] = dict(examples=args.examples, train_examples=args.train_examples,
@@ -172,13 +173,14 @@ def main(argv=None):
             row = run_cell(mixer, T, pairs, d, lr, args)
             results['cells'][k] = row
             save(path, results)
+            write(results, prefix)
             print(f"{k}: accuracy {row['accuracy']:.3f} (best {row['best_accuracy']:.3f}) "
                   f"after {row['examples']} examples, {time.time() - t0:.0f} s", flush=True)
             if not args.keep:
               shutil.rmtree(workdir(args, k), ignore_errors=True)
             if row['solved']:
               break
-  write(results, os.path.join(ROOT, 'bench', 'results', args.out))
+  write(results, prefix)
 
 
 if __name__ == '__main__':

@@ -37,7 +37,8 @@ MAC (Sec 4.1, Eq 21-25) on segments of C = model.segment_len tokens:
 Why 'residual' by default: at init the attention output y is mostly a component common to
 all tokens (uniform attention over the persistent tokens and the prefix: 42% of its energy,
 keys written from y have mean pairwise cosine 0.49 vs 0.12 from x), so the memory cannot
-tell the written tokens apart; on bench/titans_recall.py (L = 64, 2 segments) writing y
+tell the written tokens apart; on the recall task of bench/results/titans.md (L = 64, 2
+segments; its script since retired for bench/zoology.py) writing y
 stayed at chance for 1000 steps while writing x + y learned (bench/results/titans.md).
 RoPE inside a segment uses segment-relative positions (h_i and S_i share position i);
 persistent keys are position-free (scored with the unrotated query).
