@@ -47,7 +47,7 @@ def main(argv):
   report = run(_WORKDIR.value, step=_STEP.value, config=_CONFIG.value if given else None,
                overrides=overrides, output=_OUTPUT.value, sample=_SAMPLE.value)
   print(format_report(report))
-  print(f"wrote {report['json']} and {report['png']}")
+  print('wrote ' + ', '.join(report[k] for k in ('json', 'png', 'ruler_png') if k in report))
 
 
 if __name__ == '__main__':

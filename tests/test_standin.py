@@ -101,3 +101,30 @@ def test_evolve_with_a_ruler_fitness_task_on_the_hf_base(standin):
   st, metrics = evolve(cfg, str(standin / 'evo'))
   assert int(st['gen']) == 1 and set(st['ref']) == {'ruler:niah_single_1'}
   assert np.isfinite(metrics['best_fitness']) and 0 <= metrics['mean_cache'] <= 1
+
+
+def test_continued_pretraining_with_each_method_then_ruler(standin):
+  """The workflow on the tiny stand-in: train.py --config.train.init_from=hf:DIR with infini,
+  anchor_ep and titans_mac (the architecture and tokenizer come from DIR), a few steps each;
+  then evaluate.py's RULER suite on the continued run through the decode path."""
+  from bench.common import train_command
+  from training.evaluation import run
+  from training.metrics import read_metrics
+  hf = standin / 'hf'
+  for name in ('infini', 'anchor_ep', 'titans_mac'):
+    w = standin / f'cont_{name}'
+    train_command(f'python train.py --config=configs/{name}.py:tiny --workdir={w} '
+                  f'--config.train.init_from=hf:{hf} --config.data.source=pydoc '
+                  '--config.data.seq_len=128 --config.model.segment_len=64 '
+                  '--config.train.batch_size=2 --config.train.steps=2 '
+                  '--config.train.warmup_steps=1 --config.train.log_every=1 '
+                  '--config.train.eval_every=2 --config.train.ckpt_every=2 '
+                  '--config.data.eval_batches=1 --config.train.peak_flops=1e9 '
+                  '--config.train.async_ckpt=False')
+    assert np.isfinite(read_metrics(str(w))[2]['eval_loss']), name
+  r = run(str(standin / 'cont_titans_mac'), overrides={
+      'ruler.tasks': ('niah_single_1',), 'ruler.lengths': (512,), 'ruler.depths': (0.5,),
+      'ruler.examples': 1, 'ruler.max_new_tokens': 8, 'eval.tasks': (), 'data.eval_batches': 1})
+  (cell,) = r['ruler']
+  assert cell['task'] == 'niah_single_1' and 0 <= cell['score'] <= 1
+  assert r['config']['model']['mixer'] == 'titans_mac'

@@ -295,16 +295,18 @@ def run(workdir, *, step=None, config=None, overrides=None, output=None, sample=
 
   output = output or os.path.join(os.path.abspath(workdir), 'eval')
   report['json'] = os.path.join(output, f'eval_step{step}.json')
-  report['png'] = os.path.join(output, f'tasks_step{step}.png')
+  if report['tasks']:                       # (eval.tasks=(): none, e.g. an hf: run)
+    report['png'] = os.path.join(output, f'tasks_step{step}.png')
   if 'ruler' in report:
     report['ruler_png'] = os.path.join(output, f'ruler_step{step}.png')
   if jax.process_index() == 0:
     os.makedirs(output, exist_ok=True)
     with open(report['json'], 'w') as f:
       json.dump(report, f, indent=2)
-    plot_tasks(report['tasks'], report['png'],
-               f"exact-match accuracy, step {step} ({report['task_path']}, policy "
-               f"{cfg.decode.policy})")
+    if 'png' in report:
+      plot_tasks(report['tasks'], report['png'],
+                 f"exact-match accuracy, step {step} ({report['task_path']}, policy "
+                 f"{cfg.decode.policy})")
     if 'ruler' in report:
       ruler_eval.plot(report['ruler'], report['ruler_png'],
                       f'RULER score, step {step} (policy {cfg.decode.policy})')

@@ -126,6 +126,8 @@ def plot(cells, path, title=''):
   s.pop('average', None)
   tasks = list(s)
   lengths = sorted({n for by in s.values() for n in by})
+  if not tasks:                                    # every cell skipped: nothing to draw
+    return
   score_TxL = np.array([[s[t].get(n, np.nan) for n in lengths] for t in tasks])
   fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.45 * len(tasks) + 1.5))
   ax.imshow(score_TxL, vmin=0, vmax=100, cmap='viridis', aspect='auto')
