@@ -6,7 +6,11 @@ has turned 'auto' into one of these):
   'hf:DIR'    HFTokenizer(DIR): DIR/tokenizer.json through the `tokenizers` package, else
               DIR/tokenizer.model through sentencepiece
 Both give encode(text, bos, eos) -> int32 ids, decode(ids) -> str, vocab_size and the
-BOS / EOS / PAD ids (PAD is -1, matching no token, when the model has none: Llama has none).
+BOS / EOS / PAD ids (PAD is -1, matching no token, when the model has none: Llama has none),
+and AC, the id of AnLLM's "<AC>" anchor token: the tokenizer's own "<AC>" where it has one (an
+exported AnLLM-AC model's), else the first id past its vocabulary, a new token whose embedding
+row the model adds (models/anchor.py). The literal text "<AC>" encodes as that id, as with the
+byte tokenizer (data/ac.py inserts it at sentence ends).
 """
 import functools
 import json
@@ -14,7 +18,7 @@ import os
 
 import numpy as np
 
-from data.tokenizer import ByteTokenizer
+from data.tokenizer import AC_TEXT, ByteTokenizer
 from data.sources import SourceError
 
 
@@ -77,19 +81,38 @@ class HFTokenizer:
 
     self.BOS, self.EOS, self.PAD = special('bos'), special('eos'), special('pad')
     self._special = {i for i in (self.BOS, self.EOS, self.PAD) if i >= 0}
+    ac = lookup(AC_TEXT)
+    self.AC = int(ac) if ac is not None else self.vocab_size
+
+  def _encode(self, text):
+    if self._tok is not None:
+      return self._tok.encode(text, add_special_tokens=False).ids
+    return self._spm.encode(text)
 
   def encode(self, text: str, bos: bool = False, eos: bool = False) -> np.ndarray:
-    """int32 ids of `text` (no special tokens added but the BOS / EOS asked for)."""
-    if self._tok is not None:
-      ids = self._tok.encode(text, add_special_tokens=False).ids
-    else:
-      ids = self._spm.encode(text)
-    return np.asarray([self.BOS] * bos + list(ids) + [self.EOS] * eos, np.int32)
+    """int32 ids of `text` (no special tokens added but the BOS / EOS asked for; "<AC>" is
+    the AC id)."""
+    ids = []
+    for i, piece in enumerate(text.split(AC_TEXT)):
+      ids += [self.AC] * (i > 0) + (list(self._encode(piece)) if piece else [])
+    return np.asarray([self.BOS] * bos + ids + [self.EOS] * eos, np.int32)
 
   def decode(self, ids) -> str:
-    """Text of `ids`, special tokens (BOS / EOS / PAD, and any id >= vocab_size) dropped."""
-    ids = [int(i) for i in np.asarray(ids).reshape(-1)
-           if 0 <= i < self.vocab_size and int(i) not in self._special]
+    """Text of `ids`, special tokens (BOS / EOS / PAD, and any id >= vocab_size) dropped,
+    AC as "<AC>"."""
+    ids = [int(i) for i in np.asarray(ids).reshape(-1)]
+    pieces, piece = [], []
+    for i in ids + [self.AC]:
+      if i == self.AC:
+        pieces.append(piece)
+        piece = []
+      elif 0 <= i < self.vocab_size and i not in self._special:
+        piece.append(i)
+    return AC_TEXT.join(self._decode(p) for p in pieces)
+
+  def _decode(self, ids):
+    if not ids:
+      return ''
     if self._tok is not None:
       return self._tok.decode(ids, skip_special_tokens=True)
     return self._spm.decode(ids)

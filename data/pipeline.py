@@ -218,7 +218,8 @@ def unigram_entropy(source: str, split: str = "eval", tfds_data_dir: str | None 
   """
   if not is_text(source):
     raise ValueError("unigram_entropy: defined for text sources only")
-  vocab = get_tokenizer(tokenizer).vocab_size
+  tok = get_tokenizer(tokenizer)
+  vocab = max(tok.vocab_size, tok.AC + 1)         # <AC> (ac: sources) may be one past the ids
   counts = lambda split: _token_counts(token_stream(source, split, tfds_data_dir, tokenizer), vocab)
   train_counts = counts("train").astype(np.float64) + 1.0
   log_p = np.log(train_counts / train_counts.sum())

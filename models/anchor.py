@@ -199,14 +199,12 @@ def validate(cfg):
   check(a.mode in ('ep', 'ac'), 'model.anchor.mode', f'{a.mode!r} not ep|ac')
   if a.mode == 'ep':
     check(len(a.ep_ids) >= 1, 'model.anchor.ep_ids', 'EP mode needs at least one anchor id')
-  ids = {'ep_ids': tuple(a.ep_ids), 'ac_id': (a.ac_id,), 'bos_id': (a.bos_id,),
+  ids = {'ep_ids': tuple(a.ep_ids) if a.mode == 'ep' else (),
+         'ac_id': (a.ac_id,) if a.mode == 'ac' else (), 'bos_id': (a.bos_id,),
          'pad_id': (a.pad_id,) if a.pad_id != -1 else ()}       # -1: no padding id
   for key, values in ids.items():
     for i in values:
       check(0 <= i < v, f'model.anchor.{key}', f'id {i} outside the vocabulary [0, {v})')
-  check(a.mode == 'ep' or cfg.data.tokenizer in ('byte', 'auto'), 'model.anchor.mode',
-        f"'ac' needs an <AC> token, which only the byte tokenizer has so far (data.tokenizer="
-        f"{cfg.data.tokenizer}): use mode=ep, whose anchors are the tokenizer's sentence ends")
   check(a.ac_init_from < v, 'model.anchor.ac_init_from', f'id {a.ac_init_from} >= vocab {v}')
   src = cfg.data.source
   if a.mode == 'ac':
@@ -219,8 +217,11 @@ CONFIG = {'model.anchor': dict(
     mode='ep',            # ep: existing end-of-sentence ids are anchors | ac: <AC> only
     ep_ids=(),            # EP anchors; (): the tokenizer's ids whose text ends in '.' or a
                           # newline (training/config.py resolve; bytes: 10, 46)
-    ac_id=259,            # the <AC> id (byte tokenizer); AC data: data.source='ac:...'
-    ac_init_from=46,      # init_from into AC mode: <AC> embedding := this id's; -1: off
+    ac_id=-1,             # the <AC> id; -1: the tokenizer's (bytes: 259; an HF tokenizer's
+                          # own "<AC>", else a new id one past its vocabulary, the model's
+                          # vocabulary grown to hold it). AC data: data.source='ac:...'
+    ac_init_from=-2,      # init_from into AC mode: <AC> embedding := this id's; -2: the
+                          # tokenizer's '.' (bytes: 46); -1: off (fresh)
     bos_id=-1,            # a BOS starts a new document (packing): no attention across;
                           # -1: the tokenizer's (bytes: 257)
     pad_id=-1,            # padding: masked as query and as key; -1: the tokenizer's (bytes:

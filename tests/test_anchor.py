@@ -214,7 +214,7 @@ def test_config_errors_name_the_key(key, value, named):
 def test_anchor_ids_come_from_the_tokenizer(tmp_path):
   """EP anchors, BOS and PAD left to the tokenizer: the byte tokenizer's '.' and newline, 257
   and 256; a BPE tokenizer's ids whose text ends in '.' or a newline, its BOS, no PAD. AC
-  mode needs an <AC> token: with an hf: tokenizer, an error naming the key."""
+  mode with an hf: tokenizer: <AC> a new id past the tokenizer's, its embedding from '.'."""
   from configs.anchor_ep import get_config
   from data import build_tokenizer
   from data.hf_tokenizer import get_tokenizer
@@ -231,9 +231,18 @@ def test_anchor_ids_come_from_the_tokenizer(tmp_path):
   assert '.' in texts and '\n' in texts and len(texts) < 100
   assert all(t.rstrip(' ')[-1] in '.\n' for t in texts)
   assert (a.bos_id, a.pad_id) == (tok.BOS, -1) == (1, -1)
-  cfg.model.anchor.mode = 'ac'
-  with pytest.raises(ConfigError, match=r"config.model.anchor.mode: 'ac' needs an <AC> token"):
-    validate(cfg, 1)
+  ac = get_config('tiny')            # AC: <AC> is a new id one past the tokenizer's 400, the
+  ac.model.anchor.mode, ac.data.source = 'ac', 'ac:pydoc'    # vocabulary grows to hold it
+  ac.data.tokenizer, ac.model.vocab_size = f'hf:{tok_dir}', 400
+  a = resolve(ac).model.anchor
+  validate(ac, 1)
+  assert (a.ac_id, ac.model.vocab_size, tok.AC) == (400, 401, 400)
+  assert a.ac_init_from == int(tok.encode('.')[0]) != 46
+  assert tok.encode('a.<AC>b').tolist() == tok.encode('a.').tolist() + [400] + tok.encode(
+      'b').tolist() and tok.decode(tok.encode('a.<AC>b')) == 'a.<AC>b'
+  ac.model.anchor.ac_init_from = 401
+  with pytest.raises(ConfigError, match=r'config.model.anchor.ac_init_from: id 401 >= vocab 401'):
+    validate(ac, 1)
 
 
 def test_continued_pretraining_from_a_full_attention_run(tmp_path):

@@ -105,16 +105,19 @@ def test_evolve_with_a_ruler_fitness_task_on_the_hf_base(standin):
 
 def test_continued_pretraining_with_each_method_then_ruler(standin):
   """The workflow on the tiny stand-in: train.py --config.train.init_from=hf:DIR with infini,
-  anchor_ep and titans_mac (the architecture and tokenizer come from DIR), a few steps each;
-  then evaluate.py's RULER suite on the continued run through the decode path."""
+  anchor_ep, titans_mac and anchor_ac (the architecture and tokenizer come from DIR; AC adds
+  the <AC> token past the tokenizer's 512 ids, its embedding from '.'), a few steps each;
+  evaluate.py's RULER suite on a continued run through the decode path; the AC model exported
+  back to HF with <AC> in its tokenizer."""
   from bench.common import train_command
   from training.evaluation import run
   from training.metrics import read_metrics
   hf = standin / 'hf'
-  for name in ('infini', 'anchor_ep', 'titans_mac'):
+  for name in ('infini', 'anchor_ep', 'titans_mac', 'anchor_ac'):
     w = standin / f'cont_{name}'
+    source = 'ac:pydoc' if name == 'anchor_ac' else 'pydoc'
     train_command(f'python train.py --config=configs/{name}.py:tiny --workdir={w} '
-                  f'--config.train.init_from=hf:{hf} --config.data.source=pydoc '
+                  f'--config.train.init_from=hf:{hf} --config.data.source={source} '
                   '--config.data.seq_len=128 --config.model.segment_len=64 '
                   '--config.train.batch_size=2 --config.train.steps=2 '
                   '--config.train.warmup_steps=1 --config.train.log_every=1 '
@@ -128,3 +131,15 @@ def test_continued_pretraining_with_each_method_then_ruler(standin):
   (cell,) = r['ruler']
   assert cell['task'] == 'niah_single_1' and 0 <= cell['score'] <= 1
   assert r['config']['model']['mixer'] == 'titans_mac'
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  from training.hf_export import export_checkpoint
+  from training.run import load_run
+  run = load_run(str(standin / 'cont_anchor_ac'))
+  a, tok = run.cfg.model.anchor, get_tokenizer(f'hf:{hf}')
+  assert (a.ac_id, run.cfg.model.vocab_size) == (512, 513) and tok.AC == 512
+  assert a.ac_init_from == int(tok.encode('.')[0])
+  assert tok.encode('One.<AC> Two.').tolist().count(512) == 1
+  export_checkpoint(str(standin / 'cont_anchor_ac'), str(standin / 'hf_ac'))
+  hf_tok = AutoTokenizer.from_pretrained(standin / 'hf_ac')
+  assert hf_tok('One.<AC> Two.')['input_ids'][1:] == tok.encode('One.<AC> Two.').tolist()
+  assert AutoModelForCausalLM.from_pretrained(standin / 'hf_ac').config.vocab_size == 513

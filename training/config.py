@@ -78,7 +78,7 @@ def resolve(cfg):
       cfg.data.tokenizer = tokenizer_spec(cfg.data.tokenizer, init_from)
     if 'anchor' in m and ('anchor' in m.mixer.split(',') or
                           cfg.get('decode', {}).get('policy') == 'anchor'):
-      _fill_anchor_ids(m.anchor, cfg.data.tokenizer if 'data' in cfg else 'byte')
+      _fill_anchor_ids(m, cfg.data.tokenizer if 'data' in cfg else 'byte')
     if not m.head_dim and m.n_heads and m.d_model % m.n_heads == 0:
       m.head_dim = m.d_model // m.n_heads
     if not m.mlp_dim:
@@ -86,12 +86,26 @@ def resolve(cfg):
   return cfg
 
 
-def _fill_anchor_ids(a, tokenizer):
-  """model.anchor's ids left to the tokenizer: EP anchors (ep_ids ()), BOS and PAD (-1)."""
-  if len(a.ep_ids) and a.bos_id != -1:
+def _fill_anchor_ids(m, tokenizer):
+  """model.anchor's ids left to the tokenizer: EP anchors (ep_ids ()), BOS and PAD (-1), the
+  <AC> id (-1) and the id its embedding starts from (-2: '.'); in AC mode the vocabulary
+  grows to hold <AC> (an HF tokenizer's new token, one past its ids)."""
+  a = m.anchor
+  if a.mode == 'ac' and a.ac_id >= m.vocab_size:
+    m.vocab_size = int(a.ac_id) + 1
+  if len(a.ep_ids) and a.bos_id != -1 and a.ac_id != -1 and a.ac_init_from != -2:
     return
   from data.hf_tokenizer import get_tokenizer, sentence_end_ids
   tok = get_tokenizer('byte' if tokenizer == 'auto' else tokenizer)
+  if a.ac_id == -1:
+    a.ac_id = int(tok.AC)
+  if a.ac_init_from == -2:
+    dot = tok.encode('.')
+    _check(len(dot) == 1, 'model.anchor.ac_init_from', f"'.' is not one token of "
+           f'{tokenizer}: name the id <AC> starts from (or -1: a fresh embedding)')
+    a.ac_init_from = int(dot[0])
+  if a.mode == 'ac' and a.ac_id >= m.vocab_size:
+    m.vocab_size = int(a.ac_id) + 1
   if not len(a.ep_ids):
     a.ep_ids = sentence_end_ids(tok)
     _check(len(a.ep_ids), 'model.anchor.ep_ids', f'no id of {tokenizer} ends a sentence; '

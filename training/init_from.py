@@ -3,7 +3,8 @@
 Parameters are matched by path: every parameter of the new model that the source has
 (same path, same shape) is copied; the rest keep their fresh initialisation (e.g. the
 gates a memory mixer adds to a plain-attention model). A shape mismatch is an error
-naming the parameter. This is how continued pretraining and method conversions start.
+naming the parameter, but for a vocabulary grown by new ids (AnLLM-AC's <AC> past an HF
+tokenizer's ids): the source's rows are copied, the new ones stay fresh. This is how continued pretraining and method conversions start.
 
 Sources are read by training/run.py load_run: a train.py run directory, or `hf:DIR`, a
 Hugging Face Llama-family checkpoint (the plain-attention LM of DIR/config.json's sizes,
@@ -29,6 +30,17 @@ def load_source(cfg, mesh):
   return run.state
 
 
+_EMBED, _HEAD = "['embed']", "['head']"
+
+
+def _grown_vocab(path, src, dst):
+  """Whether dst is src with more vocabulary rows (an AnLLM-AC model's new <AC> id)."""
+  axis = {_EMBED: 0, _HEAD: 1}.get(path.replace('.value', ''))
+  if axis is None or src.ndim != 2:
+    return False
+  return (src.shape[1 - axis] == dst.shape[1 - axis] and src.shape[axis] < dst.shape[axis])
+
+
 def init_model_from(cfg, mesh, fresh_state):
   """fresh_state with every parameter the source checkpoint has replaced by its value."""
   source, _, _ = _by_path(load_source(cfg, mesh))
@@ -36,10 +48,16 @@ def init_model_from(cfg, mesh, fresh_state):
   out, new = [], []
   for path in order:
     if path in source:
-      if source[path].shape != fresh[path].shape:
+      src, dst = source[path], fresh[path]
+      if src.shape != dst.shape and not _grown_vocab(path, src, dst):
         raise ConfigError(f'config.train.init_from: parameter {path} has shape '
-                          f'{source[path].shape} in the source, {fresh[path].shape} here')
-      out.append(jax.device_put(source[path].astype(fresh[path].dtype), fresh[path].sharding))
+                          f'{src.shape} in the source, {dst.shape} here')
+      if src.shape != dst.shape:          # the source's rows, then the new ids' fresh rows
+        axis = 0 if path.replace('.value', '') == _EMBED else 1
+        src = jax.numpy.concatenate(
+            [src.astype(dst.dtype), jax.lax.slice_in_dim(dst, src.shape[axis], None,
+                                                         axis=axis)], axis)
+      out.append(jax.device_put(src.astype(dst.dtype), dst.sharding))
     else:
       out.append(fresh[path])
       new.append(path)
