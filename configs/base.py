@@ -48,7 +48,8 @@ def get_base_config():
   c.data = d = ml_collections.ConfigDict()
   d.source = 'stdlib'           # stdlib | pydoc | glob:PATTERN | tfds:NAME[:FEATURE] |
                                 # synthetic:TASK | mix:A+B+... (data/sources.py) |
-                                # zoology:mqar[:pairs=8,vocab=8192,..] (data/zoology.py)
+                                # zoology:mqar[:pairs=8,vocab=8192,..] (data/zoology.py) |
+                                # ruler:TASK,TASK,.. (RULER examples in the run's tokenizer)
   d.tfds_data_dir = ''
   d.tokenizer = 'auto'          # byte | hf:DIR (tokenizer.json / tokenizer.model) | auto: the
                                 # train.init_from=hf:DIR model's own, else byte
@@ -56,7 +57,8 @@ def get_base_config():
   d.eval_batches = 8            # held-out batches scored; 0: every window of the split
   d.read_threads = 2            # grain threads reading batches ahead of the step
   d.prefetch = 2                # batches read ahead (host memory: prefetch x batch)
-  d.loss = 'all'                # all | answer: train on synthetic examples' answer tokens only
+  d.loss = 'all'                # all | answer: task examples (synthetic:, ruler:) train on
+                                # their answer tokens only (text parts of a mix on every token)
 
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 16             # global batch (sequences)

@@ -24,6 +24,16 @@ PRESETS = {
                  data=dict(tokenizer='hf:runs/standin/tokenizer', seq_len=512),
                  train=dict(batch_size=8, steps=700, lr=2e-3, warmup_steps=50,
                             log_every=10, eval_every=100, ckpt_every=50)),
+    # Stage 2 (after base): the base continued on its corpus mixed with RULER-format
+    # retrieval examples (training seeds; the loss on their answers), at the same length.
+    'retrieval': dict(model=dict(d_model=384, n_layers=4, n_heads=6, n_kv_heads=2,
+                                 mlp_dim=1024, vocab_size=8192, tie_embeddings=False,
+                                 scale_embeddings=False),
+                      data=dict(tokenizer='hf:runs/standin/tokenizer', seq_len=512, loss='answer',
+                                source='mix:stdlib+ruler:niah_single_1,niah_single_2,'
+                                       'niah_multikey_1,vt'),
+                      train=dict(init_from='runs/standin/lm', batch_size=8, steps=400, lr=1e-3,
+                                 warmup_steps=20, log_every=10, eval_every=100, ckpt_every=50)),
     'tiny': dict(model=dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                             tie_embeddings=False, scale_embeddings=False),
                  data=dict(tokenizer='hf:runs/standin/tokenizer', seq_len=128),

@@ -7,7 +7,9 @@ Window i is a random-access `grain.MapDataset` element, so the iterator state is
 small, exact, checkpointable. The whole split is held in memory as uint16 (2 bytes per token; int32
 for vocabularies over 65536 ids), so
 tfds sources are limited to datasets that fit in host memory (a few GB of text).
-'synthetic:TASK' sources yield one example (prompt + answer, random depth) per window.
+'synthetic:TASK' sources yield one example (prompt + answer, random depth) per window;
+'ruler:TASK,TASK,..' one RULER example in the run's tokenizer (training seeds; the answer
+last), 'zoology:mqar' one Zoology MQAR example (data/zoology.py).
 'mix:A+B+...' interleaves the windows of its parts round robin (e.g. the corpus with synthetic
 long-context tasks: 'mix:stdlib+synthetic:passkey+synthetic:mqar').
 """
@@ -77,9 +79,56 @@ class _SyntheticWindows:
     return {"tokens": tokens, "weights": weights}
 
 
+class _RulerWindows:
+  """Item i = {'tokens': int32[width], 'weights': float32[width - 1]}: a RULER example (data/
+  ruler.py) of task tasks[i % n] in the run's tokenizer, as a training document: BOS, newline
+  filler, the prompt, then its answer (' ' + the references joined by ', ', EOS) in the last
+  tokens. Weights: the answer's targets, and with answer_loss=False the prompt's too (never
+  the filler's). Seeds: train i, eval 3 x ruler_eval.HELD_OUT + i (evaluate.py scores seeds
+  from HELD_OUT, evolve.py's held-out sets from 2 x HELD_OUT): disjoint."""
+
+  ANSWER_TOKENS = 48
+
+  def __init__(self, tasks, width: int, split: str, tokenizer: str, answer_loss: bool = False):
+    from data import ruler
+    from training.ruler_eval import HELD_OUT, filler_id
+    self.ruler, self.tok = ruler, get_tokenizer(tokenizer)
+    self.tasks, self.width, self.answer_loss = tasks, width, answer_loss
+    self.first = 3 * HELD_OUT if split == "eval" else 0
+    self.filler = filler_id(self.tok)
+    if self.filler is None:
+      raise SourceError(f"data.source: ruler: needs a one-token newline to pad with; "
+                        f"{tokenizer} has none")
+    self.example(0)                                     # a length too short fails here
+
+  def __len__(self) -> int:
+    return 1 << 30
+
+  def example(self, index: int) -> dict:
+    task = self.tasks[int(index) % len(self.tasks)]
+    try:
+      e = self.ruler.example(task, self.width, self.tok, self.first + int(index),
+                             max_new_tokens=self.ANSWER_TOKENS)
+    except ValueError as err:
+      raise SourceError(f"data.source: ruler:{task}: {err}") from None
+    eos = [self.tok.EOS] if self.tok.EOS >= 0 else []
+    answer = np.concatenate([self.tok.encode(" " + ", ".join(e.references)), eos])
+    answer = answer[:self.ANSWER_TOKENS].astype(np.int32)
+    pad = self.width - len(e.prompt_ids) - len(answer)
+    tokens = np.concatenate([e.prompt_ids[:1], np.full(pad, self.filler, np.int32),
+                             e.prompt_ids[1:], answer])
+    weights = np.zeros(self.width - 1, np.float32)
+    weights[self.width - 1 - len(answer):] = 1.          # the targets that are the answer
+    if not self.answer_loss:
+      weights[pad:] = 1.                                 # and the prompt's (not the filler)
+    return {"tokens": tokens, "weights": weights}
+
+  __getitem__ = example
+
+
 def is_text(source: str) -> bool:
   """Whether `source` is text only (it has a unigram baseline; synthetic and mixes do not)."""
-  return not source.startswith(("synthetic:", "mix:", "zoology:"))
+  return not source.startswith(("synthetic:", "mix:", "zoology:", "ruler:"))
 
 
 def pad_id(source: str, tokenizer: str) -> int:
@@ -106,6 +155,9 @@ def _windows(source: str, split: str, width: int, tfds_data_dir=None, seed: int 
   if source.startswith("mix:"):
     return grain.MapDataset.mix([_windows(p, split, width, tfds_data_dir, seed, tokenizer,
                                           answer_loss) for p in _mix_parts(source)])
+  if source.startswith("ruler:"):
+    return grain.MapDataset.source(_RulerWindows(source[len("ruler:"):].split(","), width,
+                                                 split, tokenizer, answer_loss))
   if source.startswith("zoology:"):
     return grain.MapDataset.source(zoology.MQAR(width - 1, split, seed, **zoology.parse(source)))
   if source.startswith("synthetic:"):

@@ -28,7 +28,7 @@ from training.loop import train
     ({'decode.policy': 'oracle'}, 1, r"config.decode.policy: unknown policy 'oracle'"),
     ({'model.attention_impl': 'flash'}, 1, r"config.model.attention_impl: 'flash' not xla"),
     ({'model.attention_block': 0}, 1, r'config.model.attention_block: must be >= 1, got 0'),
-    ({'data.loss': 'answer'}, 1, r"config.data.loss: 'answer' needs synthetic examples only"),
+    ({'data.loss': 'answer'}, 1, r"config.data.loss: 'answer' needs task examples"),
     ({'evolve.cache_weight': -0.1}, 1, r'config.evolve.cache_weight: must be >= 0, got -0.1'),
     ({'model.mixer': 'titans_mac', 'model.titans.gate_bias': (0.0, 0.0)}, 1,
      r'config.model.titans.gate_bias: must be 3 numbers'),

@@ -107,3 +107,33 @@ def test_a_length_too_short_and_an_unknown_task_are_clear_errors():
     ruler.example('cwe', 1024, tok, seed=0)
   with pytest.raises(ValueError, match=r"ruler: unknown task 'niah'; one of"):
     ruler.example('niah', 1024, tok, seed=0)
+
+
+def test_ruler_training_source(bpe):
+  """data.source ruler:TASK,..: one example per window in the run's tokenizer, the answer
+  (references joined by ', ', then EOS) in the last tokens; weights on the answer only with
+  data.loss=answer, else on the prompt too but never on the filler; train and eval seeds
+  disjoint; a mix keeps its text parts' weights."""
+  from data import pipeline
+  spec = f'hf:{bpe.dir}'
+  source = pipeline._RulerWindows(['niah_single_1', 'vt'], 513, 'train', spec, answer_loss=True)
+  for i in range(4):
+    item, e = source[i], ruler.example(['niah_single_1', 'vt'][i % 2], 513, bpe, i,
+                                       max_new_tokens=source.ANSWER_TOKENS)
+    tokens, weights = item['tokens'], item['weights']
+    assert tokens.shape == (513,) and tokens[0] == bpe.BOS
+    answer = bpe.encode(' ' + ', '.join(e.references)).tolist() + [bpe.EOS]
+    assert tokens[-len(answer):].tolist() == answer
+    assert np.flatnonzero(weights).tolist() == list(range(512 - len(answer), 512))
+    assert tokens[-len(answer) - len(e.prompt_ids) + 1:-len(answer)].tolist() == \
+        e.prompt_ids[1:].tolist()
+  full = pipeline._RulerWindows(['vt'], 513, 'train', spec)[1]
+  pad = 513 - int(full['weights'].sum()) - 1
+  assert (full['tokens'][1:pad + 1] == int(bpe.encode('\n')[0])).all()   # filler, weight 0
+  assert full['weights'][:pad].sum() == 0 and full['weights'][pad:].all()
+  held = pipeline._RulerWindows(['vt'], 513, 'eval', spec)[1]
+  assert held['tokens'].tolist() != full['tokens'].tolist()
+  batch = next(pipeline.make_train_iterator('mix:pydoc+ruler:vt', 'train', 512, 4, 0,
+                                            tokenizer=spec, answer_loss=True))
+  sums = sorted(batch['weights'].sum(1).tolist())
+  assert sums[-2:] == [512, 512] and sums[0] < 64                # text rows: every token

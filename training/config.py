@@ -257,10 +257,17 @@ def validate(cfg, n_devices, *, check_mesh=True):
     _validate_zoology(cfg)
   _check(0 <= t.stop_at_accuracy <= 1, 'train.stop_at_accuracy',
          f'must be in [0, 1], got {t.stop_at_accuracy}')
+  parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]
   if d.loss == 'answer':
-    parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]
-    _check(all(p.startswith('synthetic:') for p in parts), 'data.loss',
-           f"'answer' needs synthetic examples only, got data.source={d.source!r}")
+    _check(any(p.startswith(('synthetic:', 'ruler:')) for p in parts), 'data.loss',
+           "'answer' needs task examples (synthetic: or ruler:) in data.source, got "
+           f'{d.source!r}')
+  for p in parts:
+    if p.startswith('ruler:'):
+      from data import ruler
+      bad = [t for t in p[len('ruler:'):].split(',') if t not in ruler.TASKS]
+      _check(not bad, 'data.source', f'{p!r}: unknown RULER task {bad[0] if bad else ""!r}; '
+             f'one of {sorted(ruler.TASKS)}')
   _check(m.segment_len >= 0, 'model.segment_len', f'must be >= 0, got {m.segment_len}')
   if m.segment_len:
     _check(d.seq_len % m.segment_len == 0, 'data.seq_len',
