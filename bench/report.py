@@ -29,7 +29,7 @@ PAGES = {
     'infini': ('Infini-attention', ['infini']),
     'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
     'namm': ('NAMM: evolved KV-cache eviction', ['namm']),
-    'ruler': ('RULER on the subword stand-in', ['ruler']),
+    'ruler': ('RULER on the subword stand-in', ['workflow', 'ruler']),
     'zoology': ('Zoology MQAR: recall of every mixer', ['zoology']),
 }
 _MACHINE_PATH = re.compile(r'(?<![\w.$/])/(?:tmp|home|root|work|scratch)(?=/)')

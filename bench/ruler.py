@@ -37,20 +37,26 @@ def overrides(policy, length, cache, tasks, examples):
   return o
 
 
-def measure(run, policies, lengths, tasks, examples, cache):
-  """[row]: one per (policy, task, length) cell (score None: the length is too short)."""
+def measure_pass(run, policy, length, tasks, examples, cache, **extra):
+  """[row]: one per task of one (policy, length) pass (score None: the length is too short);
+  `extra`: more evaluate.py overrides (decode.namm_run)."""
   from training.evaluation import Evaluator
   from training.ruler_eval import run_suite
   from training.run import load_run
+  ev = Evaluator(load_run(run, overrides={**overrides(policy, length, cache, tasks, examples),
+                                          **extra}))
   rows = []
-  for policy in policies:
-    for length in lengths:
-      ev = Evaluator(load_run(run, overrides=overrides(policy, length, cache, tasks, examples)))
-      for c in run_suite(ev):
-        rows.append(dict(policy=policy, task=c['task'], length=c['length'], score=c['score'],
-                         skipped=c.get('skipped'), first=c.get('first')))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != 'first'}), flush=True)
+  for c in run_suite(ev):
+    rows.append(dict(policy=policy, task=c['task'], length=c['length'], score=c['score'],
+                     skipped=c.get('skipped'), first=c.get('first')))
+    print(json.dumps({k: v for k, v in rows[-1].items() if k != 'first'}), flush=True)
   return rows
+
+
+def measure(run, policies, lengths, tasks, examples, cache):
+  """[row]: one per (policy, task, length) cell."""
+  return [r for policy in policies for length in lengths
+          for r in measure_pass(run, policy, length, tasks, examples, cache)]
 
 
 def page(report):

@@ -26,6 +26,10 @@ def unbound(pairs):
   return sum(1 / (pairs - k) for k in range(pairs)) / pairs
 
 
+def reach_of(rows, T):
+  return next(r['reach'] for r in rows if r['T'] == T)
+
+
 def best(cells):
   """{(mixer, T, pairs, d): the row of the best learning rate}."""
   out = {}
@@ -59,6 +63,24 @@ def markdown(results, prefix):
                  f"{unbound(pairs):.2f} | {r['lr']:g} "
                  f"(of {tried}) | {r['examples']} | {r['state_bytes']:,} | "
                  f"{r['seconds']:.0f} |")
+  lines += ['', 'Checks:', '']
+  for T, pairs in ((64, 4), (128, 8)):
+    for d in (64, 128):
+      r = rows.get(('attention', T, pairs, d))
+      lines.append(f'- attention at T = {T}, {pairs} pairs, d_model {d} reaches >= 0.99 '
+                   "(Zoology's result): " + ('not run yet' if r is None else
+                   f"{'met' if r['solved'] else 'missed'} ({r['accuracy']:.3f} after "
+                   f"{r['examples']} examples)"))
+  for mixer in sorted({m for m, *_ in rows} - {'attention'}):
+    for pairs in (4, 8):
+      ok = [r for (m, T, p, d), r in rows.items() if m == mixer and p == pairs
+            and r['accuracy'] >= 0.9]
+      tried = [r for (m, T, p, d), r in rows.items() if m == mixer and p == pairs]
+      if tried:
+        best_T = max((r['T'] for r in ok), default=None)
+        lines.append(f'- {mixer}, {pairs} pairs: ' + (
+            f"largest T with >= 0.9: {best_T} (reach {reach_of(ok, best_T)})" if ok
+            else f"below 0.9 at every T tried ({', '.join(str(r['T']) for r in tried)})"))
   lines += ['', 'Deviations from Zoology\'s protocol:', '']
   lines += [f'- {d}' for d in DEVIATIONS]
   lines += ['', f'![accuracy vs d_model and state size]({prefix.split("/")[-1]}.png)'
