@@ -13,10 +13,13 @@ of the new queries over the cache slots (averaged per KV group), and returns whi
 keep (it may update its state in `cache.token_state` / `cache.policy_state`). Attention
 applies `valid &= keep`. Policies register in models/registry.py with their config keys.
 """
+import jax
 import jax.numpy as jnp
 from flax import struct
 
 from models import registry
+
+INF = 1e30                       # a score no token reaches (finite: argsort, argmin)
 
 
 @struct.dataclass
@@ -38,6 +41,29 @@ class Recency(KeepAll):
   def keep(self, cache, probs_BxKxTxS, pos_BxT):
     newest_Bx1x1 = pos_BxT.max(-1)[:, None, None]
     return cache.pos_BxKxS > newest_Bx1x1 - self.window, cache
+
+
+def top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
+  """Keep the `recent` newest positions plus the best-scoring others up to `budget` in all
+  (ties: the lower slot). When at most one token per head is over budget (every decode step
+  after the first eviction) that is the worst-scoring other, found without a sort."""
+  recent_BxKxS = valid_BxKxS & (pos_BxKxS > newest_B[:, None, None] - recent)
+  other_BxKxS = valid_BxKxS & ~recent_BxKxS
+  s = jnp.where(other_BxKxS, score_BxKxS, -INF)
+  n_other = jnp.maximum(budget - recent_BxKxS.sum(-1, keepdims=True), 0)
+  over_BxKx1 = other_BxKxS.sum(-1, keepdims=True) - n_other
+
+  def one_over():
+    S = s.shape[-1]
+    worst = S - 1 - jnp.argmin(jnp.where(other_BxKxS, s, INF)[..., ::-1], -1)   # last of ties
+    drop = (jnp.arange(S) == worst[..., None]) & (over_BxKx1 > 0)
+    return valid_BxKxS & ~drop
+
+  def sorted_keep():
+    rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
+    return recent_BxKxS | ((rank < n_other) & other_BxKxS)
+
+  return jax.lax.cond(over_BxKx1.max() <= 1, one_over, sorted_keep)
 
 
 registry.register_policy('none', lambda cfg: None)

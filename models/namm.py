@@ -40,6 +40,7 @@ import numpy as np
 from flax import struct
 
 from models import registry
+from models.eviction import top_budget
 from models.registry import check
 
 INF = 1e30
@@ -332,29 +333,6 @@ def mean_std(stats_3xF):
 
 # --- Baselines ---------------------------------------------------------------------------
 
-def _top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
-  """Keep the `recent` newest positions plus the best-scoring others up to `budget` in all
-  (ties: the lower slot). When at most one token per head is over budget (every decode step
-  after the first eviction) that is the worst-scoring other, found without a sort."""
-  recent_BxKxS = valid_BxKxS & (pos_BxKxS > newest_B[:, None, None] - recent)
-  other_BxKxS = valid_BxKxS & ~recent_BxKxS
-  s = jnp.where(other_BxKxS, score_BxKxS, -INF)
-  n_other = jnp.maximum(budget - recent_BxKxS.sum(-1, keepdims=True), 0)
-  over_BxKx1 = other_BxKxS.sum(-1, keepdims=True) - n_other
-
-  def one_over():
-    S = s.shape[-1]
-    worst = S - 1 - jnp.argmin(jnp.where(other_BxKxS, s, INF)[..., ::-1], -1)   # last of ties
-    drop = (jnp.arange(S) == worst[..., None]) & (over_BxKx1 > 0)
-    return valid_BxKxS & ~drop
-
-  def sorted_keep():
-    rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
-    return recent_BxKxS | ((rank < n_other) & other_BxKxS)
-
-  return jax.lax.cond(over_BxKx1.max() <= 1, one_over, sorted_keep)
-
-
 @struct.dataclass
 class H2O:
   """Heavy-hitter oracle (Zhang et al. 2023): keep the `recent` newest tokens plus those with
@@ -368,7 +346,7 @@ class H2O:
   def keep(self, cache, probs_BxKxTxS, pos_BxT):
     acc = cache.token_state['acc'] + probs_BxKxTxS.sum(2).astype(jnp.float32)
     cache = cache.replace(token_state=dict(acc=acc))
-    return _top_budget(acc, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+    return top_budget(acc, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
                        self.recent), cache
 
 
@@ -384,7 +362,7 @@ class L2Norm:
 
   def keep(self, cache, probs_BxKxTxS, pos_BxT):
     norm = jnp.linalg.norm(cache.k_BxKxSxH.astype(jnp.float32), axis=-1)
-    return _top_budget(-norm, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+    return top_budget(-norm, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
                        self.recent), cache
 
 

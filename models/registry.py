@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 import jax
 
-BUILTINS = ('models.attention', 'models.eviction', 'models.namm', 'models.titans',
-            'models.infini', 'models.anchor')
+BUILTINS = ('models.attention', 'models.eviction', 'models.namm', 'models.presses',
+            'models.titans', 'models.infini', 'models.anchor')
 
 
 class ConfigError(ValueError):

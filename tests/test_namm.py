@@ -158,7 +158,7 @@ def test_budget_rule_fast_path_equals_sorted_rule():
     rank = np.argsort(np.argsort(-np.asarray(s), -1, kind='stable'), -1, kind='stable')
     n_other = np.maximum(budget - np.asarray(recent_m).sum(-1, keepdims=True), 0)
     want = np.asarray(recent_m) | ((rank < n_other) & np.asarray(valid & ~recent_m))
-    got = namm._top_budget(score, valid, pos, newest, budget, recent)
+    got = eviction.top_budget(score, valid, pos, newest, budget, recent)
     np.testing.assert_array_equal(got, want)
     hits += int((np.asarray(valid & ~recent_m).sum(-1) - n_other[..., 0]).max() == 1)
   assert hits > 10                                  # the fast path was taken with one to drop

@@ -1,0 +1,84 @@
+"""Training-free KV-cache compression policies of the field (kvpress's "presses"), behind the
+one policy interface of models/eviction.py, with static shapes:
+
+  streaming_llm  Xiao et al. 2023 (StreamingLLM): the first `sinks` positions (attention
+                 sinks) and the `window` most recent ones.
+  tova           Oren et al. 2024 (TOVA): keep the `budget` tokens with the largest
+                 attention from the current (last) query, averaged over the layer's heads:
+                 one decision per layer, the same tokens in every KV head; no recent window.
+  random         `budget` tokens per head drawn uniformly (a hash of position, head and the
+                 newest position: deterministic, another draw at every eviction).
+H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM.
+
+Budgets are counts of tokens per KV head (decode.budget, or sinks + window); ties keep the
+lower slot (eviction.top_budget).
+"""
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models import registry
+from models.eviction import KeepAll, top_budget
+from models.namm import BUDGET, validate_budget
+
+
+@struct.dataclass
+class StreamingLLM(KeepAll):
+  sinks: int = struct.field(pytree_node=False, default=4)
+  window: int = struct.field(pytree_node=False, default=256)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    newest_Bx1x1 = pos_BxT.max(-1)[:, None, None]
+    pos = cache.pos_BxKxS
+    return cache.valid_BxKxS & ((pos < self.sinks) | (pos > newest_Bx1x1 - self.window)), cache
+
+
+@struct.dataclass
+class TOVA(KeepAll):
+  budget: int = struct.field(pytree_node=False, default=256)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    valid = cache.valid_BxKxS
+    # the last query's attention, averaged over the heads that see each slot
+    p = jnp.where(valid, probs_BxKxTxS[:, :, -1].astype(jnp.float32), 0.)
+    seen_BxS = jnp.maximum(valid.sum(1), 1)
+    score_BxKxS = jnp.broadcast_to((p.sum(1) / seen_BxS)[:, None], valid.shape)
+    return top_budget(score_BxKxS, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+                      0), cache
+
+
+def uniform_hash(pos_BxKxS, head_K, newest_B):
+  """A uniform [0, 1) number per (position, head, eviction), from integer hashing."""
+  x = (pos_BxKxS.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+       ^ head_K[None, :, None].astype(jnp.uint32) * jnp.uint32(0x85EBCA77)
+       ^ newest_B[:, None, None].astype(jnp.uint32) * jnp.uint32(0xC2B2AE3D))
+  for shift, mult in ((16, 0x7FEB352D), (15, 0x846CA68B), (16, 1)):
+    x = (x ^ (x >> shift)) * jnp.uint32(mult)
+  return (x >> 8).astype(jnp.float32) / float(1 << 24)
+
+
+@struct.dataclass
+class Random(KeepAll):
+  budget: int = struct.field(pytree_node=False, default=256)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    newest = pos_BxT.max(-1)
+    K = cache.valid_BxKxS.shape[1]
+    score = uniform_hash(cache.pos_BxKxS, jnp.arange(K), newest)
+    return top_budget(score, cache.valid_BxKxS, cache.pos_BxKxS, newest, self.budget,
+                      0), cache
+
+
+def _validate_streaming(cfg):
+  de = cfg.decode
+  registry.check(de.sinks >= 0, 'decode.sinks', f'must be >= 0, got {de.sinks}')
+  registry.check(de.window >= 1, 'decode.window', f'must be >= 1, got {de.window}')
+
+
+registry.register_policy(
+    'streaming_llm', lambda cfg: StreamingLLM(int(cfg.decode.sinks), int(cfg.decode.window)),
+    config={'decode.sinks': 4, 'decode.window': 256}, validate=_validate_streaming)
+registry.register_policy('tova', lambda cfg: TOVA(int(cfg.decode.budget)), config=BUDGET,
+                         validate=validate_budget)
+registry.register_policy('random', lambda cfg: Random(int(cfg.decode.budget)), config=BUDGET,
+                         validate=validate_budget)

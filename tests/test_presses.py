@@ -1,0 +1,103 @@
+"""models/presses.py: each policy's keep mask against a slow NumPy reference on random caches
+(ties, empty slots, GQA groups), budgets met exactly, and decode with a budget that holds
+everything equal to the full forward."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import decode, presses
+
+
+def random_cache(rng, B=2, K=2, S=16, same_heads=False):
+  """valid [B, K, S] (some empty slots), positions (-1 where empty) as permutations."""
+  valid = rng.random((B, 1 if same_heads else K, S)) < 0.8
+  valid = np.broadcast_to(valid, (B, K, S)).copy()
+  pos = np.stack([[rng.permutation(S) for _ in range(K)] for _ in range(B)])
+  if same_heads:
+    pos = np.broadcast_to(pos[:, :1], (B, K, S)).copy()
+  pos = np.where(valid, pos, -1)
+  return valid, pos
+
+
+class Cache:            # the fields a policy reads (models/attention.py KVCache)
+  def __init__(self, valid, pos):
+    self.valid_BxKxS, self.pos_BxKxS = jnp.asarray(valid), jnp.asarray(pos)
+
+
+def test_streaming_llm_keeps_sinks_and_the_window():
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    valid, pos = random_cache(rng)
+    newest = pos.max((1, 2))
+    sinks, window = int(rng.integers(0, 4)), int(rng.integers(1, 8))
+    keep, _ = presses.StreamingLLM(sinks, window).keep(Cache(valid, pos), None,
+                                                       jnp.asarray(newest)[:, None])
+    want = np.zeros_like(valid)
+    for b, k, s in np.ndindex(valid.shape):
+      p = pos[b, k, s]
+      want[b, k, s] = valid[b, k, s] and (p < sinks or p > newest[b] - window)
+    np.testing.assert_array_equal(keep, want)
+
+
+def np_top(score, valid, budget):
+  """Indices kept: the `budget` highest scores of the valid slots, ties to the lower slot."""
+  order = sorted((s for s in range(len(score)) if valid[s]), key=lambda s: (-score[s], s))
+  return set(order[:budget])
+
+
+def test_tova_keeps_the_top_of_the_last_querys_attention_averaged_over_heads():
+  rng = np.random.default_rng(1)
+  for _ in range(50):
+    B, K, T, S = 2, 2, 3, 16                     # K KV heads (each a GQA group's average)
+    valid, pos = random_cache(rng, B, K, S, same_heads=True)
+    probs = rng.integers(0, 3, (B, K, T, S)).astype(np.float32)       # many ties
+    budget = int(rng.integers(1, S))
+    keep, _ = presses.TOVA(budget).keep(Cache(valid, pos), jnp.asarray(probs),
+                                        jnp.asarray(pos.max((1, 2)))[:, None])
+    keep = np.asarray(keep)
+    for b in range(B):
+      score = probs[b, :, -1].mean(0)             # the last query, averaged over heads
+      kept = np_top(score, valid[b, 0], budget)
+      for k in range(K):
+        assert set(np.flatnonzero(keep[b, k])) == kept
+      assert keep[b, 0].sum() == min(budget, valid[b, 0].sum())       # the budget, exactly
+
+
+def test_random_keeps_budget_valid_tokens_and_redraws_per_eviction():
+  rng = np.random.default_rng(2)
+  valid, pos = random_cache(rng, B=2, K=3, S=32)
+  newest = jnp.asarray(pos.max((1, 2)))[:, None]
+  keep = np.asarray(presses.Random(7).keep(Cache(valid, pos), None, newest)[0])
+  assert (keep <= valid).all()
+  np.testing.assert_array_equal(keep.sum(-1), np.minimum(7, valid.sum(-1)))
+  again = np.asarray(presses.Random(7).keep(Cache(valid, pos), None, newest)[0])
+  later = np.asarray(presses.Random(7).keep(Cache(valid, pos), None, newest + 1)[0])
+  assert (again == keep).all() and (later != keep).any()
+  u = np.asarray(presses.uniform_hash(jnp.arange(4096).reshape(1, 1, -1), jnp.arange(1),
+                                      jnp.zeros(1, jnp.int32)))
+  u = u.ravel()
+  assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02 and len(set(u)) > 4000
+
+
+@pytest.mark.parametrize('policy', [presses.StreamingLLM(4, 256), presses.TOVA(256),
+                                    presses.Random(256)], ids=lambda p: type(p).__name__)
+def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
+  from conftest import tiny_config
+  from models.lm import LM
+  model = LM(tiny_config().model, rngs=nnx.Rngs(0))
+  tok = jax.random.randint(jax.random.key(1), (2, 96), 0, 256)
+
+  @jax.jit
+  def run(tokens):
+    st = decode.init_state(model, 2, 97, policy)
+    logits, st = decode.prefill(model, tokens, st, policy, 32)
+    return logits, [s.size_BxK() for s in st]
+
+  logits, sizes = run(tok)
+  full = nnx.jit(lambda m, t: m(t)[0][:, -1])(model, tok)
+  assert float(jnp.abs(logits - full).max()) < 1e-5
+  assert all(int(s.min()) == 96 for s in sizes)
