@@ -48,6 +48,20 @@ def train_cmd(method, args):
           + ' '.join(f'--config.{k}={v}' for k, v in sets.items()))
 
 
+def train_method(method, args, results, prefix):
+  """Continued pretraining of one method (resumes a killed run); its row recorded."""
+  from bench.workflow_page import write
+  from training.metrics import read_metrics
+  cmd = train_cmd(method, args)
+  seconds = train_command(cmd)
+  last = read_metrics(f'{args.work}/{method}')[args.steps]
+  results['training'][method] = dict(
+      eval_loss=last['eval_loss'], eval_accuracy=last['eval_accuracy'], seconds=seconds,
+      provenance=provenance.record(MEASURES, 0, cmd))
+  save(prefix + '.json', results)
+  write(results, prefix)
+
+
 def passes(args):
   """[(run name, run path, policy)]: every method with the full cache, the base under each
   policy."""
@@ -94,19 +108,9 @@ def main(argv=None):
     results['setup'] = dict(base=args.base, steps=args.steps, train_length=args.train_length,
                             source=args.source, examples=args.examples, cache=args.cache,
                             tasks=args.tasks.split(','))
-    for method in args.methods.split(','):
-      if method in results['training']:
-        continue
-      cmd = train_cmd(method, args)
-      seconds = train_command(cmd)
-      from training.metrics import read_metrics
-      last = read_metrics(f'{args.work}/{method}')[args.steps]
-      results['training'][method] = dict(
-          eval_loss=last['eval_loss'], eval_accuracy=last['eval_accuracy'], seconds=seconds,
-          provenance=provenance.record(MEASURES, 0, cmd))
-      save(prefix + '.json', results)
-      write(results, prefix)
-    for name, run, policy in passes(args):
+    for name, run, policy in passes(args):        # the base first: it needs no training
+      if name != 'base' and name not in results['training']:
+        train_method(name, args, results, prefix)
       for length in (int(n) for n in args.lengths.split(',')):
         key = f'{name}|{policy}|{length}'
         if key in results['passes']:
