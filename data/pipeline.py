@@ -84,14 +84,14 @@ class _RulerWindows:
   ruler.py) of task tasks[i % n] in the run's tokenizer, as a training document: BOS, newline
   filler, the prompt, then its answer (' ' + the references joined by ', ', EOS) in the last
   tokens. Weights: the answer's targets, and with answer_loss=False the prompt's too (never
-  the filler's). Seeds: train i, eval 3 x ruler_eval.HELD_OUT + i (evaluate.py scores seeds
+  the filler's). Seeds: train i, eval 3 x ruler.HELD_OUT + i (evaluate.py scores seeds
   from HELD_OUT, evolve.py's held-out sets from 2 x HELD_OUT): disjoint."""
 
   ANSWER_TOKENS = 48
 
   def __init__(self, tasks, width: int, split: str, tokenizer: str, answer_loss: bool = False):
     from data import ruler
-    from training.ruler_eval import HELD_OUT, filler_id
+    from data.ruler import HELD_OUT, filler_id
     self.ruler, self.tok = ruler, get_tokenizer(tokenizer)
     self.tasks, self.width, self.answer_loss = tasks, width, answer_loss
     self.first = 3 * HELD_OUT if split == "eval" else 0

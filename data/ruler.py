@@ -43,6 +43,7 @@ import numpy as np
 
 NOISE = 'The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.'
 NEEDLE = 'One of the special magic {type_needle_v} for {key} is: {value}.'
+HELD_OUT = 1_000_000          # evaluation seeds; NAMM fitness and training draw below it
 DEPTHS = np.round(np.linspace(0, 100, num=40, endpoint=True)).astype(int).tolist()
 
 TEMPLATES = {   # RULER's scripts/data/synthetic/constants.py: (template, answer prefix, tokens)
@@ -340,3 +341,9 @@ def score(prediction, references):
   """RULER's string_match_all for one example: the fraction of `references` found in
   `prediction`, case-insensitive."""
   return sum(r.lower() in prediction.lower() for r in references) / len(references)
+
+
+def filler_id(tokenizer):
+  """The id prompts are aligned with (a newline), or None if a newline is not one token."""
+  newline = tokenizer.encode('\n')
+  return int(newline[0]) if len(newline) == 1 else None

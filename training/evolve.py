@@ -85,10 +85,11 @@ def ruler_examples(task, n, length, seed, split, tokenizer):
   """RULER examples (data/ruler.py) in the base's tokenizer, teacher forced: each prompt
   (left-padded to one length) then its answer, ' ' + the references joined by ', ', cut to
   the shortest answer of the set (one array, one context). Seeds: train below
-  ruler_eval.HELD_OUT, eval above evaluate.py's."""
+  ruler.HELD_OUT, eval above evaluate.py's."""
   from data import ruler
   from data.hf_tokenizer import get_tokenizer
-  from training.ruler_eval import HELD_OUT, filler_id, left_pad
+  from data.ruler import HELD_OUT, filler_id
+  from training.ruler_eval import left_pad
   tok = get_tokenizer(tokenizer)
   filler = filler_id(tok)
   if filler is None:

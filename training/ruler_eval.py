@@ -11,9 +11,9 @@ import numpy as np
 from flax import nnx
 
 from data import ruler
+from data.ruler import HELD_OUT, filler_id
 from models import decode
 
-HELD_OUT = 1_000_000          # evaluation seeds; NAMM fitness and training draw below it
 PARAMS = ('num_needle_k', 'num_needle_v', 'num_needle_q', 'num_hops', 'num_chains')
 
 
@@ -32,12 +32,6 @@ def cell_examples(cfg, tokenizer, task, length, depth):
             for i in range(r.examples)], None
   except ValueError as e:
     return None, str(e)
-
-
-def filler_id(tokenizer):
-  """The id prompts are aligned with (a newline), or None if a newline is not one token."""
-  newline = tokenizer.encode('\n')
-  return int(newline[0]) if len(newline) == 1 else None
 
 
 def left_pad(examples, filler_id):
