@@ -97,7 +97,8 @@ def get_base_config():
 
   c.decode = de = ml_collections.ConfigDict()
   de.policy = 'none'            # none | keep_all | recency | streaming_llm | tova | h2o | l2 |
-                                # random | namm | anchor (models/eviction.py, presses.py)
+                                # keydiff | random | namm | anchor (models/eviction.py,
+                                # presses.py, namm.py, anchor.py)
   de.capacity = 0               # KV slots per layer; 0: prompt + new tokens
   de.prefill_chunk = 0          # read the prompt in pieces (policy acts on each); 0: at once
   de.max_new_tokens = 64

@@ -8,6 +8,8 @@ one policy interface of models/eviction.py, with static shapes:
                  one decision per layer, the same tokens in every KV head; no recent window.
   random         `budget` tokens per head drawn uniformly (a hash of position, head and the
                  newest position: deterministic, another draw at every eviction).
+  keydiff        Park et al. 2025 (KeyDiff): keep the `budget` keys least similar (cosine)
+                 to the mean of the head's cached keys; the `recent` newest always kept.
 H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM.
 
 Budgets are counts of tokens per KV head (decode.budget, or sinks + window); ties keep the
@@ -69,6 +71,22 @@ class Random(KeepAll):
                       0), cache
 
 
+@struct.dataclass
+class KeyDiff(KeepAll):
+  budget: int = struct.field(pytree_node=False, default=256)
+  recent: int = struct.field(pytree_node=False, default=32)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    valid = cache.valid_BxKxS
+    k = cache.k_BxKxSxH.astype(jnp.float32)
+    unit = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
+    mean_BxKxH = (unit * valid[..., None]).sum(2) / jnp.maximum(valid.sum(-1), 1)[..., None]
+    anchor = mean_BxKxH / jnp.maximum(jnp.linalg.norm(mean_BxKxH, axis=-1, keepdims=True), 1e-6)
+    cos_BxKxS = jnp.einsum('bksh,bkh->bks', unit, anchor)
+    return top_budget(-cos_BxKxS, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+                      self.recent), cache
+
+
 def _validate_streaming(cfg):
   de = cfg.decode
   registry.check(de.sinks >= 0, 'decode.sinks', f'must be >= 0, got {de.sinks}')
@@ -80,5 +98,8 @@ registry.register_policy(
     config={'decode.sinks': 4, 'decode.window': 256}, validate=_validate_streaming)
 registry.register_policy('tova', lambda cfg: TOVA(int(cfg.decode.budget)), config=BUDGET,
                          validate=validate_budget)
+registry.register_policy('keydiff', lambda cfg: KeyDiff(int(cfg.decode.budget),
+                                                         int(cfg.decode.recent)),
+                         config=BUDGET, validate=validate_budget)
 registry.register_policy('random', lambda cfg: Random(int(cfg.decode.budget)), config=BUDGET,
                          validate=validate_budget)

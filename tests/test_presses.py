@@ -24,8 +24,9 @@ def random_cache(rng, B=2, K=2, S=16, same_heads=False):
 
 
 class Cache:            # the fields a policy reads (models/attention.py KVCache)
-  def __init__(self, valid, pos):
+  def __init__(self, valid, pos, k=None):
     self.valid_BxKxS, self.pos_BxKxS = jnp.asarray(valid), jnp.asarray(pos)
+    self.k_BxKxSxH = None if k is None else jnp.asarray(k)
 
 
 def test_streaming_llm_keeps_sinks_and_the_window():
@@ -67,6 +68,27 @@ def test_tova_keeps_the_top_of_the_last_querys_attention_averaged_over_heads():
       assert keep[b, 0].sum() == min(budget, valid[b, 0].sum())       # the budget, exactly
 
 
+def test_keydiff_keeps_the_keys_least_like_the_mean_key_and_the_recent_ones():
+  rng = np.random.default_rng(3)
+  for _ in range(30):
+    B, K, S, H = 2, 2, 16, 4
+    valid, pos = random_cache(rng, B, K, S)
+    k = rng.normal(size=(B, K, S, H)).astype(np.float32)
+    recent, budget = int(rng.integers(0, 3)), int(rng.integers(3, S))
+    newest = pos.max((1, 2))
+    keep = np.asarray(presses.KeyDiff(budget, recent).keep(
+        Cache(valid, pos, k), None, jnp.asarray(newest)[:, None])[0])
+    for b, h in np.ndindex(B, K):
+      unit = k[b, h] / np.linalg.norm(k[b, h], axis=-1, keepdims=True)
+      mean = unit[valid[b, h]].mean(0)
+      cos = unit @ (mean / np.linalg.norm(mean))
+      rec = {s for s in range(S) if valid[b, h, s] and pos[b, h, s] > newest[b] - recent}
+      others = [s for s in range(S) if valid[b, h, s] and s not in rec]
+      n = max(budget - len(rec), 0)
+      want = rec | set(sorted(others, key=lambda s: (cos[s], s))[:n])
+      assert set(np.flatnonzero(keep[b, h])) == want
+
+
 def test_random_keeps_budget_valid_tokens_and_redraws_per_eviction():
   rng = np.random.default_rng(2)
   valid, pos = random_cache(rng, B=2, K=3, S=32)
@@ -84,7 +106,8 @@ def test_random_keeps_budget_valid_tokens_and_redraws_per_eviction():
 
 
 @pytest.mark.parametrize('policy', [presses.StreamingLLM(4, 256), presses.TOVA(256),
-                                    presses.Random(256)], ids=lambda p: type(p).__name__)
+                                    presses.Random(256), presses.KeyDiff(256, 32)],
+                         ids=lambda p: type(p).__name__)
 def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
   from conftest import tiny_config
   from models.lm import LM
