@@ -8,6 +8,13 @@ one policy interface of models/eviction.py, with static shapes:
                  one decision per layer, the same tokens in every KV head; no recent window.
   random         `budget` tokens per head drawn uniformly (a hash of position, head and the
                  newest position: deterministic, another draw at every eviction).
+  snapkv         Li et al. 2024 (SnapKV): at prefill, the attention of the prompt's last
+                 `window` queries (the observation window) summed per head, average-pooled
+                 over `kernel` neighbouring positions (kvpress: window 64, kernel 5, zero
+                 padding counted); keep the window and the best others up to `budget`. It
+                 acts on an update of at least `window` queries (decode steps keep all:
+                 decode.prefill_chunk=0 compresses once, at the end of the prompt, as the
+                 paper does; with chunks, each chunk is compressed).
   keydiff        Park et al. 2025 (KeyDiff): keep the `budget` keys least similar (cosine)
                  to the mean of the head's cached keys; the `recent` newest always kept.
 H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM.
@@ -71,6 +78,36 @@ class Random(KeepAll):
                       0), cache
 
 
+def pool_by_position(score_BxKxS, pos_BxKxS, valid_BxKxS, kernel):
+  """Average of each slot's score with its `kernel` nearest slots in position order (zeros
+  beyond the ends and at empty slots, counted: torch avg_pool1d's default)."""
+  order = jnp.argsort(jnp.where(valid_BxKxS, pos_BxKxS, jnp.iinfo(jnp.int32).max), -1)
+  s = jnp.take_along_axis(jnp.where(valid_BxKxS, score_BxKxS, 0.), order, -1)
+  half = kernel // 2
+  padded = jnp.pad(s, ((0, 0), (0, 0), (half, half)))
+  S = s.shape[-1]
+  pooled = sum(padded[..., i:i + S] for i in range(kernel)) / kernel
+  return jnp.zeros_like(pooled).at[
+      jnp.arange(s.shape[0])[:, None, None], jnp.arange(s.shape[1])[None, :, None],
+      order].set(pooled)
+
+
+@struct.dataclass
+class SnapKV(KeepAll):
+  budget: int = struct.field(pytree_node=False, default=256)
+  window: int = struct.field(pytree_node=False, default=64)
+  kernel: int = struct.field(pytree_node=False, default=5)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    valid = cache.valid_BxKxS
+    if probs_BxKxTxS.shape[2] < self.window:        # decode steps: SnapKV acts at prefill
+      return jnp.ones_like(valid), cache
+    score = probs_BxKxTxS[:, :, -self.window:].astype(jnp.float32).sum(2)
+    score = pool_by_position(score, cache.pos_BxKxS, valid, self.kernel)
+    return top_budget(score, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+                      self.window), cache
+
+
 @struct.dataclass
 class KeyDiff(KeepAll):
   budget: int = struct.field(pytree_node=False, default=256)
@@ -87,6 +124,13 @@ class KeyDiff(KeepAll):
                       self.recent), cache
 
 
+def _validate_snap(cfg):
+  validate_budget(cfg)
+  de = cfg.decode
+  registry.check(1 <= de.snap_window <= de.budget, 'decode.snap_window',
+                 f'must be in [1, decode.budget={de.budget}], got {de.snap_window}')
+
+
 def _validate_streaming(cfg):
   de = cfg.decode
   registry.check(de.sinks >= 0, 'decode.sinks', f'must be >= 0, got {de.sinks}')
@@ -98,6 +142,10 @@ registry.register_policy(
     config={'decode.sinks': 4, 'decode.window': 256}, validate=_validate_streaming)
 registry.register_policy('tova', lambda cfg: TOVA(int(cfg.decode.budget)), config=BUDGET,
                          validate=validate_budget)
+registry.register_policy('snapkv', lambda cfg: SnapKV(int(cfg.decode.budget),
+                                                       int(cfg.decode.snap_window)),
+                         config=dict(BUDGET, **{'decode.snap_window': 64}),
+                         validate=_validate_snap)
 registry.register_policy('keydiff', lambda cfg: KeyDiff(int(cfg.decode.budget),
                                                          int(cfg.decode.recent)),
                          config=BUDGET, validate=validate_budget)

@@ -68,6 +68,30 @@ def test_tova_keeps_the_top_of_the_last_querys_attention_averaged_over_heads():
       assert keep[b, 0].sum() == min(budget, valid[b, 0].sum())       # the budget, exactly
 
 
+def test_snapkv_keeps_the_window_and_the_pooled_window_attention_top():
+  rng = np.random.default_rng(4)
+  for _ in range(30):
+    B, K, T, S, w, kernel = 2, 2, 6, 16, 3, 5
+    valid, pos = random_cache(rng, B, K, S)
+    probs = rng.random((B, K, T, S)).astype(np.float32)
+    budget = int(rng.integers(w, S))
+    newest = pos.max((1, 2))
+    policy = presses.SnapKV(budget, w, kernel)
+    keep = np.asarray(policy.keep(Cache(valid, pos), jnp.asarray(probs),
+                                  jnp.asarray(newest)[:, None])[0])
+    for b, h in np.ndindex(B, K):
+      slots = sorted((s for s in range(S) if valid[b, h, s]), key=lambda s: pos[b, h, s])
+      raw = [probs[b, h, -w:, s].sum() for s in slots]                 # position order
+      padded = [0.] * (kernel // 2) + raw + [0.] * (kernel // 2) + [0.] * (S - len(raw))
+      pooled = {s: sum(padded[i:i + kernel]) / kernel for i, s in enumerate(slots)}
+      win = {s for s in slots if pos[b, h, s] > newest[b] - w}
+      others = sorted((s for s in slots if s not in win), key=lambda s: (-pooled[s], s))
+      want = win | set(others[:max(budget - len(win), 0)])
+      assert set(np.flatnonzero(keep[b, h])) == want, (b, h)
+  one = presses.SnapKV(4, 3).keep(Cache(valid, pos), jnp.ones((B, K, 1, S)), jnp.zeros((B, 1)))
+  assert np.asarray(one[0]).all()                                  # a decode step keeps all
+
+
 def test_keydiff_keeps_the_keys_least_like_the_mean_key_and_the_recent_ones():
   rng = np.random.default_rng(3)
   for _ in range(30):
@@ -106,7 +130,8 @@ def test_random_keeps_budget_valid_tokens_and_redraws_per_eviction():
 
 
 @pytest.mark.parametrize('policy', [presses.StreamingLLM(4, 256), presses.TOVA(256),
-                                    presses.Random(256), presses.KeyDiff(256, 32)],
+                                    presses.Random(256), presses.KeyDiff(256, 32),
+                                    presses.SnapKV(256, 16)],
                          ids=lambda p: type(p).__name__)
 def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
   from conftest import tiny_config
