@@ -100,6 +100,8 @@ def get_base_config():
                                 # keydiff | random | namm | anchor (models/eviction.py,
                                 # presses.py, namm.py, anchor.py)
   de.capacity = 0               # KV slots per layer; 0: prompt + new tokens
+  de.compression_ratio = 0.0    # > 0: the policy keeps (1 - this) of each prompt's tokens per
+                                # head (kvpress's ratio; RULER cells; budget-based policies)
   de.prefill_chunk = 0          # read the prompt in pieces (policy acts on each); 0: at once
   de.max_new_tokens = 64
   de.temperature = 0.0          # 0: greedy

@@ -20,7 +20,8 @@ one policy interface of models/eviction.py, with static shapes:
 H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM.
 
 Budgets are counts of tokens per KV head (decode.budget, or sinks + window); ties keep the
-lower slot (eviction.top_budget).
+lower slot (eviction.top_budget). decode.compression_ratio sets them from each prompt's length
+for the policies of RATIO_POLICIES (training/policy.py ratio_budget).
 """
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,9 @@ class Random(KeepAll):
     score = uniform_hash(cache.pos_BxKxS, jnp.arange(K), newest)
     return top_budget(score, cache.valid_BxKxS, cache.pos_BxKxS, newest, self.budget,
                       0), cache
+
+
+RATIO_POLICIES = ('recency', 'streaming_llm', 'tova', 'snapkv', 'h2o', 'l2', 'keydiff', 'random')
 
 
 def pool_by_position(score_BxKxS, pos_BxKxS, valid_BxKxS, kernel):

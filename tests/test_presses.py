@@ -149,3 +149,22 @@ def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
   full = nnx.jit(lambda m, t: m(t)[0][:, -1])(model, tok)
   assert float(jnp.abs(logits - full).max()) < 1e-5
   assert all(int(s.min()) == 96 for s in sizes)
+
+
+def test_compression_ratio_sets_every_budget_from_the_prompt_length():
+  """decode.compression_ratio (kvpress's: the fraction of the prompt's KV removed): each
+  budget-based policy keeps (1 - ratio) x the prompt's tokens; others are a config error."""
+  from conftest import tiny_config
+  from training.config import ConfigError, validate
+  from training.policy import make_policy
+  for policy, field, want in (('h2o', 'budget', 250), ('tova', 'budget', 250),
+                              ('snapkv', 'budget', 250), ('recency', 'window', 250),
+                              ('streaming_llm', 'window', 246), ('random', 'budget', 250)):
+    cfg = tiny_config(**{'decode.policy': policy, 'decode.compression_ratio': 0.75})
+    validate(cfg, 1)
+    assert getattr(make_policy(cfg, 1000), field) == want, policy
+    assert getattr(make_policy(cfg), field) == getattr(make_policy(cfg, None), field)
+  for bad, message in ((1.0, 'must be in'), (0.5, 'namm has no token budget')):
+    cfg = tiny_config(**{'decode.policy': 'namm', 'decode.compression_ratio': bad})
+    with pytest.raises(ConfigError, match=f'config.decode.compression_ratio: {message}'):
+      validate(cfg, 1)

@@ -92,6 +92,11 @@ class Evaluator:
     self.tokenizer = get_tokenizer(self.cfg.data.tokenizer)
     self.programs = make_programs(self.graphdef, self.cfg.decode.prefill_chunk, self.tokenizer.PAD)
 
+  def policy_for(self, prompt_tokens):
+    """The policy with its budget from decode.compression_ratio for a prompt of this many
+    tokens (the configured one when the ratio is 0)."""
+    return make_policy(self.cfg, prompt_tokens)
+
   def put(self, x_Bx_):
     """A global host array onto the mesh: split over the batch axes when they divide B."""
     mesh = self.mesh

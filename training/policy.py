@@ -2,12 +2,36 @@
 (models/registry.py) built from the config, or, for decode.policy=namm with decode.namm_run,
 the NAMM evolved by that evolve.py run (its parameters, statistics and `namm` keys)."""
 from models import registry
+from models.presses import RATIO_POLICIES
 from training.evolve import load_namm
 
 
-def make_policy(cfg):
-  """A policy pytree, or None for decode.policy=none."""
+def ratio_budget(cfg, prompt_tokens):
+  """cfg with the policy's budget set to keep (1 - decode.compression_ratio) of a prompt of
+  `prompt_tokens` (kvpress's protocol: the ratio of the prompt's KV removed), or cfg itself
+  when the ratio is 0."""
+  de = cfg.decode
+  if not de.compression_ratio:
+    return cfg
+  registry.check(de.policy in RATIO_POLICIES, 'decode.compression_ratio',
+                 f'{de.policy} has no token budget to set from a ratio (one of '
+                 f'{RATIO_POLICIES})')
+  keep = max(1, round((1 - de.compression_ratio) * prompt_tokens))
+  cfg = cfg.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.decode.budget = keep
+    cfg.decode.window = keep - (cfg.decode.sinks if de.policy == 'streaming_llm' else 0)
+    cfg.decode.recent = min(cfg.decode.recent, keep)
+    cfg.decode.snap_window = min(cfg.decode.snap_window, keep)
+  return cfg
+
+
+def make_policy(cfg, prompt_tokens=None):
+  """A policy pytree, or None for decode.policy=none; with decode.compression_ratio and
+  `prompt_tokens`, its budget keeps (1 - ratio) of them."""
   de = cfg.decode
   if de.policy == 'namm' and de.namm_run:
     return load_namm(de.namm_run, de.namm_which)
+  if prompt_tokens is not None:
+    cfg = ratio_budget(cfg, prompt_tokens)
   return registry.policy(de.policy).build(cfg)

@@ -57,6 +57,7 @@ def run_suite(ev):
   cfg, tok = ev.cfg, ev.tokenizer
   filler = filler_id(tok)
   generate = make_generate(ev.graphdef, ev.policy, cfg.decode.prefill_chunk)
+  ratio = cfg.decode.compression_ratio and cfg.decode.policy != 'none'
   cells = []
   for task in cfg.ruler.tasks:
     for length in cfg.ruler.lengths:
@@ -71,6 +72,9 @@ def run_suite(ev):
           prompts = [left_pad(examples, filler)]
         else:                                  # no one-token filler: one example at a time
           prompts = [e.prompt_ids[None] for e in examples]
+        if ratio:                              # the budget: a ratio of this cell's prompts
+          generate = make_generate(ev.graphdef, ev.policy_for(prompts[0].shape[1]),
+                                   cfg.decode.prefill_chunk)
         outs = [np.asarray(generate(ev.state, ev.put(p), new, cfg.decode.capacity))
                 for p in prompts]
         texts = [_answer(tok, row[-new:]) for out in outs for row in out]
