@@ -51,6 +51,11 @@ def markdown(results, prefix):
     cells = [mean(passes[k]['rows']) if (k := f'base|{policy}|{n}') in passes else None
              for n in lengths]
     lines.append(f'| {policy} | ' + ' | '.join(map(fmt, cells)) + ' |')
+  base = table.get('base')
+  if base and all(x in (None, 0.) for x in base):
+    lines += ['', '**The base scores 0 at every length measured**: it has not learned to retrieve, '
+              'so no method or policy can be told apart on this page yet (a more capable base '
+              'is needed: longer stage-2 training of configs/standin.py:retrieval).']
   control = table.get('full')
   if control:
     lines += ['', 'Against the control (`full`, the same continued pretraining):']

@@ -73,13 +73,17 @@ class LM(nnx.Module):
       x = x * jnp.asarray(cfg.d_model ** 0.5, self.dtype)
     x = constrain(x, ('batch', 'seq', 'embed'))
     new_state = []
-    for blk, s in zip(self.blocks, state):
+    for i, (blk, s) in enumerate(zip(self.blocks, state)):
+      # a policy with layer-wise budgets (PyramidKV) gives each layer its own
+      layer_policy = (policy.for_layer(i, len(self.blocks)) if hasattr(policy, 'for_layer')
+                      else policy)
       if cfg.remat == 'block':   # functional (split/merge) so it nests inside lax.scan
         gdef, params = nnx.split(blk)
-        run = lambda params, x, s, p, t: nnx.merge(gdef, params)(x, s, p, policy, t)
+        run = lambda params, x, s, p, t, g=gdef, lp=layer_policy: nnx.merge(g, params)(
+            x, s, p, lp, t)
         x, s = jax.checkpoint(run)(params, x, s, pos_BxT, tokens_BxT)
       else:
-        x, s = blk(x, s, pos_BxT, policy, tokens_BxT)
+        x, s = blk(x, s, pos_BxT, layer_policy, tokens_BxT)
       new_state.append(s)
     x = self.norm(x)
     w_DxV = self.embed[...].T if cfg.tie_embeddings else self.head[...]

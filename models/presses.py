@@ -15,6 +15,9 @@ one policy interface of models/eviction.py, with static shapes:
                  acts on an update of at least `window` queries (decode steps keep all:
                  decode.prefill_chunk=0 compresses once, at the end of the prompt, as the
                  paper does; with chunks, each chunk is compressed).
+  pyramidkv      Cai et al. 2024 (PyramidKV): SnapKV's scores with layer-wise budgets that
+                 fall arithmetically from the first layer to the last (the last gets
+                 budget / beta, beta = 20; the mean over layers is `budget`).
   keydiff        Park et al. 2025 (KeyDiff): keep the `budget` keys least similar (cosine)
                  to the mean of the head's cached keys; the `recent` newest always kept.
 H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM.
@@ -79,7 +82,8 @@ class Random(KeepAll):
                       0), cache
 
 
-RATIO_POLICIES = ('recency', 'streaming_llm', 'tova', 'snapkv', 'h2o', 'l2', 'keydiff', 'random')
+RATIO_POLICIES = ('recency', 'streaming_llm', 'tova', 'snapkv', 'pyramidkv', 'h2o', 'l2',
+                  'keydiff', 'random')
 
 
 def pool_by_position(score_BxKxS, pos_BxKxS, valid_BxKxS, kernel):
@@ -110,6 +114,27 @@ class SnapKV(KeepAll):
     score = pool_by_position(score, cache.pos_BxKxS, valid, self.kernel)
     return top_budget(score, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
                       self.window), cache
+
+
+@struct.dataclass
+class PyramidKV(KeepAll):
+  budget: int = struct.field(pytree_node=False, default=256)
+  window: int = struct.field(pytree_node=False, default=64)
+  kernel: int = struct.field(pytree_node=False, default=5)
+  beta: int = struct.field(pytree_node=False, default=20)
+
+  def layer_budgets(self, n_layers):
+    """Budget per layer: arithmetic from 2 x budget - last down to last = budget / beta (at
+    least the window), so they average `budget`."""
+    if n_layers == 1:
+      return (self.budget,)
+    last = max(self.budget // self.beta, self.window)
+    first = 2 * self.budget - last
+    return tuple(max(round(first - i * (first - last) / (n_layers - 1)), self.window)
+                 for i in range(n_layers))
+
+  def for_layer(self, layer, n_layers):
+    return SnapKV(self.layer_budgets(n_layers)[layer], self.window, self.kernel)
 
 
 @struct.dataclass
@@ -148,6 +173,10 @@ registry.register_policy('tova', lambda cfg: TOVA(int(cfg.decode.budget)), confi
                          validate=validate_budget)
 registry.register_policy('snapkv', lambda cfg: SnapKV(int(cfg.decode.budget),
                                                        int(cfg.decode.snap_window)),
+                         config=dict(BUDGET, **{'decode.snap_window': 64}),
+                         validate=_validate_snap)
+registry.register_policy('pyramidkv', lambda cfg: PyramidKV(int(cfg.decode.budget),
+                                                             int(cfg.decode.snap_window)),
                          config=dict(BUDGET, **{'decode.snap_window': 64}),
                          validate=_validate_snap)
 registry.register_policy('keydiff', lambda cfg: KeyDiff(int(cfg.decode.budget),

@@ -92,6 +92,14 @@ def test_snapkv_keeps_the_window_and_the_pooled_window_attention_top():
   assert np.asarray(one[0]).all()                                  # a decode step keeps all
 
 
+def test_pyramidkv_gives_each_layer_snapkv_with_falling_budgets_that_average_the_budget():
+  p = presses.PyramidKV(budget=400, window=16, kernel=5, beta=20)
+  b = p.layer_budgets(8)
+  assert list(b) == sorted(b, reverse=True) and b[-1] == 20 and abs(np.mean(b) - 400) <= 1
+  assert p.for_layer(3, 8) == presses.SnapKV(b[3], 16, 5)
+  assert presses.PyramidKV(budget=16, window=16).layer_budgets(4) == (16,) * 4  # window floor
+
+
 def test_keydiff_keeps_the_keys_least_like_the_mean_key_and_the_recent_ones():
   rng = np.random.default_rng(3)
   for _ in range(30):
@@ -131,7 +139,7 @@ def test_random_keeps_budget_valid_tokens_and_redraws_per_eviction():
 
 @pytest.mark.parametrize('policy', [presses.StreamingLLM(4, 256), presses.TOVA(256),
                                     presses.Random(256), presses.KeyDiff(256, 32),
-                                    presses.SnapKV(256, 16)],
+                                    presses.SnapKV(256, 16), presses.PyramidKV(4096, 16)],
                          ids=lambda p: type(p).__name__)
 def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
   from conftest import tiny_config
