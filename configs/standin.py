@@ -15,6 +15,11 @@ embeddings; 700 steps of 8 x 512 tokens of the stdlib corpus: 2.6-2.8 s a step o
 2-core CPU, about 35 minutes), tiny (seconds; the tests build it).
 data.tokenizer is the directory the first command writes (relative to the working
 directory).
+Stage 2 (retrieval preset, after export of base): measured on 2026-12-04, the model learns
+the answers' format but not the lookup: 0 / 100 on niah_single_1, niah_single_2,
+niah_multikey_1 and vt at 512 tokens after 400, 600, 750 and 1,020 steps (4 examples each).
+A base that retrieves needs more steps than this CPU budget (bench/workflow.py's page says
+so while the base scores 0).
 """
 from configs.base import apply_preset, get_base_config
 
