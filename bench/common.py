@@ -4,6 +4,7 @@ Every timing here runs the same jitted code as train.py / evaluate.py; nothing i
 """
 import contextlib
 import importlib.util
+import json
 import os
 import platform
 import shlex
@@ -42,6 +43,21 @@ def apply_overrides(cfg, overrides=None):
         value = value == 'True' if isinstance(node[leaf], bool) else type(node[leaf])(value)
     node[leaf] = value
   return cfg
+
+
+def load_json(path, default):
+  """The JSON file at `path`, or `default` if there is none (a study's results so far)."""
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  return default
+
+
+def save_json(path, obj):
+  """Writes `obj` to `path` through a temporary file: a kill never leaves half a file."""
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + '.tmp', path)
 
 
 def train_command(command):

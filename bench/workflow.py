@@ -18,14 +18,13 @@ Each (run, policy, length) pass is recorded in bench/results/OUT.json as it fini
 its command and provenance), so a stopped study keeps its passes and a rerun skips them.
 """
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 
 from bench import provenance
-from bench.common import ROOT, train_command
+from bench.common import ROOT, load_json, save_json, train_command
 from bench.ruler import measure_pass
 
 MEASURES = provenance.CORE + ('data/ruler.py', 'training/ruler_eval.py', 'models')
@@ -58,7 +57,7 @@ def train_method(method, args, results, prefix):
   results['training'][method] = dict(
       eval_loss=last['eval_loss'], eval_accuracy=last['eval_accuracy'], seconds=seconds,
       provenance=provenance.record(MEASURES, 0, cmd))
-  save(prefix + '.json', results)
+  save_json(prefix + '.json', results)
   write(results, prefix)
 
 
@@ -69,19 +68,6 @@ def passes(args):
   if args.namm_run:
     out.append(('base', f'hf:{args.base}', 'namm'))
   return out + [(m, f'{args.work}/{m}', 'none') for m in args.methods.split(',')]
-
-
-def load(path):
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return {'training': {}, 'passes': {}}
-
-
-def save(path, results):
-  with open(path + '.tmp', 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(path + '.tmp', path)
 
 
 def main(argv=None):
@@ -103,7 +89,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   from bench.workflow_page import write
   prefix = os.path.join(ROOT, 'bench', 'results', args.out)
-  results = load(prefix + '.json')
+  results = load_json(prefix + '.json', {'training': {}, 'passes': {}})
   if not args.render:
     results['setup'] = dict(base=args.base, steps=args.steps, train_length=args.train_length,
                             source=args.source, examples=args.examples, cache=args.cache,
@@ -123,7 +109,7 @@ def main(argv=None):
             run=name, policy=policy, length=length, rows=rows, seconds=time.time() - t0,
             provenance=provenance.record(MEASURES, 0, f'python -m bench.workflow '
                                          f'(pass {key}; evaluate.py on {run})'))
-        save(prefix + '.json', results)
+        save_json(prefix + '.json', results)
         write(results, prefix)
         print(key, np.mean([r['score'] for r in rows if r['score'] is not None] or [np.nan]),
               flush=True)

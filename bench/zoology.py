@@ -27,7 +27,7 @@ import shutil
 import time
 
 from bench import provenance
-from bench.common import ROOT, train_command
+from bench.common import ROOT, load_json, save_json, train_command
 
 MEASURES = provenance.CORE + ('data/zoology.py', 'models')
 # mixer -> (config, overrides given the sequence length T); the memory mixers' segment (and the
@@ -121,20 +121,6 @@ def key(mixer, T, pairs, d, lr):
   return f'{mixer}|T{T}|P{pairs}|d{d}|lr{lr:g}'
 
 
-def load(path):
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
-  return {'cells': {}}
-
-
-def save(path, results):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)                       # a kill never leaves half a file
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--mixers', default='attention')
@@ -153,7 +139,7 @@ def main(argv=None):
   from bench.zoology_page import write
   prefix = os.path.join(ROOT, 'bench', 'results', args.out)
   path = prefix + '.json'
-  results = load(path)
+  results = load_json(path, {'cells': {}})
   if not args.render:
     results['protocol'] = dict(examples=args.examples, train_examples=args.train_examples,
                                test_examples=args.test_examples, batch=BATCH,
@@ -172,7 +158,7 @@ def main(argv=None):
             t0 = time.time()
             row = run_cell(mixer, T, pairs, d, lr, args)
             results['cells'][k] = row
-            save(path, results)
+            save_json(path, results)
             write(results, prefix)
             print(f"{k}: accuracy {row['accuracy']:.3f} (best {row['best_accuracy']:.3f}) "
                   f"after {row['examples']} examples, {time.time() - t0:.0f} s", flush=True)
