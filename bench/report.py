@@ -29,6 +29,8 @@ PAGES = {
     'infini': ('Infini-attention', ['infini']),
     'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
     'namm': ('NAMM: evolved KV-cache eviction', ['namm']),
+    'compression': ('KV-cache compression on kvpress\'s protocol',
+                    ['compression', 'compression_ruler']),
     'ruler': ('RULER on the subword stand-in', ['workflow', 'ruler']),
     'zoology': ('Zoology MQAR: recall of every mixer', ['zoology']),
 }

@@ -101,6 +101,9 @@ class Example:
   prompt_ids: np.ndarray      # int32 [P]: BOS + text + answer prefix
   max_new_tokens: int
   depth: float | None         # the needles' depth when given, else None (RULER's draw)
+  question_tokens: int = 0    # the prompt's last tokens after the context: the question and
+                              # answer prefix (kvpress's query-agnostic setting appends them
+                              # after compressing the rest)
 
 
 # --- the text every machine has ------------------------------------------------------------
@@ -334,7 +337,10 @@ def example(task, length, tokenizer, seed, depth=None, max_new_tokens=None, **pa
     size = max(least, size - max(1, size // 50))
   if not ok:
     raise ValueError(f'ruler {task}: example {seed} does not fit {length} tokens')
-  return Example(task, length, text, prefix, list(refs), np.asarray(ids, np.int32), new, depth)
+  context = text[:text.rindex('\n')]              # every template asks after a newline
+  question = len(ids) - len(tokenizer.encode(context, bos=True))
+  return Example(task, length, text, prefix, list(refs), np.asarray(ids, np.int32), new, depth,
+                 question)
 
 
 def score(prediction, references):

@@ -79,7 +79,7 @@ def _assemble(length: int, rng, needles, question: str, answer: str, task: str) 
   text = _filler_with_needles(rng, n_filler + sum(len(t) for _, t in needles), needles) + question
   prompt = _TOK.encode(text, bos=True)
   assert len(prompt) == length, (len(prompt), length)
-  return {"prompt": prompt, "answer": _TOK.encode(answer)}
+  return {"prompt": prompt, "answer": _TOK.encode(answer), "question": len(question.encode())}
 
 
 def _passkey_parts(rng, depth=None):
@@ -160,7 +160,7 @@ def _kv_example(rng, length: int, depth=None, n_pairs=1, n_lone=2, local=False) 
     if i < n_fill:
       body.append(filler[i])
   prompt = np.array([ByteTokenizer.BOS, *body, _KV_QUERY, keys[0]], np.int32)
-  return {"prompt": prompt, "answer": np.array([values[0]], np.int32)}
+  return {"prompt": prompt, "answer": np.array([values[0]], np.int32), "question": 2}
 
 
 def passkey(rng_or_seed, length: int, depth: float | None = None) -> dict:
@@ -217,6 +217,7 @@ def make_task_batch(task: str, n: int, length: int, depth: float | None = 0.5, s
       use answer_mask_BxL[:, :-1]; an example is solved iff argmax(logits) == targets at every
       masked position (teacher forcing). The last column is always False.
     prompt_len_B: int32 [n], the prompt lengths (prompt = tokens_BxL[b, :prompt_len_B[b]]).
+    question_len_B: int32 [n], how many of the prompt's last tokens are its question.
     answer_BxA: int32 [n, A], the answers (PAD-padded).
   `depth=None` draws a random depth per example (ignored by mqar). Example i uses
   `example_seed(seed, i, split)`; kwargs go to the task (n_needles; n_pairs, n_queries).
@@ -228,6 +229,7 @@ def make_task_batch(task: str, n: int, length: int, depth: float | None = 0.5, s
   answer_mask_BxL = np.zeros((n, length), bool)
   answer_BxA = np.full((n, n_answer), ByteTokenizer.PAD, np.int32)
   prompt_len_B = np.zeros(n, np.int32)
+  question_len_B = np.array([e["question"] for e in examples], np.int32)
   for b, e in enumerate(examples):
     p, a = len(e["prompt"]), len(e["answer"])
     tokens_BxL[b, :p + a] = np.concatenate([e["prompt"], e["answer"]])
@@ -235,7 +237,8 @@ def make_task_batch(task: str, n: int, length: int, depth: float | None = 0.5, s
     answer_BxA[b, :a] = e["answer"]
     prompt_len_B[b] = p
   return {"tokens_BxL": tokens_BxL, "answer_mask_BxL": answer_mask_BxL,
-          "prompt_len_B": prompt_len_B, "answer_BxA": answer_BxA}
+          "prompt_len_B": prompt_len_B, "answer_BxA": answer_BxA,
+          "question_len_B": question_len_B}
 
 
 class SyntheticDocuments:

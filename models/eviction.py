@@ -60,10 +60,70 @@ def top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
     return valid_BxKxS & ~drop
 
   def sorted_keep():
-    rank = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
-    return recent_BxKxS | ((rank < n_other) & other_BxKxS)
+    return recent_BxKxS | ((rank_desc(s) < n_other) & other_BxKxS)
 
   return jax.lax.cond(over_BxKx1.max() <= 1, one_over, sorted_keep)
+
+
+def rank_desc(score_BxKxS):
+  """Each slot's rank by descending score within its row (ties: the lower slot first)."""
+  return jnp.argsort(jnp.argsort(-score_BxKxS, axis=-1, stable=True), axis=-1, stable=True)
+
+
+def head_adaptive_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent,
+                         alpha):
+  """AdaKV's selection (Feng et al. 2024; kvpress AdaKVPress): the layer keeps K x `budget`
+  slots over its K heads, chosen by score across heads, after each head's `recent` newest and
+  its top `alpha` x `budget` (the safeguard), which are always kept (as top_budget keeps
+  `recent` even above the budget)."""
+  B, K, S = score_BxKxS.shape
+  s = jnp.where(valid_BxKxS, score_BxKxS, -INF)
+  protected = valid_BxKxS & ((pos_BxKxS > newest_B[:, None, None] - recent)
+                             | (rank_desc(s) < int(alpha * budget)))
+  s = jnp.where(protected, INF, s)
+  rank_BxKS = rank_desc(s.reshape(B, K * S))
+  return protected | ((rank_BxKS < K * budget).reshape(B, K, S) & valid_BxKxS)
+
+
+@struct.dataclass
+class ScorerPress(KeepAll):
+  """A policy that scores every slot (higher: keep) and keeps the `recent` newest plus the
+  best others up to `budget` per head (kvpress's ScorerPress). Subclasses define `score`,
+  fields `budget` and `recent` (or properties), and may act only on some updates (`acts`)."""
+
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
+    """(score_BxKxS, cache): the slots' scores and the cache with the policy's state."""
+    raise NotImplementedError
+
+  def acts(self, probs_BxKxTxS):
+    return True
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    if not self.acts(probs_BxKxTxS):
+      return jnp.ones_like(cache.valid_BxKxS), cache
+    score, cache = self.score(cache, probs_BxKxTxS, pos_BxT)
+    return top_budget(score, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
+                      self.recent), cache
+
+
+@struct.dataclass
+class AdaKV(KeepAll):
+  """Head-adaptive budgets around any ScorerPress: its scores, selected across the layer's
+  heads (head_adaptive_budget), so a head with concentrated attention gives budget to one
+  with spread attention; the mean over heads is the press's budget."""
+  press: ScorerPress
+  alpha: float = struct.field(pytree_node=False, default=0.2)
+
+  def init(self, cache):
+    return self.press.init(cache)
+
+  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+    p = self.press
+    if not p.acts(probs_BxKxTxS):
+      return jnp.ones_like(cache.valid_BxKxS), cache
+    score, cache = p.score(cache, probs_BxKxTxS, pos_BxT)
+    return head_adaptive_budget(score, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1),
+                                p.budget, p.recent, self.alpha), cache
 
 
 registry.register_policy('none', lambda cfg: None)

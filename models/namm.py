@@ -40,7 +40,7 @@ import numpy as np
 from flax import struct
 
 from models import registry
-from models.eviction import top_budget
+from models.eviction import ScorerPress, rank_desc, top_budget
 from models.registry import check
 
 INF = 1e30
@@ -183,8 +183,7 @@ def keep_rule(score_BxKxS, valid_BxKxS, pos_BxKxS):
   s = jnp.where(valid_BxKxS & (pos_BxKxS == newest_BxKx1), INF, s)
   k_BxK = ((s >= 0) & valid_BxKxS).sum(-1)
   K_Bx1x1 = k_BxK.max(-1)[:, None, None]
-  rank_BxKxS = jnp.argsort(jnp.argsort(-s, axis=-1, stable=True), axis=-1, stable=True)
-  return (rank_BxKxS < K_Bx1x1) & valid_BxKxS
+  return (rank_desc(s) < K_Bx1x1) & valid_BxKxS
 
 
 # --- The NAMM policy ---------------------------------------------------------------------
@@ -208,6 +207,8 @@ class NAMM:
   block: int = static(256)      # BAM keys per block (memory O(S * block), not O(S^2))
   buckets: int = static(4)      # features + BAM on the valid slots gathered into the smallest
                                 # of S/2^(buckets-1) .. S/2, S that holds them (1: all S slots)
+  budget: int = static(0)       # 0: the official rule (keep_rule); else the newest and the
+                                # best-scoring others up to `budget` per head (a ratio's budget)
 
   @classmethod
   def make(cls, theta=None, mu=None, sigma=None, **hyper):
@@ -258,6 +259,9 @@ class NAMM:
 
   def keep_and_ema(self, cache, newest_B):
     score, ema = self.scores(cache, newest_B)
+    if self.budget:
+      return top_budget(score, cache.valid_BxKxS, cache.pos_BxKxS, newest_B, self.budget,
+                        1), ema
     return keep_rule(score, cache.valid_BxKxS, cache.pos_BxKxS), ema
 
   def compact_keep_and_ema(self, cache, newest_B, M):
@@ -334,7 +338,7 @@ def mean_std(stats_3xF):
 # --- Baselines ---------------------------------------------------------------------------
 
 @struct.dataclass
-class H2O:
+class H2O(ScorerPress):
   """Heavy-hitter oracle (Zhang et al. 2023): keep the `recent` newest tokens plus those with
   the largest attention accumulated since they entered the cache, `budget` per head."""
   budget: int = static(256)
@@ -343,27 +347,20 @@ class H2O:
   def init(self, cache):
     return cache.replace(token_state=dict(acc=jnp.zeros(cache.valid_BxKxS.shape)))
 
-  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
     acc = cache.token_state['acc'] + probs_BxKxTxS.sum(2).astype(jnp.float32)
-    cache = cache.replace(token_state=dict(acc=acc))
-    return top_budget(acc, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
-                       self.recent), cache
+    return acc, cache.replace(token_state=dict(acc=acc))
 
 
 @struct.dataclass
-class L2Norm:
+class L2Norm(ScorerPress):
   """Key-norm eviction (Devoto et al. 2024): keep the `recent` newest tokens plus the
   tokens with the LOWEST key L2 norm, `budget` per head."""
   budget: int = static(256)
   recent: int = static(32)
 
-  def init(self, cache):
-    return cache
-
-  def keep(self, cache, probs_BxKxTxS, pos_BxT):
-    norm = jnp.linalg.norm(cache.k_BxKxSxH.astype(jnp.float32), axis=-1)
-    return top_budget(-norm, cache.valid_BxKxS, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
-                       self.recent), cache
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
+    return -jnp.linalg.norm(cache.k_BxKxSxH.astype(jnp.float32), axis=-1), cache
 
 
 # --- Registration (models/registry.py) ------------------------------------------------------

@@ -20,7 +20,12 @@ one policy interface of models/eviction.py, with static shapes:
                  budget / beta, beta = 20; the mean over layers is `budget`).
   keydiff        Park et al. 2025 (KeyDiff): keep the `budget` keys least similar (cosine)
                  to the mean of the head's cached keys; the `recent` newest always kept.
-H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM.
+  adakv          Feng et al. 2024 (Ada-KV): head-adaptive budgets around any of the scoring
+                 presses (decode.ada_press, ADA_PRESSES): the layer's K x budget slots go to
+                 the best scores across its heads, each head keeping at least its newest and
+                 its top ada_alpha x budget (kvpress AdaKVPress's safeguard, 0.2).
+H2O and key-norm (KNorm, `l2`) are in models/namm.py with NAMM; with a ratio, NAMM keeps
+its best-scoring tokens up to the budget instead of those scored >= 0 (NAMM.budget).
 
 Budgets are counts of tokens per KV head (decode.budget, or sinks + window); ties keep the
 lower slot (eviction.top_budget). decode.compression_ratio sets them from each prompt's length
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from models import registry
-from models.eviction import KeepAll, top_budget
+from models.eviction import AdaKV, KeepAll, ScorerPress
 from models.namm import BUDGET, validate_budget
 
 
@@ -47,17 +52,16 @@ class StreamingLLM(KeepAll):
 
 
 @struct.dataclass
-class TOVA(KeepAll):
+class TOVA(ScorerPress):
   budget: int = struct.field(pytree_node=False, default=256)
+  recent = 0
 
-  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
     valid = cache.valid_BxKxS
     # the last query's attention, averaged over the heads that see each slot
     p = jnp.where(valid, probs_BxKxTxS[:, :, -1].astype(jnp.float32), 0.)
     seen_BxS = jnp.maximum(valid.sum(1), 1)
-    score_BxKxS = jnp.broadcast_to((p.sum(1) / seen_BxS)[:, None], valid.shape)
-    return top_budget(score_BxKxS, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
-                      0), cache
+    return jnp.broadcast_to((p.sum(1) / seen_BxS)[:, None], valid.shape), cache
 
 
 def uniform_hash(pos_BxKxS, head_K, newest_B):
@@ -71,19 +75,18 @@ def uniform_hash(pos_BxKxS, head_K, newest_B):
 
 
 @struct.dataclass
-class Random(KeepAll):
+class Random(ScorerPress):
   budget: int = struct.field(pytree_node=False, default=256)
+  recent = 0
 
-  def keep(self, cache, probs_BxKxTxS, pos_BxT):
-    newest = pos_BxT.max(-1)
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
     K = cache.valid_BxKxS.shape[1]
-    score = uniform_hash(cache.pos_BxKxS, jnp.arange(K), newest)
-    return top_budget(score, cache.valid_BxKxS, cache.pos_BxKxS, newest, self.budget,
-                      0), cache
+    return uniform_hash(cache.pos_BxKxS, jnp.arange(K), pos_BxT.max(-1)), cache
 
 
 RATIO_POLICIES = ('recency', 'streaming_llm', 'tova', 'snapkv', 'pyramidkv', 'h2o', 'l2',
-                  'keydiff', 'random')
+                  'keydiff', 'random', 'adakv', 'namm')
+ADA_PRESSES = ('snapkv', 'tova', 'h2o', 'l2', 'keydiff', 'random')   # adakv's inner presses
 
 
 def pool_by_position(score_BxKxS, pos_BxKxS, valid_BxKxS, kernel):
@@ -101,19 +104,21 @@ def pool_by_position(score_BxKxS, pos_BxKxS, valid_BxKxS, kernel):
 
 
 @struct.dataclass
-class SnapKV(KeepAll):
+class SnapKV(ScorerPress):
   budget: int = struct.field(pytree_node=False, default=256)
   window: int = struct.field(pytree_node=False, default=64)
   kernel: int = struct.field(pytree_node=False, default=5)
 
-  def keep(self, cache, probs_BxKxTxS, pos_BxT):
-    valid = cache.valid_BxKxS
-    if probs_BxKxTxS.shape[2] < self.window:        # decode steps: SnapKV acts at prefill
-      return jnp.ones_like(valid), cache
+  @property
+  def recent(self):
+    return self.window
+
+  def acts(self, probs_BxKxTxS):          # decode steps: SnapKV acts at prefill
+    return probs_BxKxTxS.shape[2] >= self.window
+
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
     score = probs_BxKxTxS[:, :, -self.window:].astype(jnp.float32).sum(2)
-    score = pool_by_position(score, cache.pos_BxKxS, valid, self.kernel)
-    return top_budget(score, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
-                      self.window), cache
+    return pool_by_position(score, cache.pos_BxKxS, cache.valid_BxKxS, self.kernel), cache
 
 
 @struct.dataclass
@@ -138,19 +143,17 @@ class PyramidKV(KeepAll):
 
 
 @struct.dataclass
-class KeyDiff(KeepAll):
+class KeyDiff(ScorerPress):
   budget: int = struct.field(pytree_node=False, default=256)
   recent: int = struct.field(pytree_node=False, default=32)
 
-  def keep(self, cache, probs_BxKxTxS, pos_BxT):
+  def score(self, cache, probs_BxKxTxS, pos_BxT):
     valid = cache.valid_BxKxS
     k = cache.k_BxKxSxH.astype(jnp.float32)
     unit = k / jnp.maximum(jnp.linalg.norm(k, axis=-1, keepdims=True), 1e-6)
     mean_BxKxH = (unit * valid[..., None]).sum(2) / jnp.maximum(valid.sum(-1), 1)[..., None]
     anchor = mean_BxKxH / jnp.maximum(jnp.linalg.norm(mean_BxKxH, axis=-1, keepdims=True), 1e-6)
-    cos_BxKxS = jnp.einsum('bksh,bkh->bks', unit, anchor)
-    return top_budget(-cos_BxKxS, valid, cache.pos_BxKxS, pos_BxT.max(-1), self.budget,
-                      self.recent), cache
+    return -jnp.einsum('bksh,bkh->bks', unit, anchor), cache
 
 
 def _validate_snap(cfg):
@@ -182,5 +185,18 @@ registry.register_policy('pyramidkv', lambda cfg: PyramidKV(int(cfg.decode.budge
 registry.register_policy('keydiff', lambda cfg: KeyDiff(int(cfg.decode.budget),
                                                          int(cfg.decode.recent)),
                          config=BUDGET, validate=validate_budget)
+def _validate_ada(cfg):
+  de = cfg.decode
+  registry.check(de.ada_press in ADA_PRESSES, 'decode.ada_press',
+                 f'must be one of {ADA_PRESSES}, got {de.ada_press!r}')
+  registry.check(0 <= de.ada_alpha <= 1, 'decode.ada_alpha',
+                 f'must be in [0, 1], got {de.ada_alpha}')
+  registry.policy(de.ada_press).validate(cfg)
+
+
+registry.register_policy('adakv', lambda cfg: AdaKV(registry.policy(cfg.decode.ada_press).build(
+    cfg), float(cfg.decode.ada_alpha)), config=dict(BUDGET, **{'decode.ada_press': 'snapkv',
+                                                               'decode.ada_alpha': 0.2}),
+                         validate=_validate_ada)
 registry.register_policy('random', lambda cfg: Random(int(cfg.decode.budget)), config=BUDGET,
                          validate=validate_budget)

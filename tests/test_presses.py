@@ -139,7 +139,8 @@ def test_random_keeps_budget_valid_tokens_and_redraws_per_eviction():
 
 @pytest.mark.parametrize('policy', [presses.StreamingLLM(4, 256), presses.TOVA(256),
                                     presses.Random(256), presses.KeyDiff(256, 32),
-                                    presses.SnapKV(256, 16), presses.PyramidKV(4096, 16)],
+                                    presses.SnapKV(256, 16), presses.PyramidKV(4096, 16),
+                                    presses.AdaKV(presses.SnapKV(256, 16))],
                          ids=lambda p: type(p).__name__)
 def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
   from conftest import tiny_config
@@ -159,6 +160,55 @@ def test_a_budget_that_holds_everything_decodes_as_the_full_forward(policy):
   assert all(int(s.min()) == 96 for s in sizes)
 
 
+def test_adakv_spends_the_layers_budget_across_heads_after_each_heads_safeguard():
+  """AdaKV against a NumPy reference: each head's `recent` newest and top alpha x budget
+  are kept, then the best scores over all heads up to K x budget (ties: the lower head, then
+  the lower slot); the layer's total is met exactly (or the protected, when more)."""
+  from models.namm import L2Norm
+  rng = np.random.default_rng(7)
+  for _ in range(40):
+    B, K, S, H = 2, 4, 16, 3
+    valid, pos = random_cache(rng, B, K, S)
+    k = rng.integers(0, 3, (B, K, S, H)).astype(np.float32)          # norms with ties
+    budget, recent = int(rng.integers(1, S)), int(rng.integers(0, 3))
+    alpha = float(rng.choice([0., 0.2, 0.5]))
+    newest = pos.max((1, 2))
+    keep, _ = presses.AdaKV(L2Norm(budget, recent), alpha).keep(
+        Cache(valid, pos, k), None, jnp.asarray(newest)[:, None])
+    keep = np.asarray(keep)
+    score = -np.linalg.norm(k, axis=-1)
+    for b in range(B):
+      protected = set()
+      for h in range(K):
+        mine = [s for s in range(S) if valid[b, h, s]]
+        protected |= {(h, s) for s in mine if pos[b, h, s] > newest[b] - recent}
+        protected |= {(h, s) for s in np_top(score[b, h], valid[b, h], int(alpha * budget))}
+      order = sorted(((h, s) for h in range(K) for s in range(S) if valid[b, h, s]),
+                     key=lambda hs: (hs not in protected, -score[b][hs], hs))
+      want = set(order[:K * budget]) | protected
+      assert {(h, s) for h, s in zip(*np.nonzero(keep[b]))} == want
+      assert keep[b].sum() == min(max(K * budget, len(protected)), valid[b].sum())
+
+
+def test_namm_with_a_budget_keeps_exactly_its_best_scored_tokens():
+  """NAMM.budget (a compression ratio's): after the prefill every head holds exactly the
+  budget (the official rule would keep those scored >= 0: another count per prompt)."""
+  from conftest import tiny_config
+  from models import namm as nammlib
+  from models.lm import LM
+  model = LM(tiny_config().model, rngs=nnx.Rngs(0))
+  tok = jax.random.randint(jax.random.key(1), (2, 96), 0, 256)
+  theta = jax.random.normal(jax.random.key(2), (nammlib.n_params(),))
+  sizes = {}
+  for budget in (0, 40):
+    policy = nammlib.NAMM.make(theta, update_interval=32, budget=budget)
+    st = decode.init_state(model, 2, 96, policy)
+    _, st = decode.prefill(model, tok, st, policy, 32)
+    sizes[budget] = np.stack([np.asarray(s.size_BxK()) for s in st])
+  assert (sizes[40] == 40).all()
+  assert (sizes[0] != 40).all()                       # the threshold's count: another
+
+
 def test_compression_ratio_sets_every_budget_from_the_prompt_length():
   """decode.compression_ratio (kvpress's: the fraction of the prompt's KV removed): each
   budget-based policy keeps (1 - ratio) x the prompt's tokens; others are a config error."""
@@ -167,12 +217,16 @@ def test_compression_ratio_sets_every_budget_from_the_prompt_length():
   from training.policy import make_policy
   for policy, field, want in (('h2o', 'budget', 250), ('tova', 'budget', 250),
                               ('snapkv', 'budget', 250), ('recency', 'window', 250),
-                              ('streaming_llm', 'window', 246), ('random', 'budget', 250)):
+                              ('streaming_llm', 'window', 246), ('random', 'budget', 250),
+                              ('namm', 'budget', 250), ('adakv', 'press', 250)):
     cfg = tiny_config(**{'decode.policy': policy, 'decode.compression_ratio': 0.75})
     validate(cfg, 1)
-    assert getattr(make_policy(cfg, 1000), field) == want, policy
+    got = getattr(make_policy(cfg, 1000), field)
+    assert (got.budget if policy == 'adakv' else got) == want, policy
     assert getattr(make_policy(cfg), field) == getattr(make_policy(cfg, None), field)
-  for bad, message in ((1.0, 'must be in'), (0.5, 'namm has no token budget')):
-    cfg = tiny_config(**{'decode.policy': 'namm', 'decode.compression_ratio': bad})
+  assert make_policy(cfg).press.budget == 256            # no prompt: the configured budget
+  for policy, bad, message in (('h2o', 1.0, 'must be in'),
+                               ('keep_all', 0.5, 'keep_all has no token budget')):
+    cfg = tiny_config(**{'decode.policy': policy, 'decode.compression_ratio': bad})
     with pytest.raises(ConfigError, match=f'config.decode.compression_ratio: {message}'):
       validate(cfg, 1)

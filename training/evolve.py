@@ -64,18 +64,20 @@ def load_base(source, step=None):
 # --- Tasks ---------------------------------------------------------------------------------
 
 def task_examples(task, n, length, seed, split, source='stdlib', tokenizer='byte'):
-  """{'tokens': int32 [n, L'], 'context': C}: prefill tokens[:, :C] under the policy, then
-  tokens[:, C:-1] as one chunk (no eviction) predicts targets tokens[:, C+1:]."""
+  """{'tokens': int32 [n, L'], 'context': C, 'question': Q}: prefill tokens[:, :C] under the
+  policy, then tokens[:, C:-1] as one chunk (no eviction) predicts targets tokens[:, C+1:];
+  the prompt tokens[:, :C+1] ends with its question of (at most) Q tokens (0: none)."""
   if task.startswith('ruler:'):
     return ruler_examples(task[len('ruler:'):], n, length, seed, split, tokenizer)
   if task == 'corpus':
     split_name = 'train' if split == 'train' else 'eval'
     tokens = pipeline.make_eval_batches(source, length, n, 1, split=split_name)[0]
-    return dict(tokens=np.asarray(tokens, np.int32), context=length - CORPUS_TARGET)
+    return dict(tokens=np.asarray(tokens, np.int32), context=length - CORPUS_TARGET, question=0)
   b = synthetic.make_task_batch(task, n, length, depth=None, seed=seed, split=split)
   prompt_len = int(b['prompt_len_B'][0])
   assert (b['prompt_len_B'] == prompt_len).all()
-  return dict(tokens=b['tokens_BxL'], context=prompt_len - 1)
+  return dict(tokens=b['tokens_BxL'], context=prompt_len - 1,
+              question=int(b['question_len_B'].max()))
 
 
 ANSWER_TOKENS = 32          # room left for a RULER answer after its prompt
@@ -103,7 +105,8 @@ def ruler_examples(task, n, length, seed, split, tokenizer):
   k = min(len(a) for a in answers)
   prompts = left_pad(examples, filler)
   tokens = np.concatenate([prompts, np.stack([a[:k] for a in answers])], 1)
-  return dict(tokens=tokens.astype(np.int32), context=prompts.shape[1] - 1)
+  return dict(tokens=tokens.astype(np.int32), context=prompts.shape[1] - 1,
+              question=max(e.question_tokens for e in examples))
 
 
 def corpus_source(base_cfg):
@@ -128,17 +131,21 @@ def all_tasks(ev):
 
 # --- The population program ----------------------------------------------------------------
 
-def make_scorer(graphdef, contexts, chunk):
+def make_scorer(graphdef, contexts, chunk, questions=None):
   """score(model_state, policy, {task: tokens}) -> ({task: score_B}, cache_frac_L (per layer),
   stats_3xF): one member (a policy pytree) on every task (contexts: {task: C}, static). The
-  context is prefilled in chunks of `chunk` (the NAMM update interval)."""
+  context is prefilled in chunks of `chunk` (the NAMM update interval; 0: at once) under the
+  policy. With `questions` ({task: Q}, kvpress's query-agnostic setting) the prompt's last Q
+  tokens (its question) are not: they follow the compression, with the answer."""
 
-  def run_task(model, policy, tokens_BxL, C, task):
+  def run_task(model, policy, tokens_BxL, C, Q, task):
     B, L = tokens_BxL.shape
+    E = C + 1 - Q if Q else C                          # the tokens read under the policy
     state = decode.init_state(model, B, L, policy)
-    _, state = decode.prefill(model, tokens_BxL[:, :C], state, policy, chunk)
-    pos_BxA = jnp.broadcast_to(jnp.arange(C, L - 1, dtype=jnp.int32), (B, L - 1 - C))
-    logits_BxAxV, _ = model(tokens_BxL[:, C:-1], state, pos_BxA)
+    _, state = decode.prefill(model, tokens_BxL[:, :E], state, policy, chunk)
+    pos_BxA = jnp.broadcast_to(jnp.arange(E, L - 1, dtype=jnp.int32), (B, L - 1 - E))
+    logits_BxAxV, _ = model(tokens_BxL[:, E:-1], state, pos_BxA)
+    logits_BxAxV = logits_BxAxV[:, C - E:]
     target_BxA = tokens_BxL[:, C + 1:]
     if task == 'corpus':
       nll = -jnp.take_along_axis(jax.nn.log_softmax(logits_BxAxV), target_BxA[..., None], -1)
@@ -146,12 +153,13 @@ def make_scorer(graphdef, contexts, chunk):
     else:
       score_B = (logits_BxAxV.argmax(-1) == target_BxA).mean(-1)
     kv = [s for s in state if registry.is_kv_cache(s)]
-    frac_L = jnp.stack([s.size_BxK().mean() for s in kv]) / C
+    frac_L = jnp.stack([s.size_BxK().mean() for s in kv]) / E
     return score_B, frac_L, nammlib.pooled_stats(state)
 
   def score(model_state, policy, tokens):
     model = nnx.merge(graphdef, model_state)
-    out = {t: run_task(model, policy, tokens[t], contexts[t], t) for t in tokens}
+    out = {t: run_task(model, policy, tokens[t], contexts[t], (questions or {}).get(t, 0), t)
+           for t in tokens}
     scores = {t: o[0] for t, o in out.items()}
     frac_L = jnp.mean(jnp.stack([o[1] for o in out.values()]), 0)
     stats = sum(o[2] for o in out.values())

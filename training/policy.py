@@ -30,8 +30,13 @@ def make_policy(cfg, prompt_tokens=None):
   """A policy pytree, or None for decode.policy=none; with decode.compression_ratio and
   `prompt_tokens`, its budget keeps (1 - ratio) of them."""
   de = cfg.decode
-  if de.policy == 'namm' and de.namm_run:
-    return load_namm(de.namm_run, de.namm_which)
   if prompt_tokens is not None:
     cfg = ratio_budget(cfg, prompt_tokens)
-  return registry.policy(de.policy).build(cfg)
+  if de.policy == 'namm' and de.namm_run:
+    policy = load_namm(de.namm_run, de.namm_which)
+  else:
+    policy = registry.policy(de.policy).build(cfg)
+  if de.policy == 'namm' and cfg.decode.compression_ratio and prompt_tokens is not None:
+    # the evolved scorer ranks, the ratio sets how many it keeps (instead of its threshold)
+    policy = policy.replace(budget=int(cfg.decode.budget))
+  return policy

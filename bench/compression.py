@@ -1,0 +1,139 @@
+"""KV-cache compression on kvpress's protocol: score against compression ratio for every policy,
+with paired bootstrap confidence intervals.
+
+  python -m bench.compression --base=runs/base_tasks --namm_run=runs/namm_tasks_s0 \
+      [--tasks=kv,kv4,kvlocal] [--length=320] [--prompts=512] [--out=compression]
+  python -m bench.compression --base=hf:runs/standin/hf --length=1024 --out=compression_ruler \
+      --tasks=ruler:niah_single_1,ruler:niah_multikey_1,ruler:vt
+  python -m bench.compression --render [--out=compression]     # only rewrite the page
+
+Protocol (NVIDIA kvpress's leaderboard): each policy keeps (1 - ratio) of the context's KV
+(decode.compression_ratio, training/policy.py ratio_budget) for ratios 0.25, 0.5, 0.75 and
+0.875 (0: the full cache); the question is not visible when the cache is compressed: the
+prompt's question (task_examples' Q tokens) and the answer follow the compression, without
+eviction. Two settings:
+  prefill   the context is read at once and compressed once (kvpress's presses);
+  streamed  the context is read in chunks of --interval tokens and compressed after each to the
+            same budget (a decoding press: the cache never holds more than budget + interval).
+Score: the base's teacher-forced answer accuracy per prompt (training/evolve.py make_scorer, as
+NAMM's fitness), on --prompts held-out prompts per task (eval split, --seed). The mean over tasks
+and its 95% interval come from a bootstrap stratified by task (prompts resampled within each
+task), and so do the paired differences (the same resampled prompts for both policies).
+
+Each (setting, policy, ratio) cell is recorded in bench/results/OUT.json as soon as it is
+measured, so a stopped run keeps its cells and a rerun skips them.
+"""
+import argparse
+import os
+import time
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax
+import numpy as np
+
+from bench import provenance
+from bench.common import ROOT, apply_overrides, load_json, save_json
+from bench.compression_page import RATIOS, encode, key, write
+
+MEASURES = provenance.CORE + ('models/eviction.py', 'models/presses.py', 'models/namm.py',
+                              'training/policy.py', 'training/evolve.py')
+POLICIES = ('streaming_llm', 'recency', 'tova', 'snapkv', 'pyramidkv', 'adakv', 'h2o', 'l2',
+            'keydiff', 'random', 'namm')
+SETTINGS = ('prefill', 'streamed')
+
+
+def cell_cfg(base_cfg, policy, ratio, namm_run):
+  cfg = base_cfg.copy_and_resolve_references()
+  return apply_overrides(cfg, {'decode.policy': policy, 'decode.compression_ratio': ratio,
+                               'decode.namm_run': namm_run if policy == 'namm' else ''})
+
+
+def measure(base, sets, policy, chunk, batch):
+  """{task: (scores [n], cache fraction)} of `policy` (a pytree) on the task sets."""
+  from training import evolve as evo
+  out = {}
+  for t, s in sets.items():
+    score = jax.jit(evo.make_scorer(base.graphdef, {t: s['context']}, chunk,
+                                    {t: s['question']}))
+    scores, fracs = [], []
+    for i in range(0, len(s['tokens']), batch):
+      got, frac_L, _ = score(base.state, policy, {t: s['tokens'][i:i + batch]})
+      scores.append(np.asarray(got[t]))
+      fracs.append(float(np.mean(frac_L)))
+    out[t] = (np.concatenate(scores), float(np.mean(fracs)))
+  return out
+
+
+def run(args):
+  from models.eviction import KeepAll
+  from training import evolve as evo
+  from training.policy import make_policy
+  prefix = os.path.join(ROOT, 'bench', 'results', args.out)
+  results = load_json(prefix + '.json', {'cells': {}})
+  base = evo.load_base(args.base)
+  tasks = args.tasks.split(',')
+  sets = {t: evo.task_examples(t, args.prompts, args.length, args.seed, 'eval',
+                               evo.corpus_source(base.cfg), base.cfg.data.tokenizer)
+          for t in tasks}
+  results['protocol'] = dict(
+      base=args.base, tasks=tasks, length=args.length, prompts=args.prompts, seed=args.seed,
+      interval=args.interval, namm_run=args.namm_run,
+      context={t: int(s['context'] + 1 - s['question']) for t, s in sets.items()},
+      question={t: int(s['question']) for t, s in sets.items()},
+      base_model=dict(layers=base.cfg.model.n_layers, d_model=base.cfg.model.d_model,
+                      heads=base.cfg.model.n_heads, kv_heads=base.cfg.model.n_kv_heads,
+                      source=base.cfg.data.source, steps=base.cfg.train.steps))
+  cells = [('full', 'keep_all', 0.0)] + [
+      (setting, p, r) for setting in args.settings.split(',')
+      for p in args.policies.split(',') if p != 'namm' or args.namm_run
+      for r in (float(x) for x in args.ratios.split(','))]
+  for setting, name, ratio in cells:
+    k = key(setting, name, ratio)
+    if k in results['cells']:
+      continue
+    t0 = time.time()
+    if name == 'keep_all':
+      policy, chunk = KeepAll(), 0
+    else:
+      cfg = cell_cfg(base.cfg, name, ratio, args.namm_run)
+      contexts = {int(s['context'] + 1 - s['question']) for s in sets.values()}
+      assert len(contexts) == 1, 'one context length per run (the budget is static)'
+      policy = make_policy(cfg, contexts.pop())
+      chunk = args.interval if setting == 'streamed' else 0
+    got = measure(base, sets, policy, chunk, args.batch)
+    results['cells'][k] = dict(
+        setting=setting, policy=name, ratio=ratio, seconds=round(time.time() - t0, 1),
+        cache={t: round(c, 4) for t, (_, c) in got.items()},
+        scores={t: encode(s) for t, (s, _) in got.items()},
+        mean=float(np.mean([s.mean() for s, _ in got.values()])),
+        provenance=provenance.record(MEASURES, args.seed))
+    save_json(prefix + '.json', results)
+    print(f'{k}: {results["cells"][k]["mean"]:.3f} '
+          f'({time.time() - t0:.0f} s)', flush=True)
+  return results
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--base', help='train.py workdir or hf:DIR of the base LM')
+  ap.add_argument('--namm_run', default='', help='an evolve.py run on that base (namm rows)')
+  ap.add_argument('--tasks', default='kv,kv4,kvlocal')
+  ap.add_argument('--length', type=int, default=320, help='tokens per example')
+  ap.add_argument('--prompts', type=int, default=512, help='held-out prompts per task')
+  ap.add_argument('--seed', type=int, default=1000, help='base seed of the held-out prompts')
+  ap.add_argument('--ratios', default=','.join(f'{r:g}' for r in RATIOS))
+  ap.add_argument('--policies', default=','.join(POLICIES))
+  ap.add_argument('--settings', default=','.join(SETTINGS))
+  ap.add_argument('--interval', type=int, default=64, help='streamed: tokens per compression')
+  ap.add_argument('--batch', type=int, default=128, help='prompts per call')
+  ap.add_argument('--out', default='compression')
+  ap.add_argument('--render', action='store_true', help='only rewrite the page')
+  args = ap.parse_args(argv)
+  prefix = os.path.join(ROOT, 'bench', 'results', args.out)
+  results = load_json(prefix + '.json', None) if args.render else run(args)
+  write(results, prefix)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,82 @@
+"""bench/compression.py (kvpress's protocol): the question marked in every task's prompt, the
+query-agnostic scorer, the stratified paired bootstrap, and a tiny run end to end."""
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench import compression, compression_page
+from training import evolve as evo
+
+
+def test_task_examples_mark_their_question():
+  """task_examples' Q: the prompt's last Q tokens hold its question ('?K' for kv; the newline,
+  question and answer prefix for RULER), the rest is context."""
+  from data.tokenizer import ByteTokenizer
+  s = evo.task_examples('kv4', 8, 96, 0, 'eval')
+  C, Q = s['context'], s['question']
+  assert Q == 2 and (s['tokens'][:, C + 1 - Q] == ord('?')).all()
+  s = evo.task_examples('ruler:niah_single_1', 3, 512, 0, 'eval')
+  C, Q = s['context'], s['question']
+  heads = []
+  for row in s['tokens']:             # Q: the longest question of the set (left-padded)
+    question = ByteTokenizer().decode(row[C + 1 - Q:C + 1])
+    assert '\nWhat is the special magic number' in question and question.endswith(' is')
+    assert 'What is' not in ByteTokenizer().decode(row[:C + 1 - Q])
+    heads.append(question.startswith('\nWhat'))
+  assert any(heads)
+
+
+def test_query_agnostic_scoring_equals_the_visible_question_with_the_full_cache():
+  """With nothing evicted, reading the question after the compression point changes nothing;
+  with a budget, the policy decides before the question (TOVA: on the last context query)."""
+  from conftest import tiny_config
+  from models import presses
+  from models.eviction import KeepAll
+  from models.lm import LM
+  model = LM(tiny_config().model, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  s = evo.task_examples('kv', 6, 64, 0, 'eval')
+  tokens = {'kv': s['tokens']}
+  scores = {}
+  for q in (0, s['question']):
+    run = jax.jit(evo.make_scorer(graphdef, {'kv': s['context']}, 0, {'kv': q}))
+    scores[q] = run(state, KeepAll(), tokens)[0]['kv']
+    frac = run(state, presses.TOVA(8), tokens)[1]
+    assert np.allclose(frac * (s['context'] + 1 - q if q else s['context']), 8)
+  np.testing.assert_array_equal(scores[0], scores[s['question']])
+
+
+def test_bootstrap_is_stratified_and_paired():
+  rng = np.random.default_rng(0)
+  a = {'x': rng.random(200) < 0.7, 'y': rng.random(50) < 0.2}
+  boot = compression_page.resample_means(a)
+  assert abs(boot.mean() - (a['x'].mean() + a['y'].mean()) / 2) < 0.01   # task means averaged
+  assert (compression_page.resample_means(a) - boot == 0).all()           # paired draws
+  lo, hi = compression_page.interval(boot)
+  assert lo < (a['x'].mean() + a['y'].mean()) / 2 < hi
+  assert compression_page.interval(compression_page.resample_means({'x': np.ones(9)})) == (1, 1)
+  for scores in ([0, 1, 1, 0], [0.5, 1.0, 0.25]):
+    np.testing.assert_array_equal(compression_page.decode_scores(compression_page.encode(scores)), scores)
+
+
+def test_a_tiny_protocol_run_records_each_cell_and_renders(tmp_path):
+  from conftest import run_train, tiny_config
+  cfg = tiny_config(**{'data.source': 'synthetic:kv', 'data.loss': 'answer', 'train.steps': 1,
+                       'train.ckpt_every': 1, 'train.eval_every': 1, 'data.eval_batches': 1})
+  run_train(tmp_path / 'base', cfg)
+  out = str(tmp_path / 'page')
+  args = [f'--base={tmp_path / "base"}', '--tasks=kv', '--length=64', '--prompts=4',
+          '--policies=snapkv', '--ratios=0.5', '--settings=prefill', f'--out={out}']
+  compression.main(args)
+  with open(out + '.json') as f:
+    cells = json.load(f)['cells']
+  assert set(cells) == {'full|keep_all|0', 'prefill|snapkv|0.5'}
+  assert abs(cells['prefill|snapkv|0.5']['cache']['kv'] - 0.5) < 0.01
+  assert len(cells['full|keep_all|0']['scores']['kv']) == 4
+  text = open(out + '.md').read()
+  assert '| snapkv | ' in text and 'no NAMM rows' in text
+  compression.main(args)                                   # a rerun skips the recorded cells
+  with open(out + '.json') as f:
+    assert json.load(f)['cells'] == cells
