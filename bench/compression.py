@@ -5,6 +5,7 @@ with paired bootstrap confidence intervals.
       [--tasks=kv,kv4,kvlocal] [--length=320] [--prompts=512] [--out=compression]
   python -m bench.compression --base=hf:runs/standin/hf --length=1024 --out=compression_ruler \
       --tasks=ruler:niah_single_1,ruler:niah_multikey_1,ruler:vt
+  python -m bench.compression --speed --base=... [--namm_run=...]   # decode speed, memory
   python -m bench.compression --render [--out=compression]     # only rewrite the page
 
 Protocol (NVIDIA kvpress's leaderboard): each policy keeps (1 - ratio) of the context's KV
@@ -114,6 +115,43 @@ def run(args):
   return results
 
 
+def speed(args, base):
+  """Decode throughput and memory per policy and ratio, head to head in one run: a prompt of
+  --speed_prompt corpus tokens read in chunks of --interval, then --interval greedy steps
+  (timed), in a cache of budget + interval slots per KV head (full: prompt + new; adakv: the
+  same, as its heads' sizes differ: kvpress's AdaKV masks, it does not shrink the cache). The
+  model has the base's shape (weights do not change the time)."""
+  import jax.numpy as jnp
+  from bench.common import alternate
+  from bench.side_by_side.decoding import corpus_prompt, decode_program
+  from models.eviction import KeepAll
+  from training.policy import make_policy, ratio_budget
+  P, B, new = args.speed_prompt, args.speed_batch, args.interval
+  prompt = jnp.asarray(corpus_prompt(B, P))
+  jobs = [('keep_all', 0.0)] + [(p, float(r)) for p in args.policies.split(',')
+                                if p != 'namm' or args.namm_run
+                                for r in args.ratios.split(',')]
+  programs = []
+  for name, ratio in jobs:
+    cfg = apply_overrides(cell_cfg(base.cfg, name, ratio, args.namm_run),
+                          {'decode.prefill_chunk': new})
+    if name == 'keep_all':
+      policy, capacity = KeepAll(), 0
+    else:
+      policy = make_policy(cfg, P)
+      capacity = 0 if name == 'adakv' else ratio_budget(cfg, P).decode.budget + new
+    programs.append(decode_program(cfg, prompt, new, args.seed, capacity, policy))
+    print(f'speed: compiled {name} {ratio:g}', flush=True)
+  times = alternate([run for run, _ in programs], args.speed_rounds)
+  rows = []
+  for (name, ratio), (_, r), ts in zip(jobs, programs, times):
+    rows.append(dict(policy=name, ratio=ratio, tokens_per_s=B * new / float(np.median(ts)),
+                     spread=[B * new / max(ts), B * new / min(ts)],
+                     state_bytes=r['state_bytes'], kv_bytes=r['kv_bytes'][-1]))
+  return dict(prompt=P, batch=B, new=new, rounds=args.speed_rounds, rows=rows,
+              provenance=provenance.record(MEASURES, args.seed))
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--base', help='train.py workdir or hf:DIR of the base LM')
@@ -128,10 +166,21 @@ def main(argv=None):
   ap.add_argument('--interval', type=int, default=64, help='streamed: tokens per compression')
   ap.add_argument('--batch', type=int, default=128, help='prompts per call')
   ap.add_argument('--out', default='compression')
+  ap.add_argument('--speed', action='store_true',
+                  help='only measure decode tokens/s and memory per policy and ratio')
+  ap.add_argument('--speed_prompt', type=int, default=1024)
+  ap.add_argument('--speed_batch', type=int, default=4)
+  ap.add_argument('--speed_rounds', type=int, default=5)
   ap.add_argument('--render', action='store_true', help='only rewrite the page')
   args = ap.parse_args(argv)
   prefix = os.path.join(ROOT, 'bench', 'results', args.out)
-  results = load_json(prefix + '.json', None) if args.render else run(args)
+  if args.speed:
+    from training import evolve as evo
+    results = load_json(prefix + '.json', None)
+    results['speed'] = speed(args, evo.load_base(args.base))
+    save_json(prefix + '.json', results)
+  else:
+    results = load_json(prefix + '.json', None) if args.render else run(args)
   write(results, prefix)
 
 

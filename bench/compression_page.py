@@ -154,7 +154,34 @@ def render(results, png):
   for s in settings:
     out += targets(results, s, rows)
   out += ['', f'![score against compression ratio]({png})', '']
+  if results.get('speed'):
+    out += speed_table(results['speed'])
   return '\n'.join(out)
+
+
+def speed_table(sp):
+  """Decode tokens/s and bytes per sequence per policy (rows) and ratio (columns)."""
+  rows = sp['rows']
+  ratios = sorted({r['ratio'] for r in rows if r['policy'] != 'keep_all'})
+  full = next(r for r in rows if r['policy'] == 'keep_all')
+  out = ['### Decode speed and memory', '',
+         f'Head to head in one run ({sp["rounds"]} rounds, every program once per round): '
+         f'{sp["batch"]} sequences, a {sp["prompt"]}-token prompt read in chunks of '
+         f'{sp["new"]}, then {sp["new"]} greedy steps timed; the cache holds budget + '
+         f'{sp["new"]} slots per KV head (full cache and adakv: prompt + new tokens). Cell: '
+         'decode tokens/s (median; slowest-fastest round) / decode state KiB per sequence '
+         'as allocated (K, V and the policy\'s own per-slot state).', '',
+         f'Full cache: {full["tokens_per_s"]:,.0f} tok/s ({full["spread"][0]:,.0f}-'
+         f'{full["spread"][1]:,.0f}) / {full["state_bytes"] / 2**10:,.0f} KiB.', '',
+         '| policy | ' + ' | '.join(f'{r:g}' for r in ratios) + ' |',
+         '|---' * (len(ratios) + 1) + '|']
+  for p in dict.fromkeys(r['policy'] for r in rows if r['policy'] != 'keep_all'):
+    cells = {r['ratio']: r for r in rows if r['policy'] == p}
+    out.append(f'| {p} | ' + ' | '.join(
+        f'{cells[x]["tokens_per_s"]:,.0f} ({cells[x]["spread"][0]:,.0f}-'
+        f'{cells[x]["spread"][1]:,.0f}) / {cells[x]["state_bytes"] / 2**10:,.0f}'
+        if x in cells else '—' for x in ratios) + ' |')
+  return out + ['']
 
 
 def plot(results, rows, path):

@@ -40,10 +40,12 @@ def make_policy_for(cfg, seed):
   return policy
 
 
-def decode_program(cfg, prompt_BxP, n_new, seed):
-  """Prefill under the policy, then n_new greedy steps compiled. Returns (run, row): run()
-  runs the steps once (for timing: the prefill is not timed) and row = {kv_bytes: KV-cache
-  bytes per sequence after each step, prompt, batch}.
+def decode_program(cfg, prompt_BxP, n_new, seed, capacity=0, policy=None):
+  """Prefill under the policy (cfg's, or `policy`) into `capacity` slots (default: prompt +
+  n_new), then n_new greedy steps compiled. Returns (run, row): run() runs the steps once
+  (for timing: the prefill is not timed) and row = {kv_bytes: KV-cache bytes per sequence in
+  use after each step, state_bytes: bytes of the whole decode state as allocated, prompt,
+  batch}.
 
   models.decode.generate runs the same prefill and steps, but as one program (the prefill
   would be timed with the steps) that keeps no cache size per step: its parts (init_state,
@@ -52,13 +54,14 @@ def decode_program(cfg, prompt_BxP, n_new, seed):
   from models import decode, registry
   model = init_model(cfg)
   graphdef, params = nnx.split(model)
-  policy = make_policy_for(cfg, seed)
+  policy = make_policy_for(cfg, seed) if policy is None else policy
   B, P = prompt_BxP.shape
+  capacity = capacity or P + n_new
 
   @jax.jit
   def prefill(params, prompt_BxP):
     m = nnx.merge(graphdef, params)
-    state = decode.init_state(m, B, P + n_new, policy)
+    state = decode.init_state(m, B, capacity, policy)
     return decode.prefill(m, prompt_BxP, state, policy, cfg.decode.prefill_chunk)
 
   @jax.jit
@@ -79,7 +82,8 @@ def decode_program(cfg, prompt_BxP, n_new, seed):
   token_bytes_L = [s.token_bytes() for s in state if registry.is_kv_cache(s)]
   kv_bytes_N = np.asarray(kv_NxL) @ np.asarray(token_bytes_L, np.float64)
   return (lambda: steps(params, logits, state)[1],
-          dict(kv_bytes=kv_bytes_N.tolist(), prompt=P, batch=B))
+          dict(kv_bytes=kv_bytes_N.tolist(), state_bytes=registry.nbytes(state) / B, prompt=P,
+               batch=B))
 
 
 def namm_update_parts(policy, B, K, S, kept):
