@@ -114,6 +114,10 @@ def get_base_config():
   ev.sigma0 = 0.065
   ev.lr = 0.01                  # open_es only (adam)
   ev.cache_weight = 0.0         # fitness -= this x mean cache fraction (0: official, score only)
+  ev.query_agnostic = False     # the prompt's question read after the compression (kvpress's
+                                # protocol, bench/compression.py) instead of with the context
+  ev.compression_ratio = 0.0    # > 0: members keep (1 - ratio) of the context (NAMM.budget)
+                                # instead of the tokens they score >= 0 (one NAMM per ratio)
   ev.stages = ('passkey', 'passkey,niah', 'passkey,niah,corpus')   # task curriculum
   ev.generations = (100, 100, 100)   # per stage
   ev.length = 512               # tokens per prompt (context + answer)

@@ -19,18 +19,21 @@ def init_state(model, batch, capacity, policy=None):
   return state
 
 
-def prefill(model, prompt_BxP, state, policy=None, chunk=0):
+def prefill(model, prompt_BxP, state, policy=None, chunk=0, align_end=False):
   """Runs the prompt (positions 0..P-1). Returns logits of the last position, state.
 
   With `chunk`, the prompt goes in pieces of that many tokens, so an eviction policy acts
-  while the prompt is read (every piece) rather than once after all of it.
+  while the prompt is read (every piece) rather than once after all of it; `align_end` puts
+  the shorter piece first, so that a piece (and a policy's every-`chunk` update) ends with
+  the prompt.
   """
   B, P = prompt_BxP.shape
   chunk = chunk or P
-  for start in range(0, P, chunk):
-    pos_BxC = jnp.broadcast_to(jnp.arange(start, min(start + chunk, P), dtype=jnp.int32),
-                               (B, min(chunk, P - start)))
-    logits_BxCxV, state = model(prompt_BxP[:, start:start + chunk], state, pos_BxC, policy=policy)
+  first = P % chunk if align_end else 0
+  bounds = ([0] if first else []) + list(range(first, P, chunk)) + [P]
+  for start, end in zip(bounds[:-1], bounds[1:]):
+    pos_BxC = jnp.broadcast_to(jnp.arange(start, end, dtype=jnp.int32), (B, end - start))
+    logits_BxCxV, state = model(prompt_BxP[:, start:end], state, pos_BxC, policy=policy)
   return logits_BxCxV[:, -1], state
 
 

@@ -377,3 +377,20 @@ def test_evolve_with_no_base_creates_nothing(tmp_path):
   with pytest.raises(CheckpointError, match='no checkpoint directory'):
     evolve(evolve_config(tmp_path / 'no_base'), tmp_path / 'evo')
   assert not (tmp_path / 'evo').exists()
+
+
+@pytest.mark.xdist_group('namm_base_lm')
+def test_evolve_at_a_compression_ratio_with_the_question_after_compression(base_lm, tmp_path):
+  """evolve.compression_ratio: every member keeps (1 - ratio) of the context read before the
+  question (evolve.query_agnostic), in the population and in the held-out checks; the
+  keep-all reference keeps everything."""
+  from training.evolve import evolve
+  from training.metrics import read_metrics
+  cfg = evolve_config(base_lm, stages=('passkey',), generations=(2,), query_agnostic=True,
+                      compression_ratio=0.5, cache_weight=0.0)
+  evolve(cfg, tmp_path)
+  rows = read_metrics(tmp_path)
+  caches = [r[k] for r in rows.values() for k in ('mean_cache', 'heldout_cache') if k in r]
+  assert len(caches) >= 3 and all(abs(c - 0.5) < 0.02 for c in caches), caches
+  s0 = read_state(tmp_path, 0)
+  assert float(np.mean(s0['held_ref']['passkey'])) >= 0      # the keep-all pass ran

@@ -347,6 +347,8 @@ def _validate_evolve(cfg):
     _check(ev.population % 2 == 0, 'evolve.population', 'open_es needs an even population')
   _check(ev.sigma0 > 0, 'evolve.sigma0', f'must be > 0, got {ev.sigma0}')
   _check(ev.cache_weight >= 0, 'evolve.cache_weight', f'must be >= 0, got {ev.cache_weight}')
+  _check(0 <= ev.compression_ratio < 1, 'evolve.compression_ratio',
+         f'must be in [0, 1), got {ev.compression_ratio}')
   _check(len(ev.stages) == len(ev.generations) and len(ev.stages) >= 1, 'evolve.generations',
          f'one generation count per stage: {len(ev.stages)} stages, {len(ev.generations)} counts')
   from data import ruler

@@ -136,13 +136,14 @@ def make_scorer(graphdef, contexts, chunk, questions=None):
   stats_3xF): one member (a policy pytree) on every task (contexts: {task: C}, static). The
   context is prefilled in chunks of `chunk` (the NAMM update interval; 0: at once) under the
   policy. With `questions` ({task: Q}, kvpress's query-agnostic setting) the prompt's last Q
-  tokens (its question) are not: they follow the compression, with the answer."""
+  tokens (its question) are not: they follow the compression, with the answer; the chunks
+  are then aligned to end with the context, so that the last compression sees all of it."""
 
   def run_task(model, policy, tokens_BxL, C, Q, task):
     B, L = tokens_BxL.shape
     E = C + 1 - Q if Q else C                          # the tokens read under the policy
     state = decode.init_state(model, B, L, policy)
-    _, state = decode.prefill(model, tokens_BxL[:, :E], state, policy, chunk)
+    _, state = decode.prefill(model, tokens_BxL[:, :E], state, policy, chunk, align_end=bool(Q))
     pos_BxA = jnp.broadcast_to(jnp.arange(E, L - 1, dtype=jnp.int32), (B, L - 1 - E))
     logits_BxAxV, _ = model(tokens_BxL[:, E:-1], state, pos_BxA)
     logits_BxAxV = logits_BxAxV[:, C - E:]
@@ -173,14 +174,14 @@ def pop_mesh(ev):
   return jax.make_mesh((n,), ('pop',), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
 
 
-def make_population_eval(graphdef, contexts, chunk, mesh):
+def make_population_eval(graphdef, contexts, chunk, mesh, questions=None):
   """Jitted: (model_state, policy with theta [P, D], tokens) -> ({task: [P, B]}, frac_PxL,
   stats_Px3xF): vmapped over the policy's theta (members), sharded over the 'pop' axis;
   mu, sigma, model and prompts shared and replicated (a single member, as in the keep-all
   pass and the held-out checks, is replicated too). Called with one task at a time, so each
   task compiles once per shape: the generations of every stage share one, the single-member
   calls another."""
-  score = make_scorer(graphdef, contexts, chunk)
+  score = make_scorer(graphdef, contexts, chunk, questions)
 
   @jax.jit
   def run(model_state, policy, tokens):
@@ -268,17 +269,26 @@ class Evolution:
     self.pool = make_task_sets(cfg, tasks, 'train', self.ev.pool, source, tok)
     self.held = make_task_sets(cfg, tasks, 'eval', self.ev.eval_prompts, source, tok)
     self.contexts = {t: self.pool[t]['context'] for t in tasks}
+    self.questions = ({t: self.pool[t]['question'] for t in tasks} if self.ev.query_agnostic
+                      else None)
+    # with a ratio, each task's budget: (1 - ratio) of the tokens read under the policy
+    read = {t: c + 1 - self.questions[t] if self.questions and self.questions[t] else c
+            for t, c in self.contexts.items()}
+    self.budgets = {t: max(1, round((1 - self.ev.compression_ratio) * n)) if
+                    self.ev.compression_ratio else 0 for t, n in read.items()}
     self.es, self.es_params = make_strategy(self.ev, self.policy.n_params)
     self._programs = {}
 
   def program(self, task):
     if task not in self._programs:
       self._programs[task] = make_population_eval(
-          self.graphdef, {task: self.contexts[task]}, self.policy.update_interval, self.mesh)
+          self.graphdef, {task: self.contexts[task]}, self.policy.update_interval, self.mesh,
+          self.questions and {task: self.questions[task]})
     return self._programs[task]
 
-  def evaluate(self, theta_PxD, mu, sigma, tokens):
-    """({task: scores [P, B]}, cache fraction [P] (mean over tasks), stats [P, 3, F]).
+  def evaluate(self, theta_PxD, mu, sigma, tokens, budget=True):
+    """({task: scores [P, B]}, cache fraction [P] (mean over tasks), stats [P, 3, F]);
+    budget=False: the official keep rule even with evolve.compression_ratio (keep-all pass).
 
     Prompts go in slices of `evolve.prompts`, and 2 .. population - 1 members are padded to
     the population size, so every call reuses one of two compiled programs per task (the
@@ -292,7 +302,8 @@ class Evolution:
     policy = self.policy.replace(theta=theta_PxD, mu=jnp.asarray(mu), sigma=jnp.asarray(sigma))
     scores, fracs, stats = {}, [], 0
     for t, tok in tokens.items():
-      parts = [self.program(t)(self.model_state, policy, {t: tok[i:i + n]})
+      member = policy.replace(budget=self.budgets[t] if budget else 0)
+      parts = [self.program(t)(self.model_state, member, {t: tok[i:i + n]})
                for i in range(0, len(tok), n)]
       scores[t] = np.concatenate([np.asarray(p[0][t]) for p in parts], 1)[:n_pop]
       fracs.append(np.mean([np.asarray(p[1]) for p in parts], 0)[:n_pop])
@@ -304,10 +315,11 @@ class Evolution:
     normalisation statistics (train pool only)."""
     F = self.policy.n_feat
     zeros, mu0, sigma0 = jnp.zeros((1, self.policy.n_params)), jnp.zeros(F), jnp.ones(F)
-    ref, _, stats = self.evaluate(zeros, mu0, sigma0, {t: v['tokens'] for t, v in self.pool.items()})
+    ref, _, stats = self.evaluate(zeros, mu0, sigma0,
+                                  {t: v['tokens'] for t, v in self.pool.items()}, budget=False)
     mu, sigma = nammlib.mean_std(jnp.asarray(stats[0]))
     held_ref, _, _ = self.evaluate(zeros, mu0, sigma0,
-                                   {t: v['tokens'] for t, v in self.held.items()})
+                                   {t: v['tokens'] for t, v in self.held.items()}, budget=False)
     return dict(mu=np.asarray(mu), sigma=np.asarray(sigma),
                 ref={t: v[0] for t, v in ref.items()},
                 held_ref={t: v[0] for t, v in held_ref.items()})
