@@ -31,7 +31,7 @@ import numpy as np
 
 from bench import provenance
 from bench.anchor_page import write
-from bench.common import train_command
+from bench.common import run_study, train_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURES = provenance.CORE + ('models/anchor.py', 'data/ac.py')   # the code the rows measure
@@ -321,4 +321,4 @@ def main():
 
 
 if __name__ == '__main__':
-  main()
+  run_study(main)

@@ -60,16 +60,31 @@ def save_json(path, obj):
   os.replace(path + '.tmp', path)
 
 
+class Preempted(Exception):
+  """A run in this process stopped at SIGTERM / SIGINT (checkpoint saved): the study stops
+  too, recording nothing of it; rerunning its command resumes the run."""
+
+
+def run_study(main):
+  """Runs a study's main(); a Preempted run ends it like train.py: a warning, exit 0."""
+  try:
+    main()
+  except Preempted as e:
+    logging.warning('%s; rerun the same command to resume', e)
+
+
 def train_command(command):
   """Runs a `python train.py --config=FILE[:PRESET] --workdir=W --config.k=v ...` command
-  in this process (training.loop.train: a finished run returns at once); its seconds."""
+  in this process (training.loop.train: a finished run returns at once); its seconds.
+  Raises Preempted if a signal stopped it before its end."""
   from training.loop import train
   args = dict(a[2:].split('=', 1) for a in shlex.split(command)[2:])
   overrides = {k[len('config.'):]: v for k, v in args.items() if k.startswith('config.')}
   cfg = resolve(load_config(args['config'], overrides))
   validate(cfg, jax.device_count())
   t0 = time.time()
-  train(cfg, args['workdir'])
+  if train(cfg, args['workdir']).get('preempted'):
+    raise Preempted(f'{args["workdir"]}: stopped by a signal, checkpoint saved')
   return time.time() - t0
 
 

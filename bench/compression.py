@@ -44,10 +44,25 @@ POLICIES = ('streaming_llm', 'recency', 'tova', 'snapkv', 'pyramidkv', 'adakv', 
 SETTINGS = ('prefill', 'streamed')
 
 
-def cell_cfg(base_cfg, policy, ratio, namm_run):
+def namm_runs(arg):
+  """--namm_run 'PATH' or 'LABEL=PATH,...' -> {label: path} (an unlabelled run: 'namm')."""
+  runs = {}
+  for item in filter(None, arg.split(',')):
+    label, _, path = item.rpartition('=')
+    runs[label or 'namm'] = path
+  return runs
+
+
+def expand(policies, runs):
+  """The row names: 'namm' stands for every NAMM run's label (none without runs)."""
+  return [q for p in policies.split(',') for q in (list(runs) if p == 'namm' else [p])]
+
+
+def cell_cfg(base_cfg, name, ratio, runs):
   cfg = base_cfg.copy_and_resolve_references()
+  policy = 'namm' if name in runs else name
   return apply_overrides(cfg, {'decode.policy': policy, 'decode.compression_ratio': ratio,
-                               'decode.namm_run': namm_run if policy == 'namm' else ''})
+                               'decode.namm_run': runs.get(name, '')})
 
 
 def measure(base, sets, policy, chunk, batch):
@@ -79,16 +94,17 @@ def run(args):
           for t in tasks}
   results['protocol'] = dict(
       base=args.base, tasks=tasks, length=args.length, prompts=args.prompts, seed=args.seed,
-      interval=args.interval, namm_run=args.namm_run,
+      interval=args.interval,
+      namm_runs={**results.get('protocol', {}).get('namm_runs', {}), **namm_runs(args.namm_run)},
       context={t: int(s['context'] + 1 - s['question']) for t, s in sets.items()},
       question={t: int(s['question']) for t, s in sets.items()},
       base_model=dict(layers=base.cfg.model.n_layers, d_model=base.cfg.model.d_model,
                       heads=base.cfg.model.n_heads, kv_heads=base.cfg.model.n_kv_heads,
                       source=base.cfg.data.source, steps=base.cfg.train.steps))
+  runs = namm_runs(args.namm_run)
   cells = [('full', 'keep_all', 0.0)] + [
       (setting, p, r) for setting in args.settings.split(',')
-      for p in args.policies.split(',') if p != 'namm' or args.namm_run
-      for r in (float(x) for x in args.ratios.split(','))]
+      for p in expand(args.policies, runs) for r in (float(x) for x in args.ratios.split(','))]
   for setting, name, ratio in cells:
     k = key(setting, name, ratio)
     if k in results['cells']:
@@ -97,7 +113,7 @@ def run(args):
     if name == 'keep_all':
       policy, chunk = KeepAll(), 0
     else:
-      cfg = cell_cfg(base.cfg, name, ratio, args.namm_run)
+      cfg = cell_cfg(base.cfg, name, ratio, runs)
       contexts = {int(s['context'] + 1 - s['question']) for s in sets.values()}
       assert len(contexts) == 1, 'one context length per run (the budget is static)'
       policy = make_policy(cfg, contexts.pop())
@@ -128,12 +144,12 @@ def speed(args, base):
   from training.policy import make_policy, ratio_budget
   P, B, new = args.speed_prompt, args.speed_batch, args.interval
   prompt = jnp.asarray(corpus_prompt(B, P))
-  jobs = [('keep_all', 0.0)] + [(p, float(r)) for p in args.policies.split(',')
-                                if p != 'namm' or args.namm_run
+  runs = namm_runs(args.namm_run)
+  jobs = [('keep_all', 0.0)] + [(p, float(r)) for p in expand(args.policies, runs)
                                 for r in args.ratios.split(',')]
   programs = []
   for name, ratio in jobs:
-    cfg = apply_overrides(cell_cfg(base.cfg, name, ratio, args.namm_run),
+    cfg = apply_overrides(cell_cfg(base.cfg, name, ratio, runs),
                           {'decode.prefill_chunk': new})
     if name == 'keep_all':
       policy, capacity = KeepAll(), 0
@@ -155,7 +171,8 @@ def speed(args, base):
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument('--base', help='train.py workdir or hf:DIR of the base LM')
-  ap.add_argument('--namm_run', default='', help='an evolve.py run on that base (namm rows)')
+  ap.add_argument('--namm_run', default='',
+                  help='evolve.py runs on that base: PATH or LABEL=PATH,... (rows LABEL)')
   ap.add_argument('--tasks', default='kv,kv4,kvlocal')
   ap.add_argument('--length', type=int, default=320, help='tokens per example')
   ap.add_argument('--prompts', type=int, default=512, help='held-out prompts per task')

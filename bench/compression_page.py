@@ -61,11 +61,11 @@ def summary(results):
   return out
 
 
-def namm_against_best(results, setting):
+def namm_against_best(results, setting, label):
   """Per ratio: (best training-free policy, NAMM - it, its 95% interval), paired."""
   cells, out = results['cells'], {}
   for r in RATIOS:
-    namm = cells.get(key(setting, 'namm', r))
+    namm = cells.get(key(setting, label, r))
     others = [cells[key(setting, p, r)] for p in TRAINING_FREE if key(setting, p, r) in cells]
     if not namm or not others:
       continue
@@ -75,23 +75,23 @@ def namm_against_best(results, setting):
   return out
 
 
-def targets(results, setting, rows):
+def targets(results, setting, rows, label):
   """The issue's target, per setting: NAMM at or above the full cache at ratio 0.5, and above
   the best training-free policy at >= 2 ratios with intervals that exclude a tie."""
   lines = []
-  at_half = rows.get(key(setting, 'namm', 0.5))
+  at_half = rows.get(key(setting, label, 0.5))
   if at_half is None:
-    return [f'- {setting}: no NAMM rows (no --namm_run): the targets are not tested.']
+    return [f'- {setting}, {label}: no rows at ratio 0.5: the targets are not tested.']
   d, lo, hi = at_half['diff_full']
   met = d >= 0
-  lines.append(f'- {setting}: NAMM at ratio 0.5 scores {at_half["mean"]:.3f}, full cache '
-               f'{at_half["mean"] - d:.3f}: difference {d:+.3f} [{lo:+.3f}, {hi:+.3f}] '
+  lines.append(f'- {setting}, {label}: at ratio 0.5 it scores {at_half["mean"]:.3f}, full '
+               f'cache {at_half["mean"] - d:.3f}: difference {d:+.3f} [{lo:+.3f}, {hi:+.3f}] '
                f'({"met" if met else "missed"}: at or above the full cache).')
-  wins = namm_against_best(results, setting)
+  wins = namm_against_best(results, setting, label)
   clear = [r for r, (_, _, lo2, _) in wins.items() if lo2 > 0]
   parts = [f'{r:g}: {p} {d2:+.3f} [{lo2:+.3f}, {hi2:+.3f}]'
            for r, (p, d2, lo2, hi2) in wins.items()]
-  lines.append(f'- {setting}: NAMM minus the best training-free policy per ratio: '
+  lines.append(f'- {setting}, {label} minus the best training-free policy per ratio: '
                + '; '.join(parts) + f'. Above it with an interval excluding a tie at '
                f'{len(clear)} ratio(s) ({"met" if len(clear) >= 2 else "missed"}: >= 2).')
   return lines
@@ -122,6 +122,7 @@ def policies(results):
 
 def render(results, png):
   p = results['protocol']
+  runs = p.get('namm_runs', {})
   rows = summary(results)
   b = p['base_model']
   settings = [s for s in ('prefill', 'streamed')
@@ -135,10 +136,10 @@ def render(results, png):
       f'{", ".join(p["tasks"])} at {p["length"]} tokens, {p["prompts"]} held-out prompts each '
       f'(eval split, seed {p["seed"]}); context compressed: '
       + ', '.join(f'{t} {c} tokens (question {p["question"][t]})' for t, c in p['context'].items())
-      + f'. NAMM: `{p["namm_run"] or "none"}`. {n_cells} cells, first measured {first}. '
-      'Produced by', '',
+      + f'. NAMM runs: ' + (', '.join(f'{k} `{v}`' for k, v in runs.items()) or 'none')
+      + f'. {n_cells} cells, first measured {first}. Produced by', '',
       f'    python -m bench.compression --base={p["base"]}'
-      + (f' --namm_run={p["namm_run"]}' if p['namm_run'] else '')
+      + (' --namm_run=' + ','.join(f'{k}={v}' for k, v in runs.items()) if runs else '')
       + f' --tasks={",".join(p["tasks"])} --length={p["length"]} --prompts={p["prompts"]}', '',
       'Score: teacher-forced answer accuracy, mean over tasks; in brackets its 95% bootstrap '
       f'interval ({RESAMPLES} resamples, stratified by task). Budget: each policy keeps '
@@ -152,7 +153,8 @@ def render(results, png):
     out += [f'### Setting: {s}', ''] + table(results, rows, s) + ['']
   out += ['### Against the targets', '']
   for s in settings:
-    out += targets(results, s, rows)
+    for label in runs or ['namm']:
+      out += targets(results, s, rows, label)
   out += ['', f'![score against compression ratio]({png})', '']
   if results.get('speed'):
     out += speed_table(results['speed'])
@@ -202,7 +204,7 @@ def plot(results, rows, path):
       y = ([full['mean']] if full else []) + [c['mean'] for _, c in pts]
       lo = ([full['ci'][0]] if full else []) + [c['ci'][0] for _, c in pts]
       hi = ([full['ci'][1]] if full else []) + [c['ci'][1] for _, c in pts]
-      line, = ax.plot(x, y, marker='o', lw=2.5 if p == 'namm' else 1.2, label=p)
+      line, = ax.plot(x, y, marker='o', lw=2.5 if p.startswith('namm') else 1.2, label=p)
       ax.fill_between(x, lo, hi, alpha=0.12, color=line.get_color())
     ax.set(title=s, xlabel='compression ratio (fraction of the context\'s KV removed)',
            ylabel='score', ylim=(0, 1.05))

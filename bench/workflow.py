@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from bench import provenance
-from bench.common import ROOT, load_json, save_json, train_command
+from bench.common import ROOT, load_json, save_json, run_study, train_command
 from bench.ruler import measure_pass
 
 MEASURES = provenance.CORE + ('data/ruler.py', 'training/ruler_eval.py', 'models')
@@ -117,4 +117,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  run_study(main)

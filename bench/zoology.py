@@ -27,7 +27,7 @@ import shutil
 import time
 
 from bench import provenance
-from bench.common import ROOT, load_json, save_json, train_command
+from bench.common import ROOT, load_json, save_json, run_study, train_command
 
 MEASURES = provenance.CORE + ('data/zoology.py', 'models')
 # mixer -> (config, overrides given the sequence length T); the memory mixers' segment (and the
@@ -170,4 +170,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  run_study(main)

@@ -48,7 +48,7 @@ def test_query_agnostic_scoring_equals_the_visible_question_with_the_full_cache(
   np.testing.assert_array_equal(scores[0], scores[s['question']])
 
 
-def test_bootstrap_is_stratified_and_paired():
+def test_bootstrap_is_stratified_and_paired_and_namm_runs_are_labelled():
   rng = np.random.default_rng(0)
   a = {'x': rng.random(200) < 0.7, 'y': rng.random(50) < 0.2}
   boot = compression_page.resample_means(a)
@@ -57,6 +57,10 @@ def test_bootstrap_is_stratified_and_paired():
   lo, hi = compression_page.interval(boot)
   assert lo < (a['x'].mean() + a['y'].mean()) / 2 < hi
   assert compression_page.interval(compression_page.resample_means({'x': np.ones(9)})) == (1, 1)
+  runs = compression.namm_runs('runs/a,r75=runs/b')
+  assert runs == {'namm': 'runs/a', 'r75': 'runs/b'}
+  assert compression.expand('h2o,namm', runs) == ['h2o', 'namm', 'r75']
+  assert compression.expand('h2o,namm', {}) == ['h2o']
   for scores in ([0, 1, 1, 0], [0.5, 1.0, 0.25]):
     np.testing.assert_array_equal(compression_page.decode_scores(compression_page.encode(scores)), scores)
 
@@ -76,7 +80,7 @@ def test_a_tiny_protocol_run_records_each_cell_and_renders(tmp_path):
   assert abs(cells['prefill|snapkv|0.5']['cache']['kv'] - 0.5) < 0.01
   assert len(cells['full|keep_all|0']['scores']['kv']) == 4
   text = open(out + '.md').read()
-  assert '| snapkv | ' in text and 'no NAMM rows' in text
+  assert '| snapkv | ' in text and 'namm: no rows at ratio 0.5' in text
   compression.main(args)                                   # a rerun skips the recorded cells
   with open(out + '.json') as f:
     assert json.load(f)['cells'] == cells

@@ -101,3 +101,26 @@ def test_tiny_cell_learns_above_chance_and_stops_early(tmp_path):
   assert last['stopped_early'] == 1 and last['step'] < 600 and last['eval_accuracy'] >= 0.3
   assert all(r['eval_accuracy'] < 0.3 for r in rows[:-1])     # it stopped at the first one
   assert os.path.isdir(os.path.join(w, 'checkpoints', str(last['step'])))   # and saved it
+
+
+
+def test_a_preempted_cell_is_not_recorded_and_resumes(tmp_path, monkeypatch):
+  """A signal stops the cell's run (train returns `preempted`): the grid stops without
+  recording the cell or removing its workdir; the rerun resumes it and records it."""
+  from bench import zoology
+  from bench.common import Preempted
+  from training.preemption import Preemption
+  args = ['--mixers=attention', '--cells=16:2', '--d_models=32', '--lrs=1e-2',
+          '--examples=256', '--train_examples=512', '--test_examples=64', '--eval_every=2',
+          f'--work={tmp_path / "work"}', f'--out={tmp_path / "page"}']
+  with monkeypatch.context() as m:
+    m.setattr(Preemption, 'requested', lambda self, sync=True: True)   # SIGTERM at step 1
+    with pytest.raises(Preempted):
+      zoology.main(args)
+  assert not os.path.exists(f'{tmp_path / "page"}.json')
+  cell, = os.listdir(tmp_path / 'work')
+  assert os.listdir(tmp_path / 'work' / cell / 'checkpoints') == ['1']   # kept, at step 1
+  zoology.main(args)
+  with open(f'{tmp_path / "page"}.json') as f:
+    row, = json.load(f)['cells'].values()
+  assert row['steps'] == 4 and row['examples'] == 256

@@ -145,6 +145,7 @@ def train(cfg, workdir):
           last_saved = step
         if stop:
           preemption.saved(f'step {step}')
+          metrics = dict(metrics, preempted=1)     # callers in-process: not finished
         if stop or solved:
           break
     ckpt.wait()
