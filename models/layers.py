@@ -33,8 +33,14 @@ def constrain(x, axes):
   rules = core_spmd.get_logical_axis_rules()
   if not rules or jax.sharding.get_abstract_mesh().empty:
     return x
-  table = dict(rules)
-  return jax.lax.with_sharding_constraint(x, P(*(table.get(a) for a in axes)))
+  table, used, spec = dict(rules), set(), []
+  for a in axes:            # a mesh axis shards one dimension: the first that claims it
+    mesh_axes = table.get(a)
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    free = tuple(m for m in mesh_axes if m not in used)
+    used.update(free)
+    spec.append(free[0] if len(free) == 1 else (free or None))
+  return jax.lax.with_sharding_constraint(x, P(*spec))
 
 
 class RMSNorm(nnx.Module):

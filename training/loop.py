@@ -20,11 +20,31 @@ from training.state import model_ctor, train_state_ctor
 from training.step import make_eval_step, make_optimizer, make_train_step
 
 
+class InMesh:
+  """A jitted step traced (called or lowered) under its mesh and the logical axis rules, so
+  that the model's activation constraints (models/layers.py constrain) take effect."""
+
+  def __init__(self, fn, mesh, rules):
+    self.fn, self.mesh, self.rules = fn, mesh, rules
+
+  def _within(self, fn, *args):
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      return fn(*args)
+
+  def __call__(self, *args):
+    return self._within(self.fn, *args)
+
+  def lower(self, *args):
+    return self._within(self.fn.lower, *args)
+
+
 def train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id=ByteTokenizer.PAD):
-  """The jitted train step with the config's train knobs (microbatches, xla_options): one
-  place for train.py, compile_only and the benchmarks."""
-  return make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
-                         cfg.train.microbatches, xla_options(cfg.train))
+  """The jitted train step with the config's train knobs (microbatches, xla_options), traced
+  under the mesh and the config's axis rules: one place for train.py, compile_only and the
+  benchmarks."""
+  return InMesh(make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
+                                cfg.train.microbatches, xla_options(cfg.train)),
+                batch_sh.mesh, meshlib.axis_rules(cfg))
 
 
 def global_batch(local_np, sharding):
@@ -87,7 +107,8 @@ def train(cfg, workdir):
 
     pad_id = pipeline.pad_id(d.source, d.tokenizer)
     train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
-    eval_step = make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id)
+    eval_step = InMesh(make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id),
+                       mesh, rules)
 
     def evaluate(model_state):
       """{'eval_loss', 'eval_accuracy'}: per weighted target, nll and greedy exact match."""
