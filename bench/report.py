@@ -24,7 +24,8 @@ from bench import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = {
-    'side_by_side': ('Every model kind side by side', ['foundation', 'run', 'run_gpu', 'run_quick']),
+    'side_by_side': ('Every model kind side by side',
+                     ['foundation', 'presets', 'run', 'run_gpu', 'run_quick']),
     'titans': ('Titans (MAC / MAG / MAL / LMM)', ['titans', 'titans_speed']),
     'infini': ('Infini-attention', ['infini']),
     'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
