@@ -1,5 +1,6 @@
 """The benchmarks' bookkeeping: targets and where the profile goes (bench/side_by_side/, the
 sections of bench/run.py), and the docs/ pages rendered from the result files (bench/report.py)."""
+import json
 import os
 
 import pytest
@@ -208,3 +209,19 @@ def test_committed_docs_are_the_render_of_the_committed_results():
   for page, text in report.render(os.path.join(report.ROOT, 'bench', 'results')).items():
     with open(os.path.join(report.ROOT, 'docs', f'{page}.md')) as f:
       assert f.read() == text, f'docs/{page}.md: run python -m bench.report'
+
+
+def test_presets_compile_on_8_devices_and_fit_a_row(tmp_path, monkeypatch):
+  """bench/presets.py on a tiny preset: the compile-only report of 8 forced devices (fsdp 8),
+  recorded and rendered with its fit; a failing row is recorded with its error."""
+  from bench import presets
+  monkeypatch.setattr(presets, 'PLAN', {
+      'tiny': ('tiny', 'configs/transformer.py:tiny', {'mesh.fsdp': 8, 'train.batch_size': 8}),
+      'bad': ('bad', 'configs/transformer.py:tiny', {'mesh.fsdp': 3})})
+  out = str(tmp_path / 'presets')
+  presets.main([f'--out={out}'])
+  rows = json.load(open(out + '.json'))['rows']
+  assert rows['tiny']['mesh']['fsdp'] == 8 and rows['tiny']['params'] > 0
+  assert 0 < rows['tiny']['per_device_bytes']['temp'] < 2**30 and 'error' in rows['bad']
+  page = open(out + '.md').read()
+  assert '| tiny | tiny |' in page and 'yes (' in page and 'failed: ' in page
