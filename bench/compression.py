@@ -191,13 +191,13 @@ def main(argv=None):
   ap.add_argument('--render', action='store_true', help='only rewrite the page')
   args = ap.parse_args(argv)
   prefix = os.path.join(ROOT, 'bench', 'results', args.out)
-  if args.speed:
+  if args.speed:              # its own file: a sweep may be writing the cells meanwhile
     from training import evolve as evo
+    save_json(prefix + '_speed.json', speed(args, evo.load_base(args.base)))
     results = load_json(prefix + '.json', None)
-    results['speed'] = speed(args, evo.load_base(args.base))
-    save_json(prefix + '.json', results)
   else:
     results = load_json(prefix + '.json', None) if args.render else run(args)
+  results['speed'] = load_json(prefix + '_speed.json', None)
   write(results, prefix)
 
 

@@ -86,8 +86,8 @@ def test_a_tiny_protocol_run_records_each_cell_and_renders(tmp_path):
     assert json.load(f)['cells'] == cells
   compression.main(args + ['--speed', '--speed_prompt=48', '--speed_batch=1',
                            '--speed_rounds=1', '--interval=16'])
-  with open(out + '.json') as f:
-    rows = json.load(f)['speed']['rows']
+  with open(out + '_speed.json') as f:
+    rows = json.load(f)['rows']
   full, snap = rows
   assert (full['policy'], snap['policy'], snap['ratio']) == ('keep_all', 'snapkv', 0.5)
   assert snap['state_bytes'] == full['state_bytes'] * (24 + 16) / (48 + 16)   # budget + new
