@@ -58,6 +58,21 @@ def expand(policies, runs):
   return [q for p in policies.split(',') for q in (list(runs) if p == 'namm' else [p])]
 
 
+def evolve_settings(run):
+  """How an evolve.py run searched (its saved config): the command line's evolve keys."""
+  from training.checkpoint import Checkpointer
+  ck = Checkpointer.open(run)
+  try:
+    saved = ck.read_config()
+  finally:
+    ck.close()
+  ev = saved['evolve']
+  keys = ('strategy', 'population', 'stages', 'generations', 'prompts', 'length',
+          'cache_weight', 'query_agnostic', 'compression_ratio')
+  return dict(seed=saved['seed'], update_interval=saved['namm']['update_interval'],
+              **{k: ev.get(k) for k in keys})
+
+
 def cell_cfg(base_cfg, name, ratio, runs):
   cfg = base_cfg.copy_and_resolve_references()
   policy = 'namm' if name in runs else name
@@ -92,16 +107,17 @@ def run(args):
   sets = {t: evo.task_examples(t, args.prompts, args.length, args.seed, 'eval',
                                evo.corpus_source(base.cfg), base.cfg.data.tokenizer)
           for t in tasks}
+  runs, old = namm_runs(args.namm_run), results.get('protocol', {})
   results['protocol'] = dict(
       base=args.base, tasks=tasks, length=args.length, prompts=args.prompts, seed=args.seed,
-      interval=args.interval,
-      namm_runs={**results.get('protocol', {}).get('namm_runs', {}), **namm_runs(args.namm_run)},
+      interval=args.interval, namm_runs={**old.get('namm_runs', {}), **runs},
+      namm_settings={**old.get('namm_settings', {}),
+                     **{label: evolve_settings(path) for label, path in runs.items()}},
       context={t: int(s['context'] + 1 - s['question']) for t, s in sets.items()},
       question={t: int(s['question']) for t, s in sets.items()},
       base_model=dict(layers=base.cfg.model.n_layers, d_model=base.cfg.model.d_model,
                       heads=base.cfg.model.n_heads, kv_heads=base.cfg.model.n_kv_heads,
                       source=base.cfg.data.source, steps=base.cfg.train.steps))
-  runs = namm_runs(args.namm_run)
   cells = [('full', 'keep_all', 0.0)] + [
       (setting, p, r) for setting in args.settings.split(',')
       for p in expand(args.policies, runs) for r in (float(x) for x in args.ratios.split(','))]

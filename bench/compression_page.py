@@ -149,6 +149,17 @@ def render(results, png):
       'context tokens. NAMM is the evolved scorer with its keep threshold replaced by the '
       'budget (NAMM.budget): one search serves every ratio, as one press does in kvpress, '
       'instead of one evolution per ratio.', '']
+  for label, e in p.get('namm_settings', {}).items():
+    out.append(f'- {label} (`{runs.get(label, "?")}`): {e["strategy"]}, population '
+               f'{e["population"]}, stages {" -> ".join(e["stages"])} '
+               f'({", ".join(map(str, e["generations"]))} generations), {e["prompts"]} prompts '
+               f'per task of {e["length"]} tokens, update interval {e["update_interval"]}, '
+               + (f'question after the compression, members at ratio {e["compression_ratio"]:g}'
+                  if e.get('query_agnostic') and e.get('compression_ratio') else
+                  f'question visible, keep threshold, cache_weight {e["cache_weight"]:g}')
+               + f', seed {e["seed"]}.')
+  if p.get('namm_settings'):
+    out.append('')
   for s in settings:
     out += [f'### Setting: {s}', ''] + table(results, rows, s) + ['']
   out += ['### Against the targets', '']

@@ -18,6 +18,13 @@ a -> a+b -> a+b+c, on base LMs trained on those tasks only:
       --workdir=runs/namm_tasks_s$s --config.seed=$s --config.evolve.base=runs/base_tasks; done
   python bench/namm.py --base=runs/base_tasks --transfer_base=runs/base_tasks_b \
       --runs=runs/namm_tasks_s0,runs/namm_tasks_s1,runs/namm_tasks_s2
+On kvpress's protocol (bench/compression.py): a NAMM evolved with the question after the
+compression and every member at one ratio's budget, then the ratio sweep:
+  python evolve.py --config=configs/namm.py:tasks --workdir=runs/namm_qa75_s0 --config.seed=0 \
+      --config.evolve.base=runs/base_tasks --config.evolve.query_agnostic=True \
+      --config.evolve.compression_ratio=0.75 --config.evolve.cache_weight=0
+  python -m bench.compression --base=runs/base_tasks --prompts=384 \
+      --namm_run=runs/namm_tasks_s0,namm_r75=runs/namm_qa75_s0
 """
 from configs.base import apply_preset, get_base_config
 
