@@ -61,11 +61,7 @@ def expand(policies, runs):
 def evolve_settings(run):
   """How an evolve.py run searched (its saved config): the command line's evolve keys."""
   from training.checkpoint import Checkpointer
-  ck = Checkpointer.open(run)
-  try:
-    saved = ck.read_config()
-  finally:
-    ck.close()
+  saved = Checkpointer.saved_config(run)
   ev = saved['evolve']
   keys = ('strategy', 'population', 'stages', 'generations', 'prompts', 'length',
           'cache_weight', 'query_agnostic', 'compression_ratio')

@@ -87,11 +87,7 @@ def summarise(res):
 
 def run_info(run):
   """The evolve.py run's saved config and its per-generation metrics."""
-  ck = Checkpointer.open(run)
-  try:
-    saved = ck.read_config()
-  finally:
-    ck.close()
+  saved = Checkpointer.saved_config(run)
   rows = read_metrics(run)
   gens = sorted(rows)
   held = [dict(gen=g, stage=int(rows[g]['stage']), score=rows[g]['heldout_score'],

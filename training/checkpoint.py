@@ -217,6 +217,15 @@ class Checkpointer:
   def read_config(self, step=None):
     return self.restore(step, config=None)[1].config
 
+  @classmethod
+  def saved_config(cls, path, step=None):
+    """The config saved with a workdir's latest (or given) step, read and closed."""
+    ck = cls.open(path)
+    try:
+      return ck.read_config(step)
+    finally:
+      ck.close()
+
   def wait(self):
     self.mngr.wait_until_finished()
 
