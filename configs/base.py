@@ -96,9 +96,9 @@ def get_base_config():
   c.distributed = False         # call jax.distributed.initialize() (multi-host / multi-process)
 
   c.decode = de = ml_collections.ConfigDict()
-  de.policy = 'none'            # none | keep_all | recency | streaming_llm | tova | h2o | l2 |
-                                # keydiff | random | namm | anchor (models/eviction.py,
-                                # presses.py, namm.py, anchor.py)
+  de.policy = 'none'            # none | keep_all | recency | streaming_llm | tova | snapkv |
+                                # pyramidkv | adakv | h2o | l2 | keydiff | random | namm |
+                                # anchor (models/eviction.py, presses.py, namm.py, anchor.py)
   de.capacity = 0               # KV slots per layer; 0: prompt + new tokens
   de.compression_ratio = 0.0    # > 0: the policy keeps (1 - this) of each prompt's tokens per
                                 # head (kvpress's ratio; RULER cells; budget-based policies)
