@@ -103,13 +103,15 @@ def run(args):
   sets = {t: evo.task_examples(t, args.prompts, args.length, args.seed, 'eval',
                                evo.corpus_source(base.cfg), base.cfg.data.tokenizer)
           for t in tasks}
+  read = {t: int(evo.read_under_policy(s['context'], s['question'])) for t, s in sets.items()}
+  assert len(set(read.values())) == 1, 'one context length per run (the budget is static)'
   runs, old = namm_runs(args.namm_run), results.get('protocol', {})
   results['protocol'] = dict(
       base=args.base, tasks=tasks, length=args.length, prompts=args.prompts, seed=args.seed,
       interval=args.interval, namm_runs={**old.get('namm_runs', {}), **runs},
       namm_settings={**old.get('namm_settings', {}),
                      **{label: evolve_settings(path) for label, path in runs.items()}},
-      context={t: int(s['context'] + 1 - s['question']) for t, s in sets.items()},
+      context=read,
       question={t: int(s['question']) for t, s in sets.items()},
       base_model=dict(layers=base.cfg.model.n_layers, d_model=base.cfg.model.d_model,
                       heads=base.cfg.model.n_heads, kv_heads=base.cfg.model.n_kv_heads,
@@ -126,9 +128,7 @@ def run(args):
       policy, chunk = KeepAll(), 0
     else:
       cfg = cell_cfg(base.cfg, name, ratio, runs)
-      contexts = {int(s['context'] + 1 - s['question']) for s in sets.values()}
-      assert len(contexts) == 1, 'one context length per run (the budget is static)'
-      policy = make_policy(cfg, contexts.pop())
+      policy = make_policy(cfg, read[tasks[0]])
       chunk = args.interval if setting == 'streamed' else 0
     got = measure(base, sets, policy, chunk, args.batch)
     results['cells'][k] = dict(

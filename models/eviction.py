@@ -43,6 +43,11 @@ class Recency(KeepAll):
     return cache.pos_BxKxS > newest_Bx1x1 - self.window, cache
 
 
+def ratio_keep(ratio, tokens):
+  """Tokens kept of `tokens` at compression ratio `ratio` (kvpress's: the fraction removed)."""
+  return max(1, round((1 - ratio) * tokens))
+
+
 def top_budget(score_BxKxS, valid_BxKxS, pos_BxKxS, newest_B, budget, recent):
   """Keep the `recent` newest positions plus the best-scoring others up to `budget` in all
   (ties: the lower slot). When at most one token per head is over budget (every decode step

@@ -40,10 +40,8 @@ import numpy as np
 from flax import struct
 
 from models import registry
-from models.eviction import ScorerPress, rank_desc, top_budget
+from models.eviction import INF, ScorerPress, rank_desc, top_budget
 from models.registry import check
-
-INF = 1e30
 
 
 # --- Scorer parameters -------------------------------------------------------------------

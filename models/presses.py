@@ -86,6 +86,14 @@ class Random(ScorerPress):
 
 RATIO_POLICIES = ('recency', 'streaming_llm', 'tova', 'snapkv', 'pyramidkv', 'h2o', 'l2',
                   'keydiff', 'random', 'adakv', 'namm')
+
+
+def check_ratio_policy(policy):
+  """ConfigError unless decode.policy `policy` has a token budget a ratio can set."""
+  registry.check(policy in RATIO_POLICIES, 'decode.compression_ratio',
+                 f'{policy} has no token budget to set from a ratio (one of {RATIO_POLICIES})')
+
+
 ADA_PRESSES = ('snapkv', 'tova', 'h2o', 'l2', 'keydiff', 'random')   # adakv's inner presses
 
 

@@ -258,10 +258,8 @@ def validate(cfg, n_devices, *, check_mesh=True):
   _check(0 <= cfg.decode.compression_ratio < 1, 'decode.compression_ratio',
          f'must be in [0, 1), got {cfg.decode.compression_ratio}')
   if cfg.decode.compression_ratio and cfg.decode.policy != 'none':
-    from models.presses import RATIO_POLICIES
-    _check(cfg.decode.policy in RATIO_POLICIES, 'decode.compression_ratio',
-           f'{cfg.decode.policy} has no token budget to set from a ratio (one of '
-           f'{RATIO_POLICIES})')
+    from models.presses import check_ratio_policy
+    check_ratio_policy(cfg.decode.policy)
   _check(0 <= t.stop_at_accuracy <= 1, 'train.stop_at_accuracy',
          f'must be in [0, 1], got {t.stop_at_accuracy}')
   parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]

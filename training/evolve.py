@@ -43,6 +43,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from data import pipeline, synthetic
 from models import decode, namm as nammlib, registry
+from models.eviction import ratio_keep
 from training import mesh as meshlib
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError
@@ -131,6 +132,12 @@ def all_tasks(ev):
 
 # --- The population program ----------------------------------------------------------------
 
+def read_under_policy(context, question):
+  """Tokens of a task set read under the policy: the context C (scored from there on), or,
+  with its question of Q tokens after the compression, the C + 1 - Q before it."""
+  return context + 1 - question if question else context
+
+
 def make_scorer(graphdef, contexts, chunk, questions=None):
   """score(model_state, policy, {task: tokens}) -> ({task: score_B}, cache_frac_L (per layer),
   stats_3xF): one member (a policy pytree) on every task (contexts: {task: C}, static). The
@@ -141,7 +148,7 @@ def make_scorer(graphdef, contexts, chunk, questions=None):
 
   def run_task(model, policy, tokens_BxL, C, Q, task):
     B, L = tokens_BxL.shape
-    E = C + 1 - Q if Q else C                          # the tokens read under the policy
+    E = read_under_policy(C, Q)
     state = decode.init_state(model, B, L, policy)
     _, state = decode.prefill(model, tokens_BxL[:, :E], state, policy, chunk, align_end=bool(Q))
     pos_BxA = jnp.broadcast_to(jnp.arange(E, L - 1, dtype=jnp.int32), (B, L - 1 - E))
@@ -272,10 +279,9 @@ class Evolution:
     self.questions = ({t: self.pool[t]['question'] for t in tasks} if self.ev.query_agnostic
                       else None)
     # with a ratio, each task's budget: (1 - ratio) of the tokens read under the policy
-    read = {t: c + 1 - self.questions[t] if self.questions and self.questions[t] else c
-            for t, c in self.contexts.items()}
-    self.budgets = {t: max(1, round((1 - self.ev.compression_ratio) * n)) if
-                    self.ev.compression_ratio else 0 for t, n in read.items()}
+    self.budgets = {t: ratio_keep(self.ev.compression_ratio, read_under_policy(
+        c, (self.questions or {}).get(t, 0))) if self.ev.compression_ratio else 0
+                    for t, c in self.contexts.items()}
     self.es, self.es_params = make_strategy(self.ev, self.policy.n_params)
     self._programs = {}
 

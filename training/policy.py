@@ -2,7 +2,8 @@
 (models/registry.py) built from the config, or, for decode.policy=namm with decode.namm_run,
 the NAMM evolved by that evolve.py run (its parameters, statistics and `namm` keys)."""
 from models import registry
-from models.presses import RATIO_POLICIES
+from models.eviction import ratio_keep
+from models.presses import check_ratio_policy
 from training.evolve import load_namm
 
 
@@ -13,10 +14,8 @@ def ratio_budget(cfg, prompt_tokens):
   de = cfg.decode
   if not de.compression_ratio:
     return cfg
-  registry.check(de.policy in RATIO_POLICIES, 'decode.compression_ratio',
-                 f'{de.policy} has no token budget to set from a ratio (one of '
-                 f'{RATIO_POLICIES})')
-  keep = max(1, round((1 - de.compression_ratio) * prompt_tokens))
+  check_ratio_policy(de.policy)
+  keep = ratio_keep(de.compression_ratio, prompt_tokens)
   cfg = cfg.copy_and_resolve_references()
   with cfg.unlocked():
     cfg.decode.budget = keep
