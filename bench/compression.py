@@ -45,7 +45,9 @@ SETTINGS = ('prefill', 'streamed')
 
 
 def namm_runs(arg):
-  """--namm_run 'PATH' or 'LABEL=PATH,...' -> {label: path} (an unlabelled run: 'namm')."""
+  """--namm_run 'PATH' or 'LABEL=PATH,...' -> {label: path} (an unlabelled run: 'namm'). A path
+  'A+B+...' joins runs each evolved at one ratio (evolve.compression_ratio): one NAMM per ratio,
+  the label's cell at a ratio from the run evolved there (run_at)."""
   runs = {}
   for item in filter(None, arg.split(',')):
     label, _, path = item.rpartition('=')
@@ -69,11 +71,34 @@ def evolve_settings(run):
               **{k: ev.get(k) for k in keys})
 
 
+def run_at(path, ratio):
+  """The run behind a label's cell at `ratio`: `path`, or of joined runs the one evolved at
+  `ratio` (None: the label has no cell there)."""
+  paths = path.split('+')
+  if len(paths) == 1:
+    return path
+  return next((p for p in paths if evolve_settings(p)['compression_ratio'] == ratio), None)
+
+
+def label_settings(path):
+  """evolve_settings of a label; of joined runs, the first's with every run's ratio listed
+  (seeds and searches are the same by construction of the command line)."""
+  got = [evolve_settings(p) for p in path.split('+')]
+  if len(got) > 1:
+    got[0]['compression_ratio'] = [g['compression_ratio'] for g in got]
+  return got[0]
+
+
+def has_cell(name, ratio, runs):
+  return name not in runs or run_at(runs[name], ratio) is not None
+
+
 def cell_cfg(base_cfg, name, ratio, runs):
   cfg = base_cfg.copy_and_resolve_references()
   policy = 'namm' if name in runs else name
   return apply_overrides(cfg, {'decode.policy': policy, 'decode.compression_ratio': ratio,
-                               'decode.namm_run': runs.get(name, '')})
+                               'decode.namm_run': run_at(runs[name], ratio) if name in runs
+                                                  else ''})
 
 
 def measure(base, sets, policy, chunk, batch):
@@ -110,7 +135,7 @@ def run(args):
       base=args.base, tasks=tasks, length=args.length, prompts=args.prompts, seed=args.seed,
       interval=args.interval, namm_runs={**old.get('namm_runs', {}), **runs},
       namm_settings={**old.get('namm_settings', {}),
-                     **{label: evolve_settings(path) for label, path in runs.items()}},
+                     **{label: label_settings(path) for label, path in runs.items()}},
       context=read,
       question={t: int(s['question']) for t, s in sets.items()},
       base_model=dict(layers=base.cfg.model.n_layers, d_model=base.cfg.model.d_model,
@@ -118,7 +143,8 @@ def run(args):
                       source=base.cfg.data.source, steps=base.cfg.train.steps))
   cells = [('full', 'keep_all', 0.0)] + [
       (setting, p, r) for setting in args.settings.split(',')
-      for p in expand(args.policies, runs) for r in (float(x) for x in args.ratios.split(','))]
+      for p in expand(args.policies, runs) for r in (float(x) for x in args.ratios.split(','))
+      if has_cell(p, r, runs)]
   for setting, name, ratio in cells:
     k = key(setting, name, ratio)
     if k in results['cells']:
@@ -158,7 +184,7 @@ def speed(args, base):
   prompt = jnp.asarray(corpus_prompt(B, P))
   runs = namm_runs(args.namm_run)
   jobs = [('keep_all', 0.0)] + [(p, float(r)) for p in expand(args.policies, runs)
-                                for r in args.ratios.split(',')]
+                                for r in args.ratios.split(',') if has_cell(p, float(r), runs)]
   programs = []
   for name, ratio in jobs:
     cfg = apply_overrides(cell_cfg(base.cfg, name, ratio, runs),

@@ -97,6 +97,14 @@ def targets(results, setting, rows, label):
   return lines
 
 
+def ratios(settings):
+  """The ratio(s) a NAMM label was evolved at: one run's, or joined runs' (one NAMM per ratio,
+  each cell from the run evolved at its ratio)."""
+  r = settings['compression_ratio']
+  return (f'{r:g}' if not isinstance(r, list) else
+          ' / '.join(f'{x:g}' for x in r) + ' (one run per ratio, each cell from its own ratio\'s run)')
+
+
 def table(results, rows, setting):
   ratios = [r for r in RATIOS if any(key(setting, p, r) in rows for p in policies(results))]
   full = rows.get(key('full', 'keep_all', 0.0))
@@ -146,15 +154,16 @@ def render(results, png):
       '(1 - ratio) x the context per KV head (AdaKV: per layer, shared by its heads); the '
       'question and the answer follow the compression (query-agnostic, kvpress\'s default). '
       f'prefill: compressed once after the context; streamed: after every {p["interval"]} '
-      'context tokens. NAMM is the evolved scorer with its keep threshold replaced by the '
-      'budget (NAMM.budget): one search serves every ratio, as one press does in kvpress, '
-      'instead of one evolution per ratio.', '']
+      'context tokens. NAMM is the evolved scorer keeping its best-scored tokens up to the '
+      'budget (NAMM.budget). A row of one run serves every ratio with one search, as one press '
+      'does in kvpress; a row of joined runs is one evolution per ratio, each cell from the '
+      'run evolved at that ratio.', '']
   for label, e in p.get('namm_settings', {}).items():
     out.append(f'- {label} (`{runs.get(label, "?")}`): {e["strategy"]}, population '
                f'{e["population"]}, stages {" -> ".join(e["stages"])} '
                f'({", ".join(map(str, e["generations"]))} generations), {e["prompts"]} prompts '
                f'per task of {e["length"]} tokens, update interval {e["update_interval"]}, '
-               + (f'question after the compression, members at ratio {e["compression_ratio"]:g}'
+               + (f'question after the compression, members at ratio {ratios(e)}'
                   if e.get('query_agnostic') and e.get('compression_ratio') else
                   f'question visible, keep threshold, cache_weight {e["cache_weight"]:g}')
                + f', seed {e["seed"]}.')

@@ -65,6 +65,22 @@ def test_bootstrap_is_stratified_and_paired_and_namm_runs_are_labelled():
     np.testing.assert_array_equal(compression_page.decode_scores(compression_page.encode(scores)), scores)
 
 
+def test_joined_runs_give_one_namm_per_ratio(monkeypatch):
+  """'A+B': each run evolved at one ratio serves only that ratio's cell."""
+  evolved = {'runs/a': 0.5, 'runs/b': 0.875}
+  monkeypatch.setattr(compression, 'evolve_settings',
+                      lambda p: dict(seed=0, compression_ratio=evolved[p]))
+  runs = compression.namm_runs('per=runs/a+runs/b,one=runs/a')
+  assert [compression.run_at(runs['per'], r) for r in (0.5, 0.75, 0.875)] == [
+      'runs/a', None, 'runs/b']
+  assert [compression.has_cell('per', r, runs) for r in (0.5, 0.75)] == [True, False]
+  assert compression.has_cell('one', 0.75, runs) and compression.has_cell('h2o', 0.75, runs)
+  settings = compression.label_settings(runs['per'])
+  assert settings['compression_ratio'] == [0.5, 0.875]
+  assert compression_page.ratios(settings).startswith('0.5 / 0.875 (one run per ratio')
+  assert compression_page.ratios(compression.label_settings('runs/b')) == '0.875'
+
+
 def test_a_tiny_protocol_run_records_each_cell_and_renders(tmp_path):
   from conftest import run_train, tiny_config
   cfg = tiny_config(**{'data.source': 'synthetic:kv', 'data.loss': 'answer', 'train.steps': 1,
