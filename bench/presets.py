@@ -32,6 +32,8 @@ PLAN = {
                      'mesh.fsdp': 8}),
     'titans_mac_340m': ('Titans MAC 340M, 4K (Table 5)', 'configs/titans_mac.py:340m',
                         {'train.microbatches': 16, 'mesh.fsdp': 8}),
+    'titans_mac_760m': ('Titans MAC 760M, 4K (Table 5)', 'configs/titans_mac.py:760m',
+                        {'train.microbatches': 16, 'mesh.fsdp': 8}),
     'infini_paper': ('Infini-attention LM, 32K in 2K segments', 'configs/infini.py:paper',
                      {'train.microbatches': 8, 'mesh.fsdp': 8}),
     'anchor_7b': ('AnSAN continued pretraining on a 7B Llama shape, 4K',
@@ -85,9 +87,10 @@ def render(results):
     lines.append(f'| {name} | {r["paper"]} | {r["params"] / 1e9:.2f}B | {mesh} | '
                  f'{r["microbatches"]} | {gib(b["arguments"]):.1f} | {gib(b["temp"]):.1f} | '
                  f'{"yes" if total <= LIMIT_GIB else "no"} ({total:.0f} GiB) |')
-  lines += ['', 'Not in the table yet: Titans 760M (no preset: its shape is not in the specs), '
-            'NAMM on an 8B Llama at 32K decode (a decode program: compile_only covers the '
-            'train step). The CPU compiler gathers every layer\'s FSDP weights at once (no '
+  missing = [name for name in PLAN if name not in results['rows']]
+  lines += ['', (f'Not compiled yet: {", ".join(missing)}. ' if missing else '')
+            + 'Not in the table: NAMM on an 8B Llama at 32K decode (a decode program: '
+            'compile_only covers the train step). The CPU compiler gathers every layer\'s FSDP weights at once (no '
             'latency-hiding scheduler), so a GPU compile may report less.', '',
             'Commands (W: a temporary workdir):', '']
   lines += [f'    {r["command"]}' for r in results['rows'].values()]

@@ -2,7 +2,8 @@
 [persistent || retrieved memory || segment] with a deep neural memory written per segment.
 
   python train.py --config=configs/titans_mac.py:tiny --workdir=/tmp/mac
-Presets: tiny (CPU, minutes), small (one GPU), 340m (paper Table 5 size: compile only on CPU).
+Presets: tiny (CPU, minutes), small (one GPU), 340m and 760m (paper Table 5 sizes: compile only
+on CPU).
 """
 from configs.base import apply_preset, get_base_config
 
@@ -34,6 +35,14 @@ PRESETS = {
                             titans=dict(chunk=16, depth=2, expansion=4, persistent=128)),
                  data=dict(seq_len=4096),
                  train=dict(batch_size=128, steps=30000, lr=1.5e-3, warmup_steps=1000,
+                            eval_every=2000, ckpt_every=1000)),
+    # Paper 760M (NeurIPS Table 5): 24 blocks, 1536 wide, 16 heads, lr 1.25e-3, 30B tokens;
+    # the rest as 340M.
+    '760m': dict(model=dict(d_model=1536, n_layers=24, n_heads=16, n_kv_heads=16, segment_len=512,
+                            window=2048, vocab_size=32000, dtype='bfloat16', remat='block',
+                            titans=dict(chunk=16, depth=2, expansion=4, persistent=128)),
+                 data=dict(seq_len=4096),
+                 train=dict(batch_size=128, steps=60000, lr=1.25e-3, warmup_steps=1000,
                             eval_every=2000, ckpt_every=1000)),
 }
 MIXER = 'titans_mac'

@@ -97,23 +97,30 @@ def token_losses(w, k_BxNxTxH, v_BxNxTxH):
   return ((mlp(w, k_BxNxTxH) - v_BxNxTxH) ** 2).sum(-1)
 
 
-def backprop(w, k_BxNxTxH, v_BxNxTxH):
+def backprop(w, k_BxNxTxH, v_BxNxTxH, q_BxNxSxH=None):
   """One forward and one backward pass of l(M; x_t) for every token, by hand: (acts,
-  deltas), per layer i its input a_i and the loss gradient d_i at its output, [B, N, T, .].
+  deltas), per layer i its input a_i and the loss gradient d_i at its output, [B, N, T, .],
+  and with queries q also the reads M(q) [B, N, S, H], from the same forward pass (one
+  contraction per layer for keys and queries together).
   Token t's gradient of layer i is the outer product a_i,t^T d_i,t: never formed, since
   everything the update needs is a sum over tokens (`weighted_grads`) or a norm
   (`grad_norms`). Autodiff would redo the forward and the whole backward for each."""
-  out, acts, slopes = mlp_layers(w, k_BxNxTxH)
-  deltas = [2.0 * (out - v_BxNxTxH)]
+  T = k_BxNxTxH.shape[2]
+  x = k_BxNxTxH if q_BxNxSxH is None else jnp.concatenate([k_BxNxTxH, q_BxNxSxH], 2)
+  out, acts, slopes = mlp_layers(w, x)
+  keys = lambda a: a[:, :, :T]
+  acts, slopes = [keys(a) for a in acts], [keys(a) for a in slopes]
+  deltas = [2.0 * (keys(out) - v_BxNxTxH)]
   for i in range(len(w) - 1, 0, -1):
     deltas.insert(0, jnp.einsum('bnto,bnio->bnti', deltas[0], w[f'w{i}']) * slopes[i - 1])
-  return acts, deltas
+  return (acts, deltas) if q_BxNxSxH is None else (acts, deltas, out[:, :, T:])
 
 
-def weighted_grads(acts, deltas, coefs_BxNxT):
-  """[grad_W sum_t c_t l(W; x_t) for c in coefs]: per layer sum_t c_t a_t^T d_t."""
-  return [{f'w{i}': jnp.einsum('bnti,bnt,bnto->bnio', a, c, d)
-           for i, (a, d) in enumerate(zip(acts, deltas))} for c in coefs_BxNxT]
+def weighted_grads(acts, deltas, coefs_BxNxCxT):
+  """grad_W sum_t c_t l(W; x_t) for each of C coefficient rows c: per layer
+  sum_t c_t a_t^T d_t, one contraction for all rows; leaves [B, N, C, in, out]."""
+  return {f'w{i}': jnp.einsum('bnct,bnti,bnto->bncio', coefs_BxNxCxT, a, d)
+          for i, (a, d) in enumerate(zip(acts, deltas))}
 
 
 def grad_norms(acts, deltas):
@@ -165,10 +172,10 @@ def chunk_update_closed(w, s, acts, deltas, theta, gate_terms):
   """(M_b, S_b) after one chunk, gradients at M_0 = w (`backprop(w, k, v)`): the closed
   form (module docstring), with `closed_gate_terms(eta, alpha)`."""
   e_n, g, m_n, r_0, coef_ms = gate_terms
-  grad_s, grad_m = weighted_grads(acts, deltas, [theta * e_n, theta * g])
-  s_new = jax.tree.map(lambda s0, gs: _bcast(m_n, s0) - gs, s, grad_s)
-  w_new = jax.tree.map(lambda w0, s0, gm: _bcast(r_0, w0) + _bcast(coef_ms, s0) - gm,
-                       w, s, grad_m)
+  grads = weighted_grads(acts, deltas, jnp.stack([theta * e_n, theta * g], 2))
+  s_new = jax.tree.map(lambda s0, gr: _bcast(m_n, s0) - gr[:, :, 0], s, grads)
+  w_new = jax.tree.map(lambda w0, s0, gr: _bcast(r_0, w0) + _bcast(coef_ms, s0) - gr[:, :, 1],
+                       w, s, grads)
   return w_new, s_new
 
 
@@ -201,6 +208,11 @@ def chunk_update_scan(w, s, acts, deltas, theta, gate_terms):
 # chunk_form -> (gate terms from (eta, alpha), update of one chunk)
 UPDATES = {'closed': (closed_gate_terms, chunk_update_closed),
            'scan': (lambda eta, alpha: (eta, alpha), chunk_update_scan)}
+
+
+# Chunks per call run as straight-line code up to this many (a MAC segment's C / b), more
+# as a checkpointed lax.scan: a loop stacks every residual of its body per iteration.
+UNROLL = 32
 
 
 @struct.dataclass
@@ -260,8 +272,8 @@ class NeuralMemory(nnx.Module):
   def project(self, x_BxTxD, conv_BxKxPxNxH, kinds='qkv'):
     """(q, k, v projections of `kinds`, each [B,T,N,H] fp32, new conv buffer). Eq 11 + conv."""
     x = x_BxTxD.astype(jnp.float32)
-    z = jnp.stack([jax.nn.silu(jnp.einsum('btd,dnh->btnh', x, getattr(self, 'w' + c)[...]))
-                   for c in kinds], 2)                          # [B, T, P, N, H]
+    w_DxPxNxH = jnp.stack([getattr(self, 'w' + c)[...] for c in kinds], 1)
+    z = jax.nn.silu(jnp.einsum('btd,dpnh->btpnh', x, w_DxPxNxH))  # [B, T, P, N, H]: one matmul
     if self.kernel:
       K, T = self.kernel, x.shape[1]
       zz = jnp.concatenate([conv_BxKxPxNxH.astype(jnp.float32), z], 1)
@@ -307,15 +319,20 @@ class NeuralMemory(nnx.Module):
     def body(carry, xs):
       w, s = carry
       q, k, v, theta, gate_terms = xs
-      acts, deltas = backprop(w, k, v)
+      acts, deltas, reads = backprop(w, k, v, q)
       theta = clipped_theta(theta, acts, deltas, self.grad_clip)
-      return self.update(w, s, acts, deltas, theta, gate_terms), mlp(w, q)
+      return self.update(w, s, acts, deltas, theta, gate_terms), reads
 
     def inputs(cut):
       q_, k_, v_, theta_, eta_, alpha_ = map(cut, (q, k, v, theta, eta, alpha))
       return q_, k_, v_, theta_, self.gate_terms(eta_, alpha_)
 
-    if nf:
+    if 0 < nf <= UNROLL:      # straight-line code: no loop plumbing, XLA fuses across chunks
+      xs = inputs(lambda a: a[:, :, :nf * b].reshape(a.shape[:2] + (nf, b) + a.shape[3:]))
+      for c in range(nf):
+        (w, s), r = body((w, s), jax.tree.map(lambda a: a[:, :, c], xs))
+        reads.append(r)
+    elif nf:
       chunks = lambda a: jnp.moveaxis(a[:, :, :nf * b].reshape(a.shape[:2] + (nf, b) + a.shape[3:]), 2, 0)
       (w, s), reads_FxBxNxbxH = jax.lax.scan(jax.checkpoint(body), (w, s), inputs(chunks))
       B, N = q.shape[:2]
@@ -336,7 +353,7 @@ class NeuralMemory(nnx.Module):
     reads = mlp(state.w_base, q).swapaxes(1, 2)
     acts, deltas = backprop(state.w_base, k, v)
     theta = clipped_theta(theta, acts, deltas, self.grad_clip)
-    (u,) = weighted_grads(acts, deltas, [theta])
+    u = jax.tree.map(lambda g: g[:, :, 0], weighted_grads(acts, deltas, theta[:, :, None]))
     s = jax.tree.map(lambda s0, u_: _bcast(eta[..., 0], s0) - u_, state.s, u)
     w = jax.tree.map(lambda w0, s_: _bcast(1.0 - alpha[..., 0], w0) + s_, state.w, s)
     boundary_B = (pos_B + 1) % self.chunk == 0
@@ -509,13 +526,15 @@ class MAC(_PersistentAttention):
     mem = state.mem
     (q_ret,), conv_x = self.memory.project(x_BxLxD, state.conv_x, 'q')
     h = self.memory.out(self.memory.read(mem.w, q_ret), x_BxLxD.dtype)      # Eq 21
-    rel_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    q, qraw, k_x, v_x = self.proj(x_BxLxD, rel_BxL)
-    _, _, k_h, v_h = self.proj(h, rel_BxL)
+    rel = jnp.arange(L, dtype=jnp.int32)
+    # h and x projected together (one matmul each for q, k, v; h's queries are unused):
+    # keys and values come out in the attention's order, h_0..h_{L-1} then x_0..x_{L-1}
+    q, qraw, k, v = self.proj(jnp.concatenate([h, x_BxLxD], 1),
+                              jnp.broadcast_to(jnp.concatenate([rel, rel]), (B, 2 * L)))
+    q, qraw = q[:, L:], qraw[:, L:]
     causal_LxL = jnp.tril(jnp.ones((L, L), bool))
     mask = jnp.broadcast_to(jnp.concatenate([causal_LxL, causal_LxL], 1), (B, self.kv_heads, L, 2 * L))
-    o = attention(q, jnp.concatenate([k_h, k_x], 2), jnp.concatenate([v_h, v_x], 2),
-                  mask_BxKxTxS=mask, prefix=self.prefix(qraw))                     # Eq 22-23
+    o = attention(q, k, v, mask_BxKxTxS=mask, prefix=self.prefix(qraw))            # Eq 22-23
     y = self.out(o)
     w = x_BxLxD + y if self.write_residual else y
     m, mem = self.memory.forward(w, mem)                                         # Eq 24

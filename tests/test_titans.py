@@ -58,6 +58,26 @@ def test_chunked_equals_per_token_loop(chunk_form, b, depth, T):
   assert max_diff(ref_w, mem.init_state(2).w) > 1e-3          # the memory did change
 
 
+def test_unrolled_chunks_equal_the_scanned_ones(monkeypatch):
+  """Up to titans.UNROLL chunks run as straight-line code, more as a lax.scan: same numbers,
+  values and gradients."""
+  cfg = titans_config('titans_lmm', chunk=4)
+  mem = titans.NeuralMemory(cfg.model, rngs=nnx.Rngs(0))
+  graph, params = nnx.split(mem)
+  x = jax.random.normal(jax.random.key(1), (2, 14, 32))
+
+  def run(params, x):
+    m = nnx.merge(graph, params)
+    reads, state = m.forward(x, m.init_state(2))
+    return (reads ** 2).sum() + sum((w ** 2).sum() for w in jax.tree.leaves(state.w)), reads
+
+  unrolled = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(params, x)
+  monkeypatch.setattr(titans, 'UNROLL', 1)
+  scanned = jax.value_and_grad(run, argnums=(0, 1), has_aux=True)(params, x)
+  assert max_diff(unrolled, scanned) < 1e-5
+  assert max_diff(unrolled[1], jax.tree.map(jnp.zeros_like, unrolled[1])) > 1e-3
+
+
 def test_token_grad_norms_match_autodiff():
   cfg = titans_config('titans_lmm', depth=3)
   mem = titans.NeuralMemory(cfg.model, rngs=nnx.Rngs(0))
