@@ -21,6 +21,10 @@ _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Lower + compile the train step with abstract shapes, print its '
     'parameter count, FLOPs and per-device memory (also to WORKDIR/compile.json), and exit '
     '(paper-size configs on CPU).')
+_COMPILE_DECODE = flags.DEFINE_bool(
+    'compile_decode', False, 'Like --compile_only, for decoding as evaluate.py runs it: a '
+    'data.seq_len-token prompt read in decode.prefill_chunk pieces under decode.policy, then '
+    'decode.max_new_tokens steps, batch train.batch_size (training/loop.py decode_compile_only).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -34,11 +38,13 @@ def main(argv):
     jax.distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
                                initialization_timeout=300)
   validate(cfg, jax.device_count())
-  from training.loop import compile_only, train
+  from training.loop import compile_only, decode_compile_only, train
   from training.metrics import quiet_libraries
   quiet_libraries()
   if _COMPILE_ONLY.value:
     compile_only(cfg, _WORKDIR.value)
+  elif _COMPILE_DECODE.value:
+    decode_compile_only(cfg, _WORKDIR.value)
   else:
     train(cfg, _WORKDIR.value)
 

@@ -1,7 +1,7 @@
 """Titans MAG (memory as a gate): sliding-window attention over [persistent || x] gated by a neural memory run over the whole stream.
 
   python train.py --config=configs/titans_mag.py:tiny --workdir=/tmp/mag
-Presets as configs/titans_mac.py (tiny | small | 340m); model.window is the attention window,
+Presets as configs/titans_mac.py (tiny | small | 340m | 760m); model.window is the attention window,
 model.segment_len the LM's segment scan (memory use constant in length).
 """
 from configs import titans_mac

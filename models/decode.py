@@ -28,13 +28,30 @@ def prefill(model, prompt_BxP, state, policy=None, chunk=0, align_end=False):
   the prompt.
   """
   B, P = prompt_BxP.shape
-  chunk = chunk or P
-  first = P % chunk if align_end else 0
-  bounds = ([0] if first else []) + list(range(first, P, chunk)) + [P]
-  for start, end in zip(bounds[:-1], bounds[1:]):
-    pos_BxC = jnp.broadcast_to(jnp.arange(start, end, dtype=jnp.int32), (B, end - start))
-    logits_BxCxV, state = model(prompt_BxP[:, start:end], state, pos_BxC, policy=policy)
-  return logits_BxCxV[:, -1], state
+  chunk = min(chunk or P, P)
+  first = P % chunk if align_end else 0          # a shorter piece first, else last
+  n = (P - first) // chunk                       # whole pieces: one lax.scan (one copy of
+  last = P - first - n * chunk                   # the model in the program, any P)
+
+  def piece(state, start, size):
+    pos_BxC = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (B, size))
+    tokens = jax.lax.dynamic_slice_in_dim(prompt_BxP, start, size, 1)
+    logits_BxCxV, state = model(tokens, state, pos_BxC, policy=policy)
+    return logits_BxCxV[:, -1], state
+
+  if first:
+    logits_BxV, state = piece(state, 0, first)
+  if n == 1:
+    logits_BxV, state = piece(state, first, chunk)
+  elif n > 1:
+    def body(state, start):
+      logits_BxV, state = piece(state, start, chunk)
+      return state, logits_BxV
+    state, logits_NxBxV = jax.lax.scan(body, state, first + chunk * jnp.arange(n))
+    logits_BxV = logits_NxBxV[-1]
+  if last:
+    logits_BxV, state = piece(state, P - last, last)
+  return logits_BxV, state
 
 
 def step(model, token_B, pos_B, state, policy=None):

@@ -62,7 +62,7 @@ def test_help_lists_configs_and_presets():
   assert '--workdir: Run directory' in out.stdout
   assert 'every key and its default: configs/base.py' in out.stdout
   assert 'configs/transformer.py:1b|small|tiny' in out.stdout
-  assert 'configs/titans_mag.py:340m|small|tiny' in out.stdout      # titans_mac.py's presets
+  assert 'configs/titans_mag.py:340m|760m|small|tiny' in out.stdout      # titans_mac.py's presets
 
 
 def test_a_damaged_checkpoint_is_one_error_line(tmp_path):

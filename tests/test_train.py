@@ -250,6 +250,23 @@ def test_compile_only_reports_the_step_without_allocating_it(tmp_path):
   assert report['per_device_bytes']['arguments'] > 4 * report['params']
 
 
+def test_compile_decode_reports_namm_decoding_at_a_ratio(tmp_path):
+  """--compile_decode: evaluate.py's decoding (prefill in pieces under the policy, then steps)
+  compiled from abstract parameters; the cache holds the ratio's kept tokens plus one piece
+  and the new tokens, so it needs fewer bytes than a cache for every token."""
+  import json
+  from training.loop import decode_compile_only
+  over = {'decode.policy': 'namm', 'decode.prefill_chunk': 32, 'decode.max_new_tokens': 4,
+          'data.seq_len': 128, 'train.batch_size': 2}
+  full = decode_compile_only(tiny_config(**over))          # NAMM's threshold: every slot
+  report = decode_compile_only(tiny_config(**over, **{'decode.compression_ratio': 0.75}),
+                               str(tmp_path))
+  assert json.loads((tmp_path / 'compile.json').read_text()) == json.loads(json.dumps(report))
+  assert (report['program'], report['prompt'], report['policy']) == ('decode', 128, 'namm')
+  assert (full['capacity'], report['capacity']) == (128 + 4, 32 + 32 + 4)
+  assert report['per_device_bytes']['temp'] < full['per_device_bytes']['temp']
+
+
 def test_compile_only_counts_an_untied_embedding_once():
   """An untied input table is a lookup (free) and the head a matmul: the abstract model's
   FLOPs count the head only (the abstract table once crashed --compile_only)."""

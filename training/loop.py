@@ -202,6 +202,56 @@ def _finish(pending, ckpt, last_saved):
   return {k: float(np.asarray(v)) for k, v in m.items() if k not in ('finite', 'state_finite')}
 
 
+def compiled_report(compiled, workdir, name='compile.json', **fields):
+  """The per-device bytes of a compiled program with `fields`, logged and written to
+  WORKDIR/name."""
+  mem = compiled.memory_analysis()
+  report = dict(**fields, per_device_bytes=dict(
+      arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
+      temp=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes))
+  logging.info('compiled %s: %s', name, json.dumps(report))
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, name), 'w') as f:
+      json.dump(report, f, indent=1)
+  return report
+
+
+def decode_compile_only(cfg, workdir=None):
+  """Lowers and compiles decoding as evaluate.py runs it (models.decode.generate: a prompt of
+  data.seq_len tokens read in decode.prefill_chunk pieces under decode.policy, then
+  decode.max_new_tokens greedy steps, batch train.batch_size), with abstract parameters: the
+  per-device memory of a paper-size inference setup, checked on CPU. The cache holds
+  decode.capacity slots (0: the prompt and the new tokens; with decode.compression_ratio,
+  the kept tokens plus one prefill piece). A NAMM without decode.namm_run is the freshly
+  initialised scorer (its shapes are all that compile). Returns the report, also written to
+  WORKDIR/compile.json."""
+  from models import decode
+  from training.policy import make_policy, ratio_budget
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  graphdef, abs_params, _ = meshlib.abstract_state(model_ctor(cfg), mesh, rules)
+  de = cfg.decode
+  B, P, new = cfg.train.batch_size, cfg.data.seq_len, de.max_new_tokens
+  policy = make_policy(cfg, P)
+  capacity = de.capacity
+  if not capacity and de.compression_ratio and policy is not None:
+    capacity = ratio_budget(cfg, P).decode.budget + (de.prefill_chunk or P) + new
+  prompt = jax.ShapeDtypeStruct((B, P), jax.numpy.int32, sharding=meshlib.batch_sharding(mesh))
+
+  @jax.jit
+  def generate(params, prompt_BxP):
+    return decode.generate(nnx.merge(graphdef, params), prompt_BxP, jax.random.key(0),
+                           n_new=new, capacity=capacity, policy=policy,
+                           prefill_chunk=de.prefill_chunk)
+
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    compiled = generate.lower(abs_params, prompt).compile()
+  return compiled_report(compiled, workdir, mesh=dict(mesh.shape),
+                         params=flops.param_count(abs_params), program='decode', batch=B,
+                         prompt=P, new_tokens=new, capacity=capacity or P + new,
+                         policy=de.policy, compression_ratio=de.compression_ratio)
+
+
 def compile_only(cfg, workdir=None):
   """Lowers and compiles the train step on the current devices without allocating the
   model (abstract shapes only): checks a paper-size config's sharding and memory on CPU.
@@ -216,16 +266,7 @@ def compile_only(cfg, workdir=None):
   weights = jax.ShapeDtypeStruct((B, L), jax.numpy.float32, sharding=batch_sh)
   step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh)
   compiled = step.lower(abs_state, tokens, weights).compile()
-  mem = compiled.memory_analysis()
   flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)
-  report = dict(
-      mesh=dict(mesh.shape), params=flops.param_count(abs_state['model']),
-      model_flops_per_step=flops_tok * cfg.train.batch_size * cfg.data.seq_len,
-      per_device_bytes=dict(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
-                            temp=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes))
-  logging.info('compiled train step: %s', json.dumps(report))
-  if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'compile.json'), 'w') as f:
-      json.dump(report, f, indent=1)
-  return report
+  return compiled_report(compiled, workdir, mesh=dict(mesh.shape),
+                         params=flops.param_count(abs_state['model']),
+                         model_flops_per_step=flops_tok * cfg.train.batch_size * cfg.data.seq_len)
