@@ -3,7 +3,8 @@
 # preset (width 512, 8 layers, bf16) and the platform's attention kernel (attention_impl=auto:
 # cuDNN on a GPU, splash on a TPU). One process per kind, each under a time limit, so a kind
 # that runs out of time or memory loses only its own rows; the page is
-# bench/results/run_{gpu,tpu}.md (then `python -m bench.report` puts it in docs/side_by_side.md).
+# bench/results/run_{gpu,tpu}.md (then `python -m bench.report` puts it in docs/side_by_side.md),
+# and Titans' op counts bench/results/titans_ops_{gpu,tpu}.md (docs/titans.md).
 #
 #   bash bench/accelerator.sh [SECONDS_PER_KIND] [KINDS...]
 #
@@ -20,4 +21,7 @@ for kind in $kinds; do
       --kinds="$kind" --plan="$plan" --out="bench/results/run_$platform" \
       || { echo "bench/accelerator.sh: $kind stopped (exit $?)"; status=1; }
 done
+# Titans' XLA ops per layer-segment (kernel launches here) and the short-shape step
+timeout "$limit" ${PYTHON:-python3} -m bench.titans_ops --out="titans_ops_$platform" \
+    || { echo "bench/accelerator.sh: titans_ops stopped (exit $?)"; status=1; }
 exit $status

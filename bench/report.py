@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = {
     'side_by_side': ('Every model kind side by side',
                      ['foundation', 'presets', 'run', 'run_gpu', 'run_quick']),
-    'titans': ('Titans (MAC / MAG / MAL / LMM)', ['titans', 'titans_speed', 'titans_ops']),
+    'titans': ('Titans (MAC / MAG / MAL / LMM)',
+               ['titans', 'titans_speed', 'titans_ops', 'titans_ops_gpu', 'titans_ops_tpu']),
     'infini': ('Infini-attention', ['infini']),
     'anchor': ('AnSAN / AnLLM anchors', ['anchor_prose', 'anchor', 'anchor_2layer']),
     'namm': ('NAMM: evolved KV-cache eviction', ['namm']),

@@ -2,6 +2,7 @@
 head with attention, and the floor the fast weights' traffic sets.
 
   python -m bench.titans_ops [--rounds=7] [--out=titans_ops]
+  (bench/accelerator.sh runs it on a GPU / TPU host: --out=titans_ops_PLATFORM)
 
 ops        XLA ops one train step runs (a profiler trace, bench.common.op_trace: a
            hardware-independent count; on a GPU each is a kernel launch), per layer and segment:
@@ -22,8 +23,6 @@ floor      at the short shape, the time the fast weights' traffic alone needs: e
 import argparse
 import os
 import time
-
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 import jax
 import jax.numpy as jnp

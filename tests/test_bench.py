@@ -23,27 +23,27 @@ def rows(titans_32k):
 
 def test_a_missed_target_says_by_how_much_and_the_profile_goes_to_the_worst():
   t = {x['name']: x for x in targets(rows(3600.), {}, [], FULL)}
-  mac = t['titans_mac >= 4x faster than full attention at 32768']
-  assert (mac['value'], mac['met'], mac['note']) == ('3.60x', False, '10% short')
+  mac = t['titans_mac >= 5x faster than full attention at 32768']
+  assert (mac['value'], mac['met'], mac['note']) == ('3.60x', False, '28% short')
   infini = t['infini tokens/s >= 0.7x plain at 2048']
   assert (infini['met'], infini['note']) == (False, '29% short')
   assert t['infini >= 4x faster than full attention at 32768']['met']
-  # infini at 2048 is 0.71 of its target, titans_mac at 32K 0.90: the profile takes infini
+  # infini at 2048 is 0.714 of its target, titans_mac at 32K 0.72: the profile takes infini
   assert worst_gap({'train': rows(3600.)}, '', FULL)[:2] == ('infini', 2048)
 
 
 def test_with_every_speed_target_met_the_profile_takes_the_slowest_kind_at_2048():
-  met = [r for r in rows(4400.) if r['kind'] != 'infini']
+  met = [r for r in rows(5200.) if r['kind'] != 'infini']
   met.append(dict(kind='sliding', length=2048, tokens_per_s=900., vs_plain=0.9))
   assert all(x['met'] for x in targets(met, {}, [], FULL))
   assert worst_gap({'train': met}, '', FULL)[:2] == ('sliding', 2048)
 
 
 def test_head_to_head_ratios_take_precedence_over_the_table():
-  ratios = [dict(kind='titans_mac', length=32768, ratio=4.2)]
+  ratios = [dict(kind='titans_mac', length=32768, ratio=5.2)]
   t = {x['name']: x for x in targets(rows(3600.), {}, [], FULL, ratios)}
-  mac = t['titans_mac >= 4x faster than full attention at 32768']
-  assert (mac['value'], mac['met']) == ('4.20x head to head (3.60x in the table)', True)
+  mac = t['titans_mac >= 5x faster than full attention at 32768']
+  assert (mac['value'], mac['met']) == ('5.20x head to head (3.60x in the table)', True)
 
 
 def test_step_times_name_plains_faster_remat_and_give_the_other():
@@ -68,7 +68,7 @@ def test_plains_train_row_is_its_faster_remat_and_the_ratios_use_it(monkeypatch)
   assert plain['remat_other'] == [dict(remat='block', tokens_per_s=1500.)]
   assert mac['vs_plain'] == 0.5
   assert worst_gap({'train': [plain, mac]}, '', plan) == (
-      'titans_mac', 2048, 'the target missed by most: titans_mac tokens/s >= 0.7x plain at '
+      'titans_mac', 2048, 'the target missed by most: titans_mac tokens/s >= 0.8x plain at '
       '2048, 0.50x', 'none')
 
 
@@ -111,9 +111,9 @@ def test_cores_text_gives_each_kinds_speedup_and_the_ratio_on_one_and_all_cores(
 def test_a_plan_without_a_target_length_reads_not_measured_and_profiles_what_it_ran():
   quick = [r for r in rows(3600.) if r['length'] == 2048]
   t = {x['name']: x for x in targets(quick, {}, [], QUICK)}
-  mac = t['titans_mac >= 4x faster than full attention at 32768']
+  mac = t['titans_mac >= 5x faster than full attention at 32768']
   assert mac['met'] is None and mac['value'].startswith('not measured: this plan trains at 512')
-  assert t['titans_mac tokens/s >= 0.7x plain at 2048']['met']
+  assert t['titans_mac tokens/s >= 0.8x plain at 2048']['met']
   assert worst_gap({'train': quick}, '', QUICK)[:2] == ('infini', 2048)
 
 
@@ -225,3 +225,22 @@ def test_presets_compile_on_8_devices_and_fit_a_row(tmp_path, monkeypatch):
   assert 0 < rows['tiny']['per_device_bytes']['temp'] < 2**30 and 'error' in rows['bad']
   page = open(out + '.md').read()
   assert '| tiny | tiny |' in page and 'yes (' in page and 'failed: ' in page
+
+
+def test_titans_ops_counts_per_layer_segment_and_states_the_targets():
+  """bench/titans_ops.py: ops per added layer-segment from two lengths; a segment's memory in
+  more chunks runs more ops; the page states each target met or missed with its floor."""
+  from bench import titans_ops
+  row = titans_ops.ops_per_layer_segment('configs/sliding.py', {'model.window': 64}, L=128)
+  assert row['ops'][1] > row['ops'][0] > 0
+  assert row['per_layer_segment'] == (row['ops'][1] - row['ops'][0]) / 4    # 2 layers x 2
+  assert titans_ops.memory_ops(C=16, b=4) > titans_ops.memory_ops(C=16, b=16)
+  ops = {k: dict(ops=[1000, 2000], per_layer_segment=p) for k, p in zip(
+      titans_ops.OPS_ROWS, (500, 300, 200, 210))}
+  short = {k: dict(median_s=s, spread_s=[s, s]) for k, s in
+           (('attention', 0.1), ('infini', 0.12), ('titans_mac', 0.45))}
+  floor = dict(fast_weights=65536, chunks=16, traffic_bytes=2**30, bandwidth=1e10,
+               traffic_s=0.1, flops=1e9, peak=1e11, flops_s=0.01)
+  page = titans_ops.render(dict(ops=ops, memory_ops=300, short=short, floor=floor, rounds=3))
+  assert '**missed**, 500' in page and '2.5x the floor' in page
+  assert "5x attention's step: **met**, 4.50x" in page and 'takes 4.5x the larger' in page
