@@ -43,12 +43,11 @@ def prefill(model, prompt_BxP, state, policy=None, chunk=0, align_end=False):
     logits_BxV, state = piece(state, 0, first)
   if n == 1:
     logits_BxV, state = piece(state, first, chunk)
-  elif n > 1:
-    def body(state, start):
-      logits_BxV, state = piece(state, start, chunk)
-      return state, logits_BxV
-    state, logits_NxBxV = jax.lax.scan(body, state, first + chunk * jnp.arange(n))
-    logits_BxV = logits_NxBxV[-1]
+  elif n > 1:                                    # carries only the last piece's logits
+    shape = jax.eval_shape(lambda s: piece(s, first, chunk)[0], state)
+    (logits_BxV, state), _ = jax.lax.scan(
+        lambda carry, start: (piece(carry[1], start, chunk), None),
+        (jnp.zeros(shape.shape, shape.dtype), state), first + chunk * jnp.arange(n))
   if last:
     logits_BxV, state = piece(state, P - last, last)
   return logits_BxV, state

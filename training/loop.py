@@ -202,17 +202,17 @@ def _finish(pending, ckpt, last_saved):
   return {k: float(np.asarray(v)) for k, v in m.items() if k not in ('finite', 'state_finite')}
 
 
-def compiled_report(compiled, workdir, name='compile.json', **fields):
+def compiled_report(compiled, workdir, **fields):
   """The per-device bytes of a compiled program with `fields`, logged and written to
-  WORKDIR/name."""
+  WORKDIR/compile.json."""
   mem = compiled.memory_analysis()
   report = dict(**fields, per_device_bytes=dict(
       arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
       temp=mem.temp_size_in_bytes, generated_code=mem.generated_code_size_in_bytes))
-  logging.info('compiled %s: %s', name, json.dumps(report))
+  logging.info('compiled: %s', json.dumps(report))
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, name), 'w') as f:
+    with open(os.path.join(workdir, 'compile.json'), 'w') as f:
       json.dump(report, f, indent=1)
   return report
 
@@ -223,7 +223,7 @@ def decode_compile_only(cfg, workdir=None):
   decode.max_new_tokens greedy steps, batch train.batch_size), with abstract parameters: the
   per-device memory of a paper-size inference setup, checked on CPU. The cache holds
   decode.capacity slots (0: the prompt and the new tokens; with decode.compression_ratio,
-  the kept tokens plus one prefill piece). A NAMM without decode.namm_run is the freshly
+  the kept tokens, one prefill piece and the new tokens). A NAMM without decode.namm_run is the freshly
   initialised scorer (its shapes are all that compile). Returns the report, also written to
   WORKDIR/compile.json."""
   from models import decode
