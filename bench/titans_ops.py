@@ -22,7 +22,6 @@ floor      at the short shape, the time the fast weights' traffic alone needs: e
 """
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,8 @@ import numpy as np
 from flax import nnx
 
 from bench import provenance
-from bench.common import ROOT, alternate, load_config, op_trace, save_json, train_program
+from bench.common import (ROOT, alternate, load_config, op_trace, save_json, time_calls,
+                          train_program)
 from training import flops
 from training.config import resolve
 
@@ -92,13 +92,7 @@ def bandwidth(n=2 ** 26, rounds=5):
   """Bytes/s of a large elementwise op (read n floats, write n): the memory bandwidth."""
   f = jax.jit(lambda a: a * 1.0001)
   a = jnp.ones((n,), jnp.float32)
-  jax.block_until_ready(f(a))
-  ts = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a))
-    ts.append(time.perf_counter() - t0)
-  return 2 * 4 * n / min(ts)
+  return 2 * 4 * n / time_calls(lambda: f(a), 1, best_of=rounds)
 
 
 def short_shape(rounds):
