@@ -73,6 +73,9 @@ def get_base_config():
   t.grad_clip = 1.0
   t.log_every = 10
   t.eval_every = 200
+  t.loss_positions = 0          # k > 0: the head and loss run at each row's k highest-weight
+                                # targets only (exact when a row weighs <= k, checked; Zoology
+                                # MQAR: its pairs); 0: every position
   t.stop_at_accuracy = 0.0      # stop once eval accuracy (greedy, weighted targets) >= this
                                 # (0: never; Zoology MQAR stops at 0.99)
   t.ckpt_every = 200

@@ -66,7 +66,7 @@ class LM(nnx.Module):
     return [blk.mixer.init_state(batch, capacity) for blk in self.blocks]
 
   def _chunk(self, tokens_BxT, state, pos_BxT, policy):
-    """One chunk through the whole stack: logits_BxTxV (fp32), new state."""
+    """One chunk through the whole stack: final-normed hidden states h_BxTxD, new state."""
     cfg = self.cfg
     x = self.embed[...][tokens_BxT].astype(self.dtype)
     if cfg.scale_embeddings:
@@ -85,19 +85,30 @@ class LM(nnx.Module):
       else:
         x, s = blk(x, s, pos_BxT, layer_policy, tokens_BxT)
       new_state.append(s)
-    x = self.norm(x)
-    w_DxV = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-    logits = jnp.einsum('btd,dv->btv', x, w_DxV.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
-    logits = constrain(logits, ('batch', 'seq', 'vocab'))[..., :cfg.vocab_size]
-    return logits, new_state
+    return self.norm(x), new_state
 
-  def __call__(self, tokens_BxT, state=None, pos_BxT=None, *, policy=None):
-    """Logits for every position. Without `state`, a fresh one (training / scoring).
+  def logits(self, h_BxKxD):
+    """The output head (fp32 logits) on hidden states of any positions."""
+    w_DxV = self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
+    logits = jnp.einsum('bkd,dv->bkv', h_BxKxD, w_DxV.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    return constrain(logits, ('batch', 'seq', 'vocab'))[..., :self.cfg.vocab_size]
+
+  def __call__(self, tokens_BxT, state=None, pos_BxT=None, *, policy=None, positions_BxK=None):
+    """Logits for every position, or only at `positions_BxK` (indices into T: the head, the
+    largest matmul of a small model, then runs on those alone; train.loss_positions).
+    Without `state`, a fresh one (training / scoring).
 
     The input is cut into segments of `segment_len` scanned in order (the last one may
     be shorter); `pos_BxT` are absolute positions (default 0..T-1).
     """
+    h_BxTxD, state = self.hidden(tokens_BxT, state, pos_BxT, policy)
+    if positions_BxK is not None:
+      h_BxTxD = jnp.take_along_axis(h_BxTxD, positions_BxK[..., None], axis=1)
+    return self.logits(h_BxTxD), state
+
+  def hidden(self, tokens_BxT, state, pos_BxT, policy):
+    """(final-normed hidden states h_BxTxD, new state): __call__ without the head."""
     B, T = tokens_BxT.shape
     C = min(self.cfg.segment_len or T, T)
     if pos_BxT is None:
@@ -114,14 +125,14 @@ class LM(nnx.Module):
     split = lambda a: a[:, :n * C].reshape(B, n, C).swapaxes(0, 1)
 
     def body(state, xs):
-      logits, state = self._chunk(xs[0], state, xs[1], policy)
-      return state, logits
+      h, state = self._chunk(xs[0], state, xs[1], policy)
+      return state, h
 
     if self.cfg.remat == 'segment':
       body = jax.checkpoint(body)
-    state, logits_NxBxCxV = jax.lax.scan(body, state, (split(tokens_BxT), split(pos_BxT)))
-    logits = logits_NxBxCxV.swapaxes(0, 1).reshape(B, n * C, -1)
+    state, h_NxBxCxD = jax.lax.scan(body, state, (split(tokens_BxT), split(pos_BxT)))
+    h = h_NxBxCxD.swapaxes(0, 1).reshape(B, n * C, -1)
     if n * C < T:
       tail, state = self._chunk(tokens_BxT[:, n * C:], state, pos_BxT[:, n * C:], policy)
-      logits = jnp.concatenate([logits, tail], 1)
-    return logits, state
+      h = jnp.concatenate([h, tail], 1)
+    return h, state

@@ -64,6 +64,47 @@ def test_source_through_the_pipeline():
   assert pipeline.pad_id('zoology:mqar', 'byte') == -1 and not pipeline.is_text('zoology:mqar')
 
 
+@pytest.mark.parametrize('segment_len', [0, 16])
+def test_loss_positions_give_the_all_position_update(segment_len):
+  """train.loss_positions = pairs (the head at the queried values only) gives the same loss,
+  gradient norm, new parameters and held-out sums as every position, in one chunk and in
+  segments; a row weighing more targets than loss_positions is an error, not a silent loss."""
+  import jax
+  from flax import nnx
+  from training import mesh as meshlib
+  from training.loop import check_loss_positions
+  from training.state import train_state_ctor
+  from training.step import make_eval_step, make_optimizer, make_train_step
+  from tests.conftest import tiny_config
+  P, T = 4, 64
+  cfg = tiny_config(**{'data.source': f'zoology:mqar:pairs={P},vocab=512',
+                       'model.vocab_size': 512, 'model.segment_len': segment_len})
+  mesh, rules = meshlib.make_mesh(cfg), meshlib.axis_rules(cfg)
+  tx, schedule = make_optimizer(cfg.train)
+  graphdef, state, shardings = meshlib.sharded_init(train_state_ctor(cfg, tx), mesh, rules)
+  model_graphdef = nnx.graphdef(nnx.merge(graphdef, state).model)
+  batch_sh = meshlib.batch_sharding(mesh)
+  batch = next(pipeline.make_train_iterator(cfg.data.source, 'train', T, 8, 0))
+  tokens, weights = (jax.device_put(batch[k], batch_sh) for k in ('tokens', 'weights'))
+  out, sums = [], []
+  for k in (0, P):
+    evaluate = make_eval_step(model_graphdef, shardings['model'], batch_sh, loss_positions=k)
+    sums.append([float(x) for x in evaluate(state['model'], tokens, weights)])
+    step = make_train_step(graphdef, schedule, shardings, batch_sh, loss_positions=k)
+    copy = jax.tree.map(lambda a: a.copy(), state)          # the step donates its input
+    out.append(step(copy, tokens, weights))
+  np.testing.assert_allclose(sums[1], sums[0], rtol=1e-5)    # nll, hits, weight
+  assert sums[0][2] == 8 * P
+  (new0, m0), (newk, mk) = out
+  for key in ('loss', 'grad_norm'):
+    np.testing.assert_allclose(float(mk[key]), float(m0[key]), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new0), jax.tree.leaves(newk)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  check_loss_positions(batch['weights'], P)
+  with pytest.raises(ValueError, match=r'loss_positions=3, but a batch row weighs 4'):
+    check_loss_positions(batch['weights'], P - 1)
+
+
 @pytest.mark.parametrize('overrides, message', [
     ({'data.source': 'zoology:mqar:pairs=64'}, r'data.source: .*pairs need 4 x pairs'),
     ({'data.source': 'zoology:mqar:pairz=4'}, r'data.source: .*KEY one of'),

@@ -260,6 +260,8 @@ def validate(cfg, n_devices, *, check_mesh=True):
   if cfg.decode.compression_ratio and cfg.decode.policy != 'none':
     from models.presses import check_ratio_policy
     check_ratio_policy(cfg.decode.policy)
+  _check(0 <= t.loss_positions <= d.seq_len, 'train.loss_positions',
+         f'must be in [0, data.seq_len={d.seq_len}], got {t.loss_positions}')
   _check(0 <= t.stop_at_accuracy <= 1, 'train.stop_at_accuracy',
          f'must be in [0, 1], got {t.stop_at_accuracy}')
   parts = d.source[len('mix:'):].split('+') if d.source.startswith('mix:') else [d.source]

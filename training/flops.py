@@ -11,14 +11,17 @@ def param_count(tree):
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-def train_flops_per_token(model, seq_len):
+def train_flops_per_token(model, seq_len, loss_positions=0):
   """6 x (matmul parameters) + 3 x the mixers' own forward FLOPs (attention scores etc.).
 
   Embedding lookups are free; a tied table is also the output head, so it counts once.
+  loss_positions k > 0 (train.loss_positions): the head runs at k of the seq_len positions.
   """
   n = param_count(nnx.state(model, nnx.Param))
   if not model.cfg.tie_embeddings:
     n -= math.prod(model.embed.shape)          # (an abstract model's table too)
+  if loss_positions:
+    n -= math.prod(model.embed.shape) * (1 - loss_positions / seq_len)   # the head's share
   mixer = sum(blk.mixer.flops_per_token(seq_len) for blk in model.blocks)
   return 6 * n + 3 * mixer
 

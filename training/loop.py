@@ -43,8 +43,18 @@ def train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id=ByteToke
   under the mesh and the config's axis rules: one place for train.py, compile_only and the
   benchmarks."""
   return InMesh(make_train_step(graphdef, schedule, shardings, batch_sh, pad_id,
-                                cfg.train.microbatches, xla_options(cfg.train)),
+                                cfg.train.microbatches, xla_options(cfg.train),
+                                cfg.train.loss_positions),
                 batch_sh.mesh, meshlib.axis_rules(cfg))
+
+
+def check_loss_positions(weights_BxL, k):
+  """train.loss_positions = k scores each row's k highest-weight targets only: a row that
+  weighs more would silently lose some, so it is an error instead."""
+  n = int((np.asarray(weights_BxL) != 0).sum(1).max()) if k else 0
+  if n > k:
+    raise ValueError(f'config.train.loss_positions={k}, but a batch row weighs {n} targets: '
+                     'set it to at least the most targets a row has, or 0 (every position)')
 
 
 def global_batch(local_np, sharding):
@@ -107,8 +117,10 @@ def train(cfg, workdir):
 
     pad_id = pipeline.pad_id(d.source, d.tokenizer)
     train_step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh, pad_id)
-    eval_step = InMesh(make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id),
-                       mesh, rules)
+    eval_step = InMesh(make_eval_step(model_graphdef, shardings['model'], batch_sh, pad_id,
+                                      t.loss_positions), mesh, rules)
+    for _, w in eval_batches:
+      check_loss_positions(w, t.loss_positions)
 
     def evaluate(model_state):
       """{'eval_loss', 'eval_accuracy'}: per weighted target, nll and greedy exact match."""
@@ -118,7 +130,8 @@ def train(cfg, workdir):
       return dict(eval_loss=loss / n, eval_accuracy=hits / n)
 
     # --- Loop -------------------------------------------------------------------------------
-    flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state).model, d.seq_len)
+    flops_tok = flops.train_flops_per_token(nnx.merge(graphdef, state).model, d.seq_len,
+                                            t.loss_positions)
     peak = t.peak_flops or flops.measure_peak_flops()
     tokens_per_step = t.batch_size * d.seq_len
     progress = Progress(start, t.steps, tokens_per_step, flops_tok * tokens_per_step,
@@ -135,6 +148,7 @@ def train(cfg, workdir):
     with Preemption() as preemption:       # SIGTERM / SIGINT: save at the current step, exit 0
       for step in range(start + 1, t.steps + 1):
         batch = next(data_iter)
+        check_loss_positions(batch['weights'], t.loss_positions)
         tokens = global_batch(batch['tokens'], batch_sh)
         weights = global_batch(batch['weights'], batch_sh)
         state, m = train_step(state, tokens, weights)
@@ -266,7 +280,8 @@ def compile_only(cfg, workdir=None):
   weights = jax.ShapeDtypeStruct((B, L), jax.numpy.float32, sharding=batch_sh)
   step = train_step_for(cfg, graphdef, schedule, shardings, batch_sh)
   compiled = step.lower(abs_state, tokens, weights).compile()
-  flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len)
+  flops_tok = flops.train_flops_per_token(nnx.eval_shape(model_ctor(cfg)), cfg.data.seq_len,
+                                          cfg.train.loss_positions)
   return compiled_report(compiled, workdir, mesh=dict(mesh.shape),
                          params=flops.param_count(abs_state['model']),
                          model_flops_per_step=flops_tok * cfg.train.batch_size * cfg.data.seq_len)

@@ -47,13 +47,25 @@ def param_group(path, groups):
   return next((g for g in groups if re.search(g[0], p)), (None, 1.0, True))
 
 
-def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, hits=False):
+def label_positions(weights_BxL, k):
+  """Each row's k highest-weight target positions [B, k] (train.loss_positions): the loss
+  and accuracy are exact when no row weighs more than k targets (the loop checks); with
+  k = 0, None (every position)."""
+  return jax.lax.top_k(weights_BxL, k)[1] if k else None
+
+
+def _at(a_BxL, positions_BxK):
+  return a_BxL if positions_BxK is None else jnp.take_along_axis(a_BxL, positions_BxK, 1)
+
+
+def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, hits=False, positions_BxK=None):
   """Per-token negative log-likelihood [B, L] and the mask of real (non-PAD) targets; with
-  hits, also whether the most likely token is the target [B, L].
+  hits, also whether the most likely token is the target [B, L]. With positions_BxK
+  (`label_positions`), only there: [B, K] each, the head run on those positions alone.
 
   pad_id: the tokenizer's PAD (data/hf_tokenizer.py; -1 when it has none)."""
-  inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
-  logits_BxLxV, _ = model(inputs_BxL)
+  inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], _at(tokens_BxL1[:, 1:], positions_BxK)
+  logits_BxLxV, _ = model(inputs_BxL, positions_BxK=positions_BxK)
   logp = jax.nn.log_softmax(logits_BxLxV, axis=-1)
   nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
   if hits:
@@ -61,16 +73,20 @@ def token_nll(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, hits=False):
   return nll_BxL, targets_BxL != pad_id
 
 
-def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, weights_BxL=None, total=None):
+def loss_fn(model, tokens_BxL1, pad_id=ByteTokenizer.PAD, weights_BxL=None, total=None,
+            loss_positions=0):
   """Mean nll over the real targets, each weighted by weights_BxL (default 1; data.loss=
   'answer' gives 1 on a synthetic example's answer targets, 0 elsewhere). `total`: divide
-  by this instead of the batch's own weight (a slice of a larger batch)."""
-  nll_BxL, mask_BxL = token_nll(model, tokens_BxL1, pad_id)
-  w_BxL = mask_BxL if weights_BxL is None else mask_BxL * weights_BxL
+  by this instead of the batch's own weight (a slice of a larger batch). loss_positions
+  k > 0: only each row's k highest-weight targets (`label_positions`)."""
+  positions = label_positions(weights_BxL, loss_positions) if weights_BxL is not None else None
+  nll_BxL, mask_BxL = token_nll(model, tokens_BxL1, pad_id, positions_BxK=positions)
+  w_BxL = mask_BxL if weights_BxL is None else mask_BxL * _at(weights_BxL, positions)
   return (nll_BxL * w_BxL).sum() / (jnp.maximum(w_BxL.sum(), 1) if total is None else total)
 
 
-def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pad_id):
+def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pad_id,
+                               loss_positions=0):
   """loss_fn and its gradient over the batch, computed `microbatches` rows-slices at a time
   (a lax.scan summing gradients): the same numbers as one pass (each slice's weighted nll
   sum is divided by the whole batch's weight), with a k-times smaller activation footprint.
@@ -82,7 +98,8 @@ def accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches, pa
   slices = lambda a: a.reshape((a.shape[0] // k, k) + a.shape[1:]).swapaxes(0, 1)
 
   def slice_loss(params, tokens_bxL1, weights_bxL):
-    return loss_fn(nnx.merge(graphdef, params, rest), tokens_bxL1, pad_id, weights_bxL, total)
+    return loss_fn(nnx.merge(graphdef, params, rest), tokens_bxL1, pad_id, weights_bxL, total,
+                   loss_positions)
 
   def body(acc, xs):
     return jax.tree.map(jnp.add, acc, jax.value_and_grad(slice_loss)(params, *xs)), None
@@ -100,13 +117,14 @@ def all_finite(tree):
 
 
 def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
-                    pad_id=ByteTokenizer.PAD, microbatches=1, compiler_options=None):
+                    pad_id=ByteTokenizer.PAD, microbatches=1, compiler_options=None,
+                    loss_positions=0):
   """step(state, tokens [B, L+1], weights [B, L]) -> (state, metrics): weights scale each
   target's loss (see loss_fn). A non-finite loss, gradient or updated state (parameters,
   optimizer moments) leaves the state untouched and reports finite=0 (state_finite says
   which), so a bad update never reaches a checkpoint. microbatches > 1: the
   gradient is accumulated over that many slices of the batch (train.microbatches).
-  compiler_options: XLA's, for this step (train.xla_options)."""
+  compiler_options: XLA's, for this step (train.xla_options). loss_positions: see loss_fn."""
 
   @functools.partial(jax.jit, donate_argnums=0,
                      in_shardings=(state_shardings, batch_sharding, batch_sharding),
@@ -116,9 +134,10 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
     model, opt = train_state.model, train_state.opt
     if microbatches > 1:
       loss, grads = accumulated_value_and_grad(model, tokens_BxL1, weights_BxL, microbatches,
-                                               pad_id)
+                                               pad_id, loss_positions)
     else:
-      loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id, weights_BxL)
+      loss, grads = nnx.value_and_grad(loss_fn)(model, tokens_BxL1, pad_id, weights_BxL,
+                                                loss_positions=loss_positions)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = opt.step[...]
@@ -134,15 +153,17 @@ def make_train_step(graphdef, schedule, state_shardings, batch_sharding,
   return train_step
 
 
-def make_eval_step(graphdef, model_shardings, batch_sharding, pad_id=ByteTokenizer.PAD):
+def make_eval_step(graphdef, model_shardings, batch_sharding, pad_id=ByteTokenizer.PAD,
+                   loss_positions=0):
   """eval(model_state, tokens, weights) -> (weighted sums of nll and of greedy hits, sum of
-  weights)."""
+  weights); loss_positions: see loss_fn."""
 
   @functools.partial(jax.jit, in_shardings=(model_shardings, batch_sharding, batch_sharding))
   def eval_step(model_state, tokens_BxL1, weights_BxL):
+    positions = label_positions(weights_BxL, loss_positions)
     nll_BxL, mask_BxL, hit_BxL = token_nll(nnx.merge(graphdef, model_state), tokens_BxL1,
-                                           pad_id, hits=True)
-    w_BxL = mask_BxL * weights_BxL
+                                           pad_id, hits=True, positions_BxK=positions)
+    w_BxL = mask_BxL * _at(weights_BxL, positions)
     return (nll_BxL * w_BxL).sum(), (hit_BxL * w_BxL).sum(), w_BxL.sum()
 
   return eval_step
