@@ -54,6 +54,8 @@ into the running state with its gradient at the chunk start; MAC keeps the curre
 segment's inputs and recomputes that segment (exactly as the full forward would) each
 step, committing the memory when the segment completes.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -79,17 +81,18 @@ def mlp(w, x_BxNxTxH):
 
 
 def mlp_layers(w, x_BxNxTxH):
-  """(M(x), acts, slopes): per layer i its input a_i and, for the hidden layers, GELU' at
-  the pre-activation (unused outputs cost nothing: XLA drops them)."""
+  """(M(x), acts, slopes, pres): per layer i its input a_i, and for the hidden layers GELU'
+  and the pre-activation z (a_{i+1} = GELU(z_i); unused outputs cost nothing)."""
   depth = len(w)
-  h, acts, slopes = x_BxNxTxH, [], []
+  h, acts, slopes, pres = x_BxNxTxH, [], [], []
   for i in range(depth):
     acts.append(h)
     h = jnp.einsum('bnti,bnio->bnto', h, w[f'w{i}'])
     if i < depth - 1:
+      pres.append(h)
       h, slope = jax.jvp(jax.nn.gelu, (h,), (jnp.ones_like(h),))    # elementwise: GELU'(h)
       slopes.append(slope)
-  return (h if depth == 1 else x_BxNxTxH + h), acts, slopes
+  return (h if depth == 1 else x_BxNxTxH + h), acts, slopes, pres
 
 
 def token_losses(w, k_BxNxTxH, v_BxNxTxH):
@@ -107,20 +110,29 @@ def backprop(w, k_BxNxTxH, v_BxNxTxH, q_BxNxSxH=None):
   everything the update needs is a sum over tokens (`weighted_grads`) or a norm
   (`grad_norms`). Autodiff would redo the forward and the whole backward for each."""
   T = k_BxNxTxH.shape[2]
+  fw = _backprop(w, k_BxNxTxH, v_BxNxTxH, q_BxNxSxH)
+  acts = [a[:, :, :T] for a in fw['acts']]
+  return (acts, fw['deltas']) if q_BxNxSxH is None else (acts, fw['deltas'], fw['out'][:, :, T:])
+
+
+def _backprop(w, k_BxNxTxH, v_BxNxTxH, q_BxNxSxH=None):
+  """`backprop`'s passes, everything kept: acts and pres over keys and queries, and per
+  hidden layer i the pre-slope backward d_{i+1} W_{i+1}^T ('backs')."""
+  T = k_BxNxTxH.shape[2]
   x = k_BxNxTxH if q_BxNxSxH is None else jnp.concatenate([k_BxNxTxH, q_BxNxSxH], 2)
-  out, acts, slopes = mlp_layers(w, x)
-  keys = lambda a: a[:, :, :T]
-  acts, slopes = [keys(a) for a in acts], [keys(a) for a in slopes]
-  deltas = [2.0 * (keys(out) - v_BxNxTxH)]
+  out, acts, slopes, pres = mlp_layers(w, x)
+  deltas, backs = [2.0 * (out[:, :, :T] - v_BxNxTxH)], []
   for i in range(len(w) - 1, 0, -1):
-    deltas.insert(0, jnp.einsum('bnto,bnio->bnti', deltas[0], w[f'w{i}']) * slopes[i - 1])
-  return (acts, deltas) if q_BxNxSxH is None else (acts, deltas, out[:, :, T:])
+    backs.insert(0, jnp.einsum('bnto,bnio->bnti', deltas[0], w[f'w{i}']))
+    deltas.insert(0, backs[0] * slopes[i - 1][:, :, :T])
+  return dict(out=out, acts=acts, pres=pres, deltas=deltas, backs=backs)
 
 
 def weighted_grads(acts, deltas, coefs_BxNxCxT):
   """grad_W sum_t c_t l(W; x_t) for each of C coefficient rows c: per layer
-  sum_t c_t a_t^T d_t, one contraction for all rows; leaves [B, N, C, in, out]."""
-  return {f'w{i}': jnp.einsum('bnct,bnti,bnto->bncio', coefs_BxNxCxT, a, d)
+  sum_t c_t a_t^T d_t, one contraction for all rows; leaves [C, B, N, in, out] (rows
+  leading: each row's sum is a contiguous slice)."""
+  return {f'w{i}': jnp.einsum('bnct,bnti,bnto->cbnio', coefs_BxNxCxT, a, d)
           for i, (a, d) in enumerate(zip(acts, deltas))}
 
 
@@ -174,8 +186,8 @@ def chunk_update_closed(w, s, acts, deltas, theta, gate_terms):
   form (module docstring), with `closed_gate_terms(eta, alpha)`."""
   e_n, g, m_n, r_0, coef_ms = gate_terms
   grads = weighted_grads(acts, deltas, jnp.stack([theta * e_n, theta * g], 2))
-  s_new = jax.tree.map(lambda s0, gr: _bcast(m_n, s0) - gr[:, :, 0], s, grads)
-  w_new = jax.tree.map(lambda w0, s0, gr: _bcast(r_0, w0) + _bcast(coef_ms, s0) - gr[:, :, 1],
+  s_new = jax.tree.map(lambda s0, gr: _bcast(m_n, s0) - gr[0], s, grads)
+  w_new = jax.tree.map(lambda w0, s0, gr: _bcast(r_0, w0) + _bcast(coef_ms, s0) - gr[1],
                        w, s, grads)
   return w_new, s_new
 
@@ -206,9 +218,101 @@ def chunk_update_scan(w, s, acts, deltas, theta, gate_terms):
           jax.tree.map(lambda p: p[1], out, is_leaf=is_pair))
 
 
-# chunk_form -> (gate terms from (eta, alpha), update of one chunk)
-UPDATES = {'closed': (closed_gate_terms, chunk_update_closed),
-           'scan': (lambda eta, alpha: (eta, alpha), chunk_update_scan)}
+def chunk_autodiff(update, w, s, q, k, v, theta, gate_terms, clip):
+  """One chunk from (M_0, S_0) = (w, s): ((M_b, S_b), reads M_0(q)), by `backprop`,
+  `clipped_theta` and `update` (a chunk_update_*), differentiated by JAX."""
+  acts, deltas, reads = backprop(w, k, v, q)
+  theta = clipped_theta(theta, acts, deltas, clip)
+  return update(w, s, acts, deltas, theta, gate_terms), reads
+
+
+def _gelu_derivatives(z):
+  """(GELU'(z), GELU''(z)), elementwise."""
+  d1 = lambda z: jax.jvp(jax.nn.gelu, (z,), (jnp.ones_like(z),))[1]
+  return jax.jvp(d1, (z,), (jnp.ones_like(z),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def chunk_closed(w, s, q, k, v, theta, gate_terms, clip):
+  """`chunk_autodiff(chunk_update_closed, ...)` with a hand-written backward pass: the
+  memory's second-order chain (through the deltas, the clip and the weighted sums) in a
+  few batched contractions per layer, instead of autodiff's trace of every forward op
+  (tests check both against each other, values and gradients)."""
+  return _chunk_closed_fwd(w, s, q, k, v, theta, gate_terms, clip)[0]
+
+
+def _chunk_closed_fwd(w, s, q, k, v, theta, gate_terms, clip):
+  T = k.shape[2]
+  fw = _backprop(w, k, v, q)
+  acts, deltas = [a[:, :, :T] for a in fw['acts']], fw['deltas']
+  rho = (jax.lax.rsqrt(1.0 + (grad_norms(acts, deltas) / clip) ** 2) if clip
+         else jnp.ones_like(theta))
+  new = chunk_update_closed(w, s, acts, deltas, theta * rho, gate_terms)
+  res = (w, s, fw['acts'], fw['pres'], deltas, fw['backs'], theta, rho, gate_terms)
+  return (new, fw['out'][:, :, T:]), res
+
+
+def _chunk_closed_bwd(clip, res, cts):
+  w, s, hs, pres, deltas, backs, theta, rho, (e_n, g, m_n, r_0, coef_ms) = res
+  (w_bar_new, s_bar_new), reads_bar = cts
+  T, L = deltas[0].shape[2], len(w)
+  names = [f'w{i}' for i in range(L)]
+  acts = [h[:, :, :T] for h in hs]
+  keys_rows = lambda a_BxNxTx_: jnp.pad(a_BxNxTx_, ((0, 0), (0, 0), (0, hs[0].shape[2] - T),
+                                                    (0, 0)))
+  # the state update: S_b = m_n S_0 - G_e, M_b = r_0 M_0 + coef_ms S_0 - G_g
+  inner = lambda a, b: sum((a[n] * b[n]).sum((-2, -1)) for n in names)
+  gate_bars = [inner(s_bar_new, s), inner(w_bar_new, w), inner(w_bar_new, s)]
+  s_bar = {n: _bcast(m_n, s_bar_new[n]) + _bcast(coef_ms, w_bar_new[n]) for n in names}
+  w_bar = {n: _bcast(r_0, w_bar_new[n]) for n in names}
+  # G_c = sum_t c_ct a_t^T d_t, c = theta rho (e_n, g): the bars of c, a and d
+  c = (theta * rho)[:, :, None] * jnp.stack([e_n, g], 2)            # [B, N, 2, T]
+  c_bar, a_bar, d_bar = 0.0, [], []
+  for i, n in enumerate(names):
+    g_bar = -jnp.stack([s_bar_new[n], w_bar_new[n]])                 # [2, B, N, in, out]
+    a_g = jnp.einsum('bnti,cbnio->cbnto', acts[i], g_bar)
+    c_bar = c_bar + jnp.einsum('cbnto,bnto->bnct', a_g, deltas[i])
+    d_bar.append(jnp.einsum('bnct,cbnto->bnto', c, a_g))
+    a_bar.append(jnp.einsum('bnct,cbnio,bnto->bnti', c, g_bar, deltas[i]))
+  tc_bar = c_bar[:, :, 0] * e_n + c_bar[:, :, 1] * g                  # bar of theta rho
+  e_bar, g_bar_ = c_bar[:, :, 0] * theta * rho, c_bar[:, :, 1] * theta * rho
+  theta_bar = tc_bar * rho
+  if clip:      # rho = (1 + sq / clip^2)^(-1/2), sq = sum_i |a_i|^2 |d_i|^2
+    sq_bar = -tc_bar * theta * rho ** 3 / (2 * clip ** 2)
+    for i in range(L):
+      a2, d2 = (acts[i] ** 2).sum(-1), (deltas[i] ** 2).sum(-1)
+      a_bar[i] = a_bar[i] + (2 * sq_bar * d2)[..., None] * acts[i]
+      d_bar[i] = d_bar[i] + (2 * sq_bar * a2)[..., None] * deltas[i]
+  # the deltas: d_{i-1} = (d_i W_i^T) * GELU'(z_{i-1}), from the bottom layer up
+  slope_bar = []
+  for i in range(1, L):
+    e = d_bar[i - 1] * _gelu_derivatives(pres[i - 1][:, :, :T])[0]
+    d_bar[i] = d_bar[i] + jnp.einsum('bnti,bnio->bnto', e, w[names[i]])
+    w_bar[names[i]] = w_bar[names[i]] + jnp.einsum('bnti,bnto->bnio', e, deltas[i])
+    slope_bar.append(d_bar[i - 1] * backs[i - 1])
+  # d_{L-1} = 2 (M(k) - v); then the forward pass over keys and queries
+  v_bar = -2.0 * d_bar[L - 1]
+  z_bar = jnp.concatenate([2.0 * d_bar[L - 1], reads_bar], 2)       # bar of M(x)
+  x_bar = z_bar if L > 1 else 0.0                                   # the residual
+  for i in range(L - 1, -1, -1):
+    w_bar[names[i]] = w_bar[names[i]] + jnp.einsum('bnti,bnto->bnio', hs[i], z_bar)
+    h_bar = jnp.einsum('bnto,bnio->bnti', z_bar, w[names[i]]) + keys_rows(a_bar[i])
+    if i:
+      d1, d2 = _gelu_derivatives(pres[i - 1])
+      z_bar = h_bar * d1 + keys_rows(slope_bar[i - 1]) * d2
+    else:
+      x_bar = x_bar + h_bar
+  return (w_bar, s_bar, x_bar[:, :, T:], x_bar[:, :, :T], v_bar, theta_bar,
+          (e_bar, g_bar_, *gate_bars))
+
+
+chunk_closed.defvjp(_chunk_closed_fwd, _chunk_closed_bwd)
+
+
+# chunk_form -> (gate terms from (eta, alpha), update of one chunk, the whole chunk step)
+UPDATES = {'closed': (closed_gate_terms, chunk_update_closed, chunk_closed),
+           'scan': (lambda eta, alpha: (eta, alpha), chunk_update_scan,
+                    functools.partial(chunk_autodiff, chunk_update_scan))}
 
 
 # Chunks per call run as straight-line code up to this many (a MAC segment's C / b), more as
@@ -241,7 +345,7 @@ class NeuralMemory(nnx.Module):
     self.heads, self.head_dim, self.chunk, self.kernel = N, H, t.chunk, t.conv
     self.theta_max, self.momentum, self.forget = t.theta_max, t.momentum, t.forget
     self.grad_clip = t.grad_clip
-    self.gate_terms, self.update = UPDATES[t.chunk_form]
+    self.gate_terms, _, self.chunk_step = UPDATES[t.chunk_form]
     for name in 'qkv':
       setattr(self, 'w' + name, param(rngs, (D, N, H), ('embed', 'heads', 'head_dim'),
                                       scale=D ** -0.5))
@@ -321,11 +425,7 @@ class NeuralMemory(nnx.Module):
     w, s, reads = state.w, state.s, []
 
     def body(carry, xs):
-      w, s = carry
-      q, k, v, theta, gate_terms = xs
-      acts, deltas, reads = backprop(w, k, v, q)
-      theta = clipped_theta(theta, acts, deltas, self.grad_clip)
-      return self.update(w, s, acts, deltas, theta, gate_terms), reads
+      return self.chunk_step(*carry, *xs, self.grad_clip)
 
     def inputs(cut):
       q_, k_, v_, theta_, eta_, alpha_ = map(cut, (q, k, v, theta, eta, alpha))
@@ -358,7 +458,7 @@ class NeuralMemory(nnx.Module):
     reads = mlp(state.w_base, q).swapaxes(1, 2)
     acts, deltas = backprop(state.w_base, k, v)
     theta = clipped_theta(theta, acts, deltas, self.grad_clip)
-    u = jax.tree.map(lambda g: g[:, :, 0], weighted_grads(acts, deltas, theta[:, :, None]))
+    u = jax.tree.map(lambda g: g[0], weighted_grads(acts, deltas, theta[:, :, None]))
     s = jax.tree.map(lambda s0, u_: _bcast(eta[..., 0], s0) - u_, state.s, u)
     w = jax.tree.map(lambda w0, s_: _bcast(1.0 - alpha[..., 0], w0) + s_, state.w, s)
     boundary_B = (pos_B + 1) % self.chunk == 0
