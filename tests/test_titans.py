@@ -102,7 +102,7 @@ def _chunk_inputs(n=5, seed=3):
   return w, s, k, v, gates
 
 
-@pytest.mark.parametrize('depth,clip', [(1, 1.0), (2, 1.0), (2, 0.0), (3, 0.5)])
+@pytest.mark.parametrize('depth,clip', [(1, 0.0), (2, 1.0), (3, 0.5)])
 def test_closed_chunk_backward_matches_autodiff(depth, clip):
   """chunk_closed's hand-written VJP against JAX's autodiff of the same chunk (backprop,
   clipped_theta, chunk_update_closed): outputs and the cotangents of every input (fast
