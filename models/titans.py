@@ -15,10 +15,10 @@ where E[i, j] = prod_{l=j+1..i} eta_l, m_i = E[i, 0], r_i = prod_{l=i+1..b} (1 -
 beta_b = r_0, g_j = sum_{i>=j} r_i E[i, j], u_j = grad l(M_0; x_j). A sum sum_j c_j u_j is
 the gradient of sum_j c_j l(M_0; x_j): two weighted-loss gradients per chunk, no per-token
 weight copies (`chunk_form='closed'`), both from one forward and backward pass
-(`backprop`), and the backward pass of that chunk step (second order: through the deltas,
-the clip and the sums) written by hand (`chunk_closed`). `chunk_form='scan'` takes the per-token gradients and runs the momentum and
-decay recurrences with `lax.associative_scan` (same numbers; tests check both against a
-naive per-token loop). The chunks of a call (a MAC segment's) run as straight-line code
+(`backprop`); the backward pass of that chunk step (second order: through the deltas, the
+clip and the sums) is written by hand (`chunk_closed`). `chunk_form='scan'` takes the
+per-token gradients and runs the momentum and decay recurrences with
+`lax.associative_scan` (same numbers; tests check both against a naive per-token loop). The chunks of a call (a MAC segment's) run as straight-line code
 (up to `UNROLL`), more as a `lax.scan` under `jax.checkpoint`.
 Reads y_t = M*(q_t) (Eq 15) are causal: a token reads the memory at the start of its chunk
 (the state its own gradient is taken at), so no token sees its chunk's writes.
