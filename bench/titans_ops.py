@@ -142,7 +142,8 @@ def render(r):
           f'already runs {floor_row:,.0f}: the target is below that floor. titans_mac is '
           f'{mac16 / floor_row:.1f}x the floor; its memory is a sequential chain of chunks '
           '(4 per segment at b = 16), each a forward, a backward and the update of the fast '
-          'weights.', '',
+          'weights; the outer gradient\'s pass through each chunk is written by hand '
+          '(models/titans.py chunk_closed), not traced by autodiff.', '',
           '### The short shape', '',
           f'Train step at batch 32 x 64 tokens, width 128, 2 layers, 1 head, {r["rounds"]} '
           'alternated rounds (median; fastest-slowest):', '',
