@@ -17,7 +17,8 @@ and --test_examples held-out ones.
 
 The grid runs cell by cell, each recorded in bench/results/OUT.json as soon as it finishes
 (with its command and provenance), so a run stopped at any point keeps every finished cell and
-a rerun skips them; an interrupted cell resumes from its checkpoints. Within a (mixer, T,
+a rerun skips them; an interrupted cell resumes from its checkpoints. Grids of other cells
+can run at the same time (one per core): each re-reads the file before recording. Within a (mixer, T,
 pairs, d_model) group the learning rates run from the largest down and stop at the first that
 reaches the early-stop accuracy (a smaller one could only tie it: the runs stop at 0.99).
 Where the page's protocol differs from Zoology's, it says so.
@@ -160,7 +161,8 @@ def main(argv=None):
               continue
             t0 = time.time()
             row = run_cell(mixer, T, pairs, d, lr, args)
-            results['cells'][k] = row
+            # re-read first: another grid process (other cells) may have recorded its own
+            results['cells'] = {**load_json(path, {'cells': {}})['cells'], k: row}
             save_json(path, results)
             write(results, prefix)
             print(f"{k}: accuracy {row['accuracy']:.3f} (best {row['best_accuracy']:.3f}) "
