@@ -36,8 +36,9 @@ def prefill(model, prompt_BxP, state, policy=None, chunk=0, align_end=False):
   def piece(state, start, size):
     pos_BxC = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (B, size))
     tokens = jax.lax.dynamic_slice_in_dim(prompt_BxP, start, size, 1)
-    logits_BxCxV, state = model(tokens, state, pos_BxC, policy=policy)
-    return logits_BxCxV[:, -1], state
+    last_Bx1 = jnp.full((B, 1), size - 1, jnp.int32)    # the head at the last position only
+    logits_Bx1xV, state = model(tokens, state, pos_BxC, policy=policy, positions_BxK=last_Bx1)
+    return logits_Bx1xV[:, 0], state
 
   if first:
     logits_BxV, state = piece(state, 0, first)
