@@ -97,6 +97,24 @@ def targets(results, setting, rows, label):
   return lines
 
 
+def headroom(results, setting):
+  """Per ratio, the best training-free policy: its score, that minus the full cache's, and 1
+  minus it (the most any policy could still gain on these tasks)."""
+  cells, parts = results['cells'], []
+  full = cells.get(key('full', 'keep_all', 0.0))
+  for r in RATIOS:
+    others = [cells[key(setting, p, r)] for p in TRAINING_FREE if key(setting, p, r) in cells]
+    if not others or not full:
+      continue
+    best = max(others, key=lambda c: c['mean'])
+    parts.append(f'{r:g}: {best["policy"]} {best["mean"]:.3f} ({best["mean"] - full["mean"]:+.3f}'
+                 f' vs the full cache; {1 - best["mean"]:.3f} below 1)')
+  if not parts:
+    return []
+  return [f'- {setting}, the room left above the best training-free policy per ratio: '
+          + '; '.join(parts) + '.']
+
+
 def ratios(settings):
   """The ratio(s) a NAMM label was evolved at: one run's, or joined runs' (one NAMM per ratio,
   each cell from the run evolved at its ratio)."""
@@ -175,6 +193,7 @@ def render(results, png):
   for s in settings:
     for label in runs or ['namm']:
       out += targets(results, s, rows, label)
+    out += headroom(results, s)
   out += ['', f'![score against compression ratio]({png})', '']
   if results.get('speed'):
     out += speed_table(results['speed'])

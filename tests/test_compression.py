@@ -108,3 +108,16 @@ def test_a_tiny_protocol_run_records_each_cell_and_renders(tmp_path):
   assert (full['policy'], snap['policy'], snap['ratio']) == ('keep_all', 'snapkv', 0.5)
   assert snap['state_bytes'] == full['state_bytes'] * (24 + 16) / (48 + 16)   # budget + new
   assert '### Decode speed and memory' in open(out + '.md').read()
+
+
+def test_page_states_the_room_left_above_the_best_training_free_policy():
+  """Per ratio: the best training-free policy (not NAMM), its margin over the full cache, and
+  its distance to a perfect score."""
+  key, cell = compression_page.key, lambda p, m: dict(policy=p, mean=m)
+  cells = {key('full', 'keep_all', 0.0): cell('keep_all', 0.9),
+           key('streamed', 'snapkv', 0.5): cell('snapkv', 0.95),
+           key('streamed', 'h2o', 0.5): cell('h2o', 0.8),
+           key('streamed', 'namm', 0.5): cell('namm', 0.99)}
+  line, = compression_page.headroom({'cells': cells}, 'streamed')
+  assert '0.5: snapkv 0.950 (+0.050 vs the full cache; 0.050 below 1)' in line
+  assert compression_page.headroom({'cells': cells}, 'prefill') == []
