@@ -40,6 +40,24 @@ def best(cells):
   return out
 
 
+def published_shape(rows):
+  """Lines comparing the measured cells with Zoology's shape: attention's solved cells, and
+  per memory mixer and d_model its accuracy as the pairs grow (where two or more were run)."""
+  att = [r for (m, *_), r in rows.items() if m == 'attention']
+  out = [f'- attention: {sum(r["solved"] for r in att)} of {len(att)} cells solved (>= 0.99).']
+  for mixer, d in sorted({(m, d) for (m, T, p, d) in rows if m != 'attention'}):
+    by_pairs = sorted((p, r) for (m, T, p, dd), r in rows.items() if (m, dd) == (mixer, d))
+    if len({p for p, _ in by_pairs}) < 2:
+      continue
+    accs = [r['accuracy'] for _, r in by_pairs]
+    trend = ('falls' if accs[-1] < accs[0] - 0.05 else 'rises' if accs[-1] > accs[0] + 0.05
+             else 'holds')
+    out.append(f'- {mixer}, d_model {d}: ' + ', '.join(
+        f"{p} pairs (T {r['T']}) {r['accuracy']:.2f}" for p, r in by_pairs)
+        + f': {trend} as the pairs grow.')
+  return out
+
+
 def markdown(results, prefix):
   P = results.get('protocol', {})
   rows = best(results['cells'])
@@ -81,6 +99,9 @@ def markdown(results, prefix):
         lines.append(f'- {mixer}, {pairs} pairs: ' + (
             f"largest T with >= 0.9: {best_T} (reach {reach_of(ok, best_T)})" if ok
             else f"below 0.9 at every T tried ({', '.join(str(r['T']) for r in tried)})"))
+  lines += ['', 'Against the published shape (Zoology, Figure 2: attention at ~1.0 in every '
+            'cell; fixed-state mixers degrade as the pairs grow, most at small d_model):', '']
+  lines += published_shape(rows)
   lines += ['', 'Deviations from Zoology\'s protocol:', '']
   lines += [f'- {d}' for d in DEVIATIONS]
   lines += ['', f'![accuracy vs d_model and state size]({prefix.split("/")[-1]}.png)'

@@ -164,3 +164,17 @@ def test_a_preempted_cell_is_not_recorded_and_resumes(tmp_path, monkeypatch):
   with open(f'{tmp_path / "page"}.json') as f:
     row, = json.load(f)['cells'].values()
   assert row['steps'] == 4 and row['examples'] == 256
+
+
+def test_page_compares_with_the_published_shape():
+  from bench.zoology_page import published_shape
+  row = lambda m, T, p, d, acc: ((m, T, p, d), dict(mixer=m, T=T, pairs=p, d_model=d,
+                                                     accuracy=acc, solved=acc >= 0.99))
+  rows = dict([row('attention', 64, 4, 64, 0.995), row('attention', 128, 8, 64, 0.6),
+               row('infini', 64, 4, 64, 0.93), row('infini', 128, 8, 64, 0.41),
+               row('sliding', 64, 4, 64, 0.7)])
+  lines = published_shape(rows)
+  assert lines[0] == '- attention: 1 of 2 cells solved (>= 0.99).'
+  assert lines[1] == ('- infini, d_model 64: 4 pairs (T 64) 0.93, 8 pairs (T 128) 0.41: falls '
+                      'as the pairs grow.')
+  assert len(lines) == 2                     # sliding: one pair count, no trend to state
