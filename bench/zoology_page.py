@@ -70,7 +70,7 @@ def markdown(results, prefix):
            f"trains on at most {P.get('examples')} examples ({P.get('train_examples')} "
            'distinct), batch 64.', '',
            '| T | pairs | mixer | reach | d_model | accuracy | unbound | best lr | examples | '
-           'state bytes / sequence | seconds |',
+           'state bytes / sequence | seconds (its last process) |',
            '|---|---|---|---|---|---|---|---|---|---|---|']
   for (mixer, T, pairs, d), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][2],
                                                                        kv[0][0], kv[0][3])):
