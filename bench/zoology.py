@@ -18,9 +18,9 @@ and --test_examples held-out ones.
 The grid runs cell by cell, each recorded in bench/results/OUT.json as soon as it finishes
 (with its command and provenance), so a run stopped at any point keeps every finished cell and
 a rerun skips them; an interrupted cell resumes from its checkpoints. Grids of other cells
-can run at the same time (one per core): each re-reads the file before recording. Within a (mixer, T,
-pairs, d_model) group the learning rates run from the largest down and stop at the first that
-reaches the early-stop accuracy (a smaller one could only tie it: the runs stop at 0.99).
+can run at the same time (one per core): each re-reads the file before recording. Within a
+(mixer, T, pairs, d_model) group the learning rates run from the largest down and stop at the
+first that reaches the early-stop accuracy (a smaller one could only tie it: the runs stop at 0.99).
 Where the page's protocol differs from Zoology's, it says so.
 """
 import argparse

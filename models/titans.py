@@ -18,8 +18,9 @@ weight copies (`chunk_form='closed'`), both from one forward and backward pass
 (`backprop`); the backward pass of that chunk step (second order: through the deltas, the
 clip and the sums) is written by hand (`chunk_closed`). `chunk_form='scan'` takes the
 per-token gradients and runs the momentum and decay recurrences with
-`lax.associative_scan` (same numbers; tests check both against a naive per-token loop). The chunks of a call (a MAC segment's) run as straight-line code
-(up to `UNROLL`), more as a `lax.scan` under `jax.checkpoint`.
+`lax.associative_scan` (same numbers; tests check both against a naive per-token loop).
+The chunks of a call (a MAC segment's) run as straight-line code (up to `UNROLL`), more as
+a `lax.scan` under `jax.checkpoint`.
 Reads y_t = M*(q_t) (Eq 15) are causal: a token reads the memory at the start of its chunk
 (the state its own gradient is taken at), so no token sees its chunk's writes.
 Gates are data dependent, per head and token: theta = theta_max sigmoid(.), eta = sigmoid(.),

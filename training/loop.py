@@ -237,8 +237,8 @@ def decode_compile_only(cfg, workdir=None):
   decode.max_new_tokens greedy steps, batch train.batch_size), with abstract parameters: the
   per-device memory of a paper-size inference setup, checked on CPU. The cache holds
   decode.capacity slots (0: the prompt and the new tokens; with decode.compression_ratio,
-  the kept tokens, one prefill piece and the new tokens). A NAMM without decode.namm_run is the freshly
-  initialised scorer (its shapes are all that compile). Returns the report, also written to
+  the kept tokens, one prefill piece and the new tokens). A NAMM without decode.namm_run is
+  the freshly initialised scorer (its shapes are all that compile). Returns the report, also written to
   WORKDIR/compile.json."""
   from models import decode
   from training.policy import make_policy, ratio_budget
