@@ -247,8 +247,7 @@ def _chunk_closed_fwd(w, s, q, k, v, theta, gate_terms, clip):
   T = k.shape[2]
   fw = _backprop(w, k, v, q)
   acts, deltas = [a[:, :, :T] for a in fw['acts']], fw['deltas']
-  rho = (jax.lax.rsqrt(1.0 + (grad_norms(acts, deltas) / clip) ** 2) if clip
-         else jnp.ones_like(theta))
+  rho = clipped_theta(jnp.ones_like(theta), acts, deltas, clip)    # theta's factor
   new = chunk_update_closed(w, s, acts, deltas, theta * rho, gate_terms)
   res = (w, s, fw['acts'], fw['pres'], deltas, fw['backs'], theta, rho, gate_terms)
   return (new, fw['out'][:, :, T:]), res
@@ -268,7 +267,8 @@ def _chunk_closed_bwd(clip, res, cts):
   s_bar = {n: _bcast(m_n, s_bar_new[n]) + _bcast(coef_ms, w_bar_new[n]) for n in names}
   w_bar = {n: _bcast(r_0, w_bar_new[n]) for n in names}
   # G_c = sum_t c_ct a_t^T d_t, c = theta rho (e_n, g): the bars of c, a and d
-  c = (theta * rho)[:, :, None] * jnp.stack([e_n, g], 2)            # [B, N, 2, T]
+  tc = theta * rho
+  c = tc[:, :, None] * jnp.stack([e_n, g], 2)                        # [B, N, 2, T]
   c_bar, a_bar, d_bar = 0.0, [], []
   for i, n in enumerate(names):
     g_bar = -jnp.stack([s_bar_new[n], w_bar_new[n]])                 # [2, B, N, in, out]
@@ -277,7 +277,7 @@ def _chunk_closed_bwd(clip, res, cts):
     d_bar.append(jnp.einsum('bnct,cbnto->bnto', c, a_g))
     a_bar.append(jnp.einsum('bnct,cbnio,bnto->bnti', c, g_bar, deltas[i]))
   tc_bar = c_bar[:, :, 0] * e_n + c_bar[:, :, 1] * g                  # bar of theta rho
-  e_bar, g_bar_ = c_bar[:, :, 0] * theta * rho, c_bar[:, :, 1] * theta * rho
+  e_bar, g_bar_ = c_bar[:, :, 0] * tc, c_bar[:, :, 1] * tc
   theta_bar = tc_bar * rho
   if clip:      # rho = (1 + sq / clip^2)^(-1/2), sq = sum_i |a_i|^2 |d_i|^2
     sq_bar = -tc_bar * theta * rho ** 3 / (2 * clip ** 2)
